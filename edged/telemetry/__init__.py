@@ -1,0 +1,1 @@
+"""Measurements edged reports about itself: throughput now, thermals with their own issue."""

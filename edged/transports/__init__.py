@@ -1,0 +1,1 @@
+"""Transports translate between a wire protocol and the engine's job schema; nothing more."""

@@ -1,0 +1,394 @@
+"""HTTP/1.1 over the local Unix socket: an OpenAI-compatible API plus health, status and cancel.
+
+This module only translates between HTTP and the engine's `JobRequest` / job events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Generator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
+
+from edged import __version__
+from edged.engine import Delta, Engine, EngineState, Failed, Finished, Job, JobRequest, JobResult
+from edged.errors import EdgedError, InvalidRequest, NotFound, PayloadTooLarge, TransportError, Unavailable
+
+log = structlog.get_logger(__name__)
+
+DISCONNECT_POLL_S = 0.25
+
+
+# -- the socket ------------------------------------------------------------------------------------
+
+
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """Bind and listen on ``path`` with ``mode``; replace a stale file, refuse if edged is live there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise TransportError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except OSError:
+            log.info("replacing stale socket", path=str(path))
+            path.unlink()
+        else:
+            raise TransportError(f"another process is already listening on {path} (is edged running?)")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class UnixServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon decides how shutdown proceeds."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def make_server(app: ASGIApp) -> UnixServer:
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
+    return UnixServer(config)
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+
+class ChatCompletionRequest(JobRequest):
+    """OpenAI ``/v1/chat/completions`` body; edged's own job fields are accepted too."""
+
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    n: Literal[1] = Field(1, description="Number of choices; edged generates one.")
+    stream_options: dict[str, Any] | None = Field(None, description="Accepted; usage is always sent.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+
+    def to_job(self) -> JobRequest:
+        data = self.model_dump(
+            exclude={"max_completion_tokens", "n", "stream_options", "user"}, exclude_unset=True
+        )
+        if self.max_completion_tokens and not self.max_tokens:
+            data["max_tokens"] = self.max_completion_tokens
+        return JobRequest.model_validate(data)
+
+
+class CompletionRequest(ChatCompletionRequest):
+    """OpenAI ``/v1/completions`` body: ``prompt`` is fed to the model as is."""
+
+    def to_job(self) -> JobRequest:
+        job = super().to_job()
+        if job.prompt is None:
+            raise InvalidRequest(
+                "/v1/completions needs 'prompt' (use /v1/chat/completions for messages)", param="prompt"
+            )
+        return job.model_copy(update={"raw": True})
+
+
+# -- limits and errors -----------------------------------------------------------------------------
+
+
+def error_response(error: EdgedError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Unavailable) else None
+    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
+
+
+def _describe_validation(errors: list[Any]) -> InvalidRequest:
+    problems = []
+    param = None
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            return InvalidRequest(f"malformed JSON: {ctx.get('error', err.get('msg'))}")
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        param = param or where
+        problems.append(f"{where}: {err.get('msg')}")
+    return InvalidRequest("invalid request: " + "; ".join(problems), param=param)
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[B], limit: int) -> B:
+    """Parse the body as JSON whatever its content type (`curl -d` says form), within ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    try:
+        return model.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise _describe_validation(exc.errors()) from exc
+
+
+def _body_ref(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body the handler parses itself, pointing at a schema `_document_bodies` adds."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Add the self-parsed request bodies to /openapi.json's components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+
+def _chat_body(result: JobResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.content}
+    if result.reasoning_content is not None:
+        message["reasoning_content"] = result.reasoning_content
+    return {
+        "id": result.id,
+        "object": "chat.completion",
+        "created": result.created,
+        "model": result.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "usage": result.usage.model_dump(),
+        "timings": result.timings.model_dump(),
+    }
+
+
+def _completion_body(result: JobResult) -> dict[str, Any]:
+    return {
+        "id": result.id,
+        "object": "text_completion",
+        "created": result.created,
+        "model": result.model,
+        "choices": [
+            {"index": 0, "text": result.content, "logprobs": None, "finish_reason": result.finish_reason}
+        ],
+        "usage": result.usage.model_dump(),
+        "timings": result.timings.model_dump(),
+    }
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+async def _events_while_connected(job: Job, request: Request, engine: Engine) -> AsyncIterator[Any]:
+    """The job's events; if the client goes away first, the job is cancelled."""
+    events = job.events().__aiter__()
+    pending: asyncio.Task[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if not done:
+                if await request.is_disconnected():
+                    engine.cancel(job.id, "the client disconnected")
+                    return
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        if not job.finished:
+            engine.cancel(job.id, "the client disconnected")
+
+
+def create_app(engine: Engine, status: Callable[[], dict[str, Any]]) -> FastAPI:
+    """The socket API. ``status`` builds the /status document (board, backend, engine)."""
+    settings = engine.settings
+    app = FastAPI(
+        title="edged",
+        version=__version__,
+        description="LLM inference on a small board: OpenAI-compatible API on a local Unix socket.",
+    )
+
+    @app.exception_handler(EdgedError)
+    async def _edged_error(_: Request, exc: EdgedError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_describe_validation(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+        error = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(error.to_dict(), status_code=exc.status_code)
+
+    async def run(
+        job_request: JobRequest,
+        request: Request,
+        shape: Callable[[JobResult], dict[str, Any]],
+        chunk_object: str,
+    ) -> Any:
+        job = await engine.submit(job_request)
+        headers = {"X-Edged-Job-Id": job.id}
+        if not job_request.stream:
+            async for event in _events_while_connected(job, request, engine):
+                if isinstance(event, Finished):
+                    return JSONResponse(shape(event.result), headers=headers)
+                if isinstance(event, Failed):
+                    return error_response(event.error)
+            return error_response(EdgedError("the job ended without a result"))
+        return StreamingResponse(
+            _stream(job, request, chunk_object),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+        )
+
+    async def _stream(job: Job, request: Request, chunk_object: str) -> AsyncIterator[bytes]:
+        base = {
+            "id": job.id,
+            "object": chunk_object,
+            "created": job.created,
+            "model": engine.backend.model_name,
+        }
+        chat = chunk_object == "chat.completion.chunk"
+
+        def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            if chat:
+                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return {
+                **base,
+                "choices": [
+                    {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+                ],
+            }
+
+        if chat:
+            yield _sse(choice({"role": "assistant", "content": ""}))
+        async for event in _events_while_connected(job, request, engine):
+            if isinstance(event, Delta):
+                key = "reasoning_content" if event.kind == "reasoning" else "content"
+                if not chat and key != "content":
+                    continue
+                yield _sse(choice({key: event.text}))
+            elif isinstance(event, Finished):
+                last = choice({}, event.result.finish_reason)
+                last["usage"] = event.result.usage.model_dump()
+                last["timings"] = event.result.timings.model_dump()
+                yield _sse(last)
+                yield _sse("[DONE]")
+            elif isinstance(event, Failed):
+                yield _sse(event.error.to_dict())
+
+    limit = settings.jobs.max_payload_bytes
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="Chat completion (OpenAI-compatible), streamed with SSE",
+        openapi_extra=_body_ref(ChatCompletionRequest),
+    )
+    async def chat_completions(request: Request) -> Any:
+        job_request = (await read_body(request, ChatCompletionRequest, limit)).to_job()
+        if job_request.raw:
+            raise InvalidRequest("'raw' prompts go to /v1/completions", param="raw")
+        return await run(job_request, request, _chat_body, "chat.completion.chunk")
+
+    @app.post(
+        "/v1/completions",
+        summary="Raw text completion (OpenAI-compatible), streamed with SSE",
+        openapi_extra=_body_ref(CompletionRequest),
+    )
+    async def completions(request: Request) -> Any:
+        body = await read_body(request, CompletionRequest, limit)
+        return await run(body.to_job(), request, _completion_body, "text_completion")
+
+    @app.get("/v1/models", summary="The loaded model")
+    async def models() -> dict[str, Any]:
+        path = settings.model.path
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.backend.model_name,
+                    "object": "model",
+                    "created": int(engine.started_wall),
+                    "owned_by": "edged",
+                    "meta": {
+                        "n_ctx": engine.backend.n_ctx,
+                        "backend": engine.choice.name,
+                        "path": str(path) if path else None,
+                        "state": engine.state.value,
+                    },
+                }
+            ],
+        }
+
+    @app.get("/health", summary="200 when ready for jobs, 503 while loading or failed")
+    async def health() -> JSONResponse:
+        if engine.state is EngineState.READY:
+            return JSONResponse({"status": "ok"})
+        body: dict[str, Any] = {"status": engine.state.value}
+        if engine.load_error:
+            body["error"] = engine.load_error
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+
+    @app.get("/status", summary="Board, profile, backend and why, model, queue, throughput")
+    async def get_status() -> dict[str, Any]:
+        return status()
+
+    @app.get("/v1/jobs/{job_id}", summary="State of a job")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return engine.get(job_id).info()
+
+    @app.post("/v1/jobs/{job_id}/cancel", summary="Cancel a queued or running job")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        return engine.cancel(job_id).info()
+
+    _document_bodies(app, (ChatCompletionRequest, CompletionRequest))
+    return app
+
+
+def unlink_socket(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
