@@ -102,7 +102,7 @@ def register_backend(name: str) -> Callable[[B], B]:
         if name in BACKENDS:
             raise RuntimeError(f"backend {name!r} registered twice")
         cls.name = name  # type: ignore[attr-defined]
-        BACKENDS[name] = cls  # type: ignore[assignment]
+        BACKENDS[name] = cls
         return cls
 
     return decorate

