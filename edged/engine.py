@@ -13,9 +13,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,6 +47,8 @@ FALLBACK_SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "min_p": 0.0
 """Used only where neither the config nor the board profile sets a value (R1-distill advice)."""
 
 FINISHED_JOBS_KEPT = 256
+
+T = TypeVar("T")
 
 
 class Message(BaseModel):
@@ -259,12 +262,15 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._running: Job | None = None
         self._worker: asyncio.Task[None] | None = None
+        # Load, generate and close always run on this one thread: llama.cpp keeps per-thread state
+        # (its OpenMP team), and a model object is not meant to hop between threads.
+        self._backend_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edged-backend")
 
     async def start(self) -> None:
         """Load the model (in a thread, so the socket answers /health meanwhile) and start the worker."""
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(self.backend.load)
+            await self._on_backend_thread(self.backend.load)
         except EdgedError as exc:
             self.state, self.load_error = EngineState.FAILED, exc.message
             raise
@@ -290,7 +296,11 @@ class Engine:
             self._wakeup.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._worker, timeout=30)
-        await asyncio.to_thread(self.backend.close)
+        await self._on_backend_thread(self.backend.close)
+        self._backend_thread.shutdown(wait=False)
+
+    async def _on_backend_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._backend_thread, fn)
 
     # -- submission -------------------------------------------------------------------------
 
@@ -486,7 +496,7 @@ class Engine:
             return start, first, time.perf_counter()
 
         try:
-            start, first, end = await asyncio.to_thread(generate)
+            start, first, end = await self._on_backend_thread(generate)
         except EdgedError as exc:
             self._finish_failed(job, exc)
             return
