@@ -29,7 +29,8 @@ test: lint
 
 ## make bench: edged vs raw llama-cpp-python on the same model and threads (not part of test).
 bench: install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python -m pip install '.[test,bench]'
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

