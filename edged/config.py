@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -155,12 +163,67 @@ class JobsConfig(_Section):
     max_payload_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body (socket) or payload (MQTT) accepted."
     )
+    keep_results_s: float = Field(
+        600.0, ge=0, description="How long a finished job's answer is kept to answer a duplicate delivery."
+    )
 
     @model_validator(mode="after")
     def _timeouts(self) -> JobsConfig:
         if self.timeout_s > self.max_timeout_s:
             raise ValueError(f"timeout_s ({self.timeout_s}) exceeds max_timeout_s ({self.max_timeout_s})")
         return self
+
+
+class MqttTlsConfig(_Section):
+    enabled: bool | None = Field(None, description="Use TLS; default: on when ca or cert is given.")
+    ca: Path | None = Field(None, description="CA certificate file; unset = the system's CAs.")
+    cert: Path | None = Field(None, description="Client certificate file (with key).")
+    key: Path | None = Field(None, description="Client private key file (with cert).")
+    verify: bool = Field(True, description="Verify the broker's certificate and host name.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.enabled if self.enabled is not None else bool(self.ca or self.cert)
+
+
+class MqttConfig(_Section):
+    host: str | None = Field(None, description="Broker host; unset = MQTT off.")
+    port: int | None = Field(None, ge=1, le=65535, description="Broker port; default 1883, 8883 with TLS.")
+    username: str | None = Field(None, description="User name for the broker.")
+    password: SecretStr | None = Field(None, description="Password for the broker (never printed).")
+    tls: MqttTlsConfig = Field(default_factory=MqttTlsConfig, description="TLS to the broker.")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    topic_prefix: str = Field(
+        "edged", pattern=r"^[^#+$/][^#+]*[^#+/]$|^[^#+$/]$", description="First topic level(s)."
+    )
+    share_group: str = Field("edged", pattern=r"^[^#+/]+$", description="Shared subscription group.")
+    fleet: bool = Field(True, description="Also take jobs from the fleet's shared job topic.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
+    session_expiry_s: int = Field(
+        3600, ge=0, description="How long the broker keeps this device's session (queued jobs) while away."
+    )
+    reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay.")
+    reconnect_max_s: int = Field(30, ge=1, description="Longest reconnect delay (doubling backoff).")
+
+    @model_validator(mode="after")
+    def _delays(self) -> MqttConfig:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls.active else 1883)
 
 
 class LogConfig(_Section):
@@ -203,6 +266,7 @@ class Settings(BaseSettings):
     queue: QueueConfig = Field(default_factory=QueueConfig, description="The job queue.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Per-job limits and defaults.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The MQTT transport.")
     llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig, description="The llamacpp backend.")
 
     @classmethod

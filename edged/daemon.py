@@ -18,6 +18,7 @@ from edged.board import BoardInfo, detect_board
 from edged.config import Settings
 from edged.engine import Engine
 from edged.errors import EdgedError
+from edged.transports.mqtt import MqttTransport
 from edged.transports.unix import bind_unix_socket, create_app, make_server, unlink_socket
 
 log = structlog.get_logger(__name__)
@@ -59,10 +60,25 @@ def backend_report(choice: BackendChoice) -> dict[str, Any]:
     }
 
 
+def presence(p: Plan, engine: Engine) -> dict[str, Any]:
+    """What the retained status message says about this device."""
+    return {
+        "device_id": p.settings.device_id,
+        "board": p.board.model,
+        "soc": p.board.soc,
+        "profile": p.board.profile.name,
+        "backend": p.choice.name,
+        "model": engine.backend.model_name,
+        "version": __version__,
+    }
+
+
 async def serve(p: Plan, started: float) -> int:
     """Run the daemon; returns the process exit code."""
     settings = p.settings
     engine = Engine(settings, p.board, p.choice)
+
+    mqtt: MqttTransport | None = None
 
     def status() -> dict[str, Any]:
         return {
@@ -78,6 +94,7 @@ async def serve(p: Plan, started: float) -> int:
                 "ctx": engine.backend.n_ctx,
             },
             "engine": engine.status(),
+            "mqtt": mqtt.status() if mqtt is not None else None,
         }
 
     started_mono = time.monotonic()
@@ -95,6 +112,9 @@ async def serve(p: Plan, started: float) -> int:
     try:
         done, _ = await asyncio.wait({load_task, stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
         if load_task in done and load_task.exception() is None:
+            if settings.mqtt.host:
+                mqtt = MqttTransport(engine, settings, presence(p, engine))
+                mqtt.start()
             log.info(
                 "ready",
                 ready_ms=round((time.perf_counter() - started) * 1000, 1),
@@ -111,6 +131,8 @@ async def serve(p: Plan, started: float) -> int:
             code = 1
     finally:
         log.info("shutting down")
+        if mqtt is not None:
+            await mqtt.stop()
         if not load_task.done():
             load_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, EdgedError):

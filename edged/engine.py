@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 FALLBACK_SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0}
 """Used only where neither the config nor the board profile sets a value (R1-distill advice)."""
 
-FINISHED_JOBS_KEPT = 256
+FINISHED_JOBS_KEPT = 1024
 
 T = TypeVar("T")
 
@@ -195,6 +195,7 @@ class Job:
         self.result: JobResult | None = None
         self.error: EdgedError | None = None
         self.completion_tokens = 0
+        self.finished_at: float | None = None
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._finished = asyncio.Event()
         self.timer: asyncio.TimerHandle | None = None
@@ -213,6 +214,7 @@ class Job:
         if self.finished:
             return
         self.state, self.result, self.error = state, result, error
+        self.finished_at = time.monotonic()
         if self.timer is not None:
             self.timer.cancel()
         self.push(Finished(result) if result is not None else Failed(error or BackendError("no result")))
@@ -260,6 +262,8 @@ class Engine:
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._running: Job | None = None
         self._worker: asyncio.Task[None] | None = None
         # Load, generate and close always run on this one thread: llama.cpp keeps per-thread state
@@ -370,13 +374,13 @@ class Engine:
                 f"timeout_s {timeout} exceeds jobs.max_timeout_s ({self.settings.jobs.max_timeout_s})",
                 param="timeout_s",
             )
-        if len(self._queue) >= self.settings.queue.max_depth and self._running is not None:
+        if not self._has_room():
             self.counters["rejected"] += 1
             raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
         prompt, max_tokens, clamped = await asyncio.to_thread(self._prepare, request)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
-        if len(self._queue) >= self.settings.queue.max_depth and self._running is not None:
+        if not self._has_room():
             self.counters["rejected"] += 1
             raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
         in_think = prompt.text.rstrip().endswith(THINK_OPEN) and not request.raw
@@ -392,7 +396,36 @@ class Engine:
         job.timer = asyncio.get_running_loop().call_later(timeout, self._expire, job)
         self._remember(job)
         self._queue.append(job)
+        self._update_room()
         self._wakeup.set()
+        return job
+
+    def _has_room(self) -> bool:
+        return self._running is None or len(self._queue) < self.settings.queue.max_depth
+
+    def _update_room(self) -> None:
+        if self._has_room():
+            self._room.set()
+        else:
+            self._room.clear()
+
+    async def wait_for_room(self) -> None:
+        """Return once a submitted job would be queued rather than refused with queue_full.
+
+        Transports that can hold work back (MQTT, which has not acknowledged the message yet) wait
+        here instead of answering queue_full.
+        """
+        while not self._has_room():
+            self._room.clear()
+            await self._room.wait()
+
+    def recent(self, job_id: str) -> Job | None:
+        """A job with this id that finished within ``jobs.keep_results_s``, for duplicate deliveries."""
+        job = self._jobs.get(job_id)
+        if job is None or job.finished_at is None:
+            return job
+        if time.monotonic() - job.finished_at > self.settings.jobs.keep_results_s:
+            return None
         return job
 
     def _remember(self, job: Job) -> None:
@@ -427,6 +460,7 @@ class Engine:
         if job.state is JobState.QUEUED:
             with contextlib.suppress(ValueError):
                 self._queue.remove(job)
+            self._update_room()
             self._finish_failed(job, error)
         else:
             job.stop_reason = error
@@ -463,10 +497,12 @@ class Engine:
                 continue
             job = self._queue.popleft()
             self._running = job
+            self._update_room()
             try:
                 await self._run(job)
             finally:
                 self._running = None
+                self._update_room()
 
     async def _run(self, job: Job) -> None:
         job.state = JobState.RUNNING

@@ -80,14 +80,14 @@ class Daemon:
         # AF_UNIX paths are limited to 108 bytes; pytest's tmp paths can be longer.
         self.socket = Path(tempfile.mkdtemp(prefix="edged-", dir="/tmp")) / "edged.sock"
         self.log_path = workdir / "edged.log"
-        self.env = clean_env(
-            EDGED_SOCKET__PATH=str(self.socket),
-            EDGED_BOARD__ROOT=str(BOARDS / board),
-            EDGED_BOARD__PROFILES_DIR=str(workdir / "profiles"),
-            EDGED_DEVICE_ID="test-device",
-            EDGED_LOG__FORMAT="json",
-            **env,
-        )
+        defaults = {
+            "EDGED_SOCKET__PATH": str(self.socket),
+            "EDGED_BOARD__ROOT": str(BOARDS / board),
+            "EDGED_BOARD__PROFILES_DIR": str(workdir / "profiles"),
+            "EDGED_DEVICE_ID": "test-device",
+            "EDGED_LOG__FORMAT": "json",
+        }
+        self.env = clean_env(**{**defaults, **env})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *args: str) -> Daemon:
@@ -129,7 +129,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
                 pytest.fail(f"edged did not stop within {timeout} s of SIGTERM:\n{self.log()}")
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
 
@@ -165,8 +166,7 @@ def start_daemon(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., Dae
 
     yield start
     for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
+        d.stop()
 
 
 def chat(prompt: str, **fields: object) -> dict[str, object]:

@@ -1,0 +1,13 @@
+#!/bin/sh
+# System packages the tests need: a real Mosquitto broker and its command-line clients (Debian).
+set -eu
+need=""
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need="$need mosquitto"
+command -v mosquitto_pub >/dev/null 2>&1 || need="$need mosquitto-clients"
+command -v openssl >/dev/null 2>&1 || need="$need openssl"
+[ -z "$need" ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing:$need"
+$sudo apt-get update -q
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $need
