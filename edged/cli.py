@@ -204,8 +204,20 @@ def ask(
     temperature: Annotated[float | None, typer.Option(min=0.0, max=2.0, help="Sampling temperature.")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed (reproducible output).")] = None,
     as_json: JsonOpt = False,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(help="Ask over MQTT through this broker, HOST[:PORT], instead of the local socket."),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="With --mqtt: the device id to ask.")] = None,
+    fleet: Annotated[
+        bool, typer.Option("--fleet", help="With --mqtt: ask whichever device of the fleet.")
+    ] = False,
 ) -> None:
-    """Send one prompt to the daemon and stream the answer (reasoning dimmed), then a stats line."""
+    """Send one prompt to the daemon and stream the answer (reasoning dimmed), then a stats line.
+
+    With --mqtt it goes through a broker to a device (--device ID) or the fleet (--fleet), using
+    mqtt.username / mqtt.password / mqtt.tls.ca from the configuration.
+    """
     from edged.client import DaemonError, DaemonUnreachable
 
     text = sys.stdin.read() if prompt == "-" else prompt
@@ -222,6 +234,13 @@ def ask(
             if v is not None
         }
     )
+    if mqtt is not None:
+        if bool(device) == fleet:
+            _fail(EXIT_USAGE, "with --mqtt give exactly one of --device ID or --fleet")
+        _ask_mqtt(config, mqtt, device, body, as_json)
+        return
+    if device or fleet:
+        _fail(EXIT_USAGE, "--device and --fleet need --mqtt HOST[:PORT]")
     with _client(config, socket) as client:
         try:
             if as_json:
@@ -233,13 +252,9 @@ def ask(
                 choice = chunk["choices"][0]
                 delta = choice.get("delta") or {}
                 if delta.get("reasoning_content"):
-                    in_reasoning = True
-                    out.print(delta["reasoning_content"], style="dim", end="", markup=False)
+                    in_reasoning = _print_delta("reasoning", delta["reasoning_content"], in_reasoning)
                 if delta.get("content"):
-                    if in_reasoning:
-                        out.print("\n", end="")
-                        in_reasoning = False
-                    out.print(delta["content"], end="", markup=False)
+                    in_reasoning = _print_delta("content", delta["content"], in_reasoning)
                 if choice.get("finish_reason"):
                     final = {**chunk, "finish_reason": choice["finish_reason"]}
             out.print()
@@ -248,6 +263,51 @@ def ask(
             _fail(EXIT_UNREACHABLE, str(exc))
         except DaemonError as exc:
             _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+
+
+def _print_delta(kind: str, text: str, in_reasoning: bool) -> bool:
+    """Print one streamed piece (reasoning dimmed); returns whether we are inside reasoning now."""
+    if kind == "reasoning":
+        out.print(text, style="dim", end="", markup=False)
+        return True
+    if in_reasoning:
+        out.print("\n", end="")
+    out.print(text, end="", markup=False)
+    return False
+
+
+def _ask_mqtt(
+    config: Path | None, broker: str, device: str | None, body: dict[str, Any], as_json: bool
+) -> None:
+    from edged.fleet.ask import BrokerUnreachable, NoAnswer, Target, ask_over_mqtt
+
+    cfg = _settings(config).mqtt
+    final: dict[str, Any] = {}
+    in_reasoning = False
+    try:
+        for message in ask_over_mqtt(
+            Target.parse(broker),
+            body,
+            device=device,
+            prefix=cfg.topic_prefix,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            ca=cfg.tls.ca,
+        ):
+            if "status" in message:
+                final = message
+            elif not as_json:
+                in_reasoning = _print_delta(message.get("kind", "content"), message["delta"], in_reasoning)
+    except (BrokerUnreachable, NoAnswer) as exc:
+        _fail(EXIT_UNREACHABLE, str(exc))
+    if as_json:
+        out.print_json(data=final)
+    if final.get("status") != "done":
+        error = final.get("error") or {}
+        _fail(EXIT_DAEMON_ERROR, f"{error.get('message')} ({error.get('code')})")
+    if not as_json:
+        out.print()
+        err.print(f"[{final.get('device_id')}] " + _stats_line(final), style="dim", markup=False)
 
 
 @app.command()

@@ -175,6 +175,7 @@ class MqttTransport:
         )
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -241,6 +242,17 @@ class MqttTransport:
             topics=[t for t, _ in subscriptions],
         )
         self._loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        log.error(
+            "mqtt connection failed; retrying",
+            host=self.config.host,
+            port=self.config.effective_port,
+            tls=self.config.tls.active,
+            hint="check mqtt.tls.ca against the broker's certificate"
+            if self.config.tls.active
+            else "is the broker running and reachable?",
+        )
 
     def _on_disconnect(
         self, _client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any

@@ -1,0 +1,1 @@
+"""Working with a fleet of edged devices from the outside (over MQTT)."""

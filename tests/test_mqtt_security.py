@@ -1,0 +1,211 @@
+"""Passwords, the shipped pattern ACL (deploy/mosquitto/acl), TLS, MQTT 3.1.1 and `edged ask --mqtt`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, clean_env, run_edged
+from mqtt_helpers import Broker, Probe
+from test_mqtt import mqtt_env, wait_connected
+
+ROOT = Path(__file__).resolve().parent.parent
+USERS = {"devA": "pa55-a", "devB": "pa55-b", "dashboard": "pa55-d"}
+
+
+@pytest.fixture
+def secured(tmp_path: Path):
+    passwd = tmp_path / "passwd"
+    for i, (user, password) in enumerate(USERS.items()):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],
+            check=True,
+            capture_output=True,
+        )
+    passwd.chmod(0o600)
+    acl = ROOT / "deploy" / "mosquitto" / "acl"
+    b = Broker(
+        tmp_path / "broker", extra=f"password_file {passwd}\nacl_file {acl}\n", anonymous=False
+    ).start()
+    yield b
+    b.stop()
+
+
+def as_device(broker: Broker, device: str, password: str | None = None) -> dict[str, str]:
+    return mqtt_env(
+        broker,
+        device,
+        EDGED_MQTT__USERNAME=device,
+        EDGED_MQTT__PASSWORD=password if password is not None else USERS[device],
+    )
+
+
+def test_wrong_password_is_refused_with_a_clear_log_line_and_retried(start_daemon, secured: Broker) -> None:
+    d = start_daemon(**as_device(secured, "devA", password="wrong"))
+    deadline = time.monotonic() + 20
+    while d.log().count("mqtt broker refused the connection; retrying") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    refusals = [line for line in d.log().splitlines() if "refused the connection" in line]
+    assert len(refusals) >= 2, d.log()
+    assert "Not authorized" in refusals[0] or "password" in refusals[0].lower()
+    assert "mqtt.username / mqtt.password" in refusals[0]
+    with d.client() as c:
+        assert c.get("/status").json()["mqtt"]["connected"] is False
+        assert c.get("/health").status_code == 200, "the socket keeps serving while MQTT retries"
+
+
+def test_acl_keeps_one_device_from_reading_another_devices_results(start_daemon, secured: Broker) -> None:
+    a = start_daemon(**as_device(secured, "devA"))
+    b = start_daemon(**as_device(secured, "devB"))
+    wait_connected(a)
+    wait_connected(b)
+    spy = Probe(secured.port, username="devA", password=USERS["devA"])
+    dashboard = Probe(secured.port, username="dashboard", password=USERS["dashboard"])
+    try:
+        # mosquitto 2.0 grants the subscription and enforces the ACL on every delivery
+        spy.subscribe("edged/devB/results/#")
+        dashboard.subscribe("edged/devB/results/#")
+        dashboard.publish("edged/devB/jobs", {"id": "secret-1", "prompt": "hi", "max_tokens": 4})
+        _, answer, _ = dashboard.next()
+        assert answer["id"] == "secret-1" and answer["device_id"] == "devB"
+        assert spy.quiet(2) == [], "devA must not read devB's results"
+        # and the reply-topic path: the dashboard gets answers on replies/dashboard/...
+        dashboard.subscribe("replies/dashboard/x")
+        dashboard.publish(
+            "edged/fleet/jobs", {"prompt": "hi", "max_tokens": 4}, response_topic="replies/dashboard/x"
+        )
+        assert dashboard.next()[1]["status"] == "done"
+    finally:
+        spy.close()
+        dashboard.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    for ca in ("ca", "other-ca"):
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.crt",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=edged test {ca}",
+        )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
+    return {name: d / name for name in ("ca.crt", "other-ca.crt", "server.crt", "server.key")}
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, pki: dict[str, Path]):
+    b = Broker(tmp_path / "broker")
+    plain = b.port
+    b.port = plain  # the TLS listener replaces the plain one
+    b.conf.write_text(
+        b.conf.read_text().replace(
+            f"listener {plain} 127.0.0.1\n",
+            f"listener {plain} 127.0.0.1\ncertfile {pki['server.crt']}\nkeyfile {pki['server.key']}\n",
+        )
+    )
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_tls_with_the_right_ca_works_and_a_wrong_ca_is_refused(
+    start_daemon, tls_broker: Broker, pki: dict[str, Path]
+) -> None:
+    good = start_daemon(**mqtt_env(tls_broker, "tls-good", EDGED_MQTT__TLS__CA=str(pki["ca.crt"])))
+    wait_connected(good)
+    bad = start_daemon(**mqtt_env(tls_broker, "tls-bad", EDGED_MQTT__TLS__CA=str(pki["other-ca.crt"])))
+    deadline = time.monotonic() + 15
+    while "mqtt connection failed; retrying" not in bad.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "mqtt connection failed; retrying" in bad.log()
+    assert "mqtt.tls.ca" in bad.log()
+    with bad.client() as c:
+        assert c.get("/status").json()["mqtt"]["connected"] is False
+
+
+def test_mqtt_3_1_1_is_selectable(start_daemon, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        d = start_daemon(**mqtt_env(broker, "old", EDGED_MQTT__PROTOCOL="3.1.1"))
+        wait_connected(d)
+        probe = Probe(broker.port)
+        try:
+            probe.subscribe("old/answers")
+            probe.publish(
+                "edged/old/jobs", {"id": "v3", "prompt": "hi", "max_tokens": 4, "reply_to": "old/answers"}
+            )
+            assert probe.next()[1]["status"] == "done"
+        finally:
+            probe.close()
+    finally:
+        broker.stop()
+
+
+def test_edged_ask_over_mqtt(start_daemon, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        d: Daemon = start_daemon(**mqtt_env(broker, "remote1"))
+        wait_connected(d)
+        target = f"127.0.0.1:{broker.port}"
+        r = run_edged("ask", "--mqtt", target, "--device", "remote1", "--max-tokens", "12", "Say hello.")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip()
+        assert "[remote1]" in r.stderr and "generated tokens" in r.stderr and "tok/s" in r.stderr
+        r = run_edged("ask", "--mqtt", target, "--fleet", "--json", "--max-tokens", "4", "hi")
+        assert r.returncode == 0, r.stderr
+        assert '"status": "done"' in r.stdout
+        r = run_edged("ask", "--mqtt", target, "--device", "remote1", "word " * 3000)
+        assert r.returncode == 1 and "context_length_exceeded" in r.stderr
+        assert run_edged("ask", "--mqtt", target, "hi").returncode == 2
+    finally:
+        broker.stop()
+    r = run_edged(
+        "ask", "--mqtt", f"127.0.0.1:{broker.port}", "--device", "remote1", "hi", env=clean_env(), timeout=60
+    )
+    assert r.returncode == 3
