@@ -345,12 +345,39 @@ def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt 
     )
     jobs = engine["jobs"]
     table.add_row("jobs", ", ".join(f"{k} {v}" for k, v in jobs.items()))
-    for window in ("1m", "15m"):
-        t = engine["throughput"][window]
+    for window, t in engine["throughput"].items():
         table.add_row(
             f"last {window}",
             f"{t['jobs_done']} done · decode p50 {t['decode_tokens_per_s_p50']} tok/s"
             f" · {t['s_per_1k_tokens']} s per 1k tokens · TTFT p50 {t['ttft_ms_p50']} ms",
+        )
+    thermals = doc.get("thermals") or {}
+    gov = thermals.get("governor") or {}
+    if gov:
+        table.add_row(
+            "thermal",
+            f"{gov['state']} · hottest {gov['hottest_c']} °C ({gov['hottest_zone']}) · "
+            f"pause at {gov['limits']['pause_c']} °C, resume below {gov['limits']['resume_c']} °C",
+        )
+    zones = [z for z in thermals.get("zones", []) if z["temp_c"] is not None]
+    if zones:
+        table.add_row("zones", ", ".join(f"{z['type']} {z['temp_c']:.1f}" for z in zones))
+    clocks = thermals.get("cpufreq") or []
+    if clocks:
+        table.add_row(
+            "cpu MHz",
+            ", ".join(
+                f"{c['policy']} {c['cur_mhz']:.0f}/{c['hw_max_mhz']:.0f}" + (" capped" if c["capped"] else "")
+                for c in clocks
+                if c["cur_mhz"] is not None and c["hw_max_mhz"] is not None
+            ),
+        )
+    throttling = thermals.get("throttling")
+    if throttling:
+        now = [k for k, v in throttling["now"].items() if v]
+        since = [k for k, v in throttling["since_boot"].items() if v]
+        table.add_row(
+            "throttling", f"now: {', '.join(now) or 'none'} · since boot: {', '.join(since) or 'none'}"
         )
     out.print(table)
 

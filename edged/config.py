@@ -226,6 +226,40 @@ class MqttConfig(_Section):
         return self.port or (8883 if self.tls.active else 1883)
 
 
+class TelemetryConfig(_Section):
+    interval_s: float = Field(10.0, ge=0.2, le=3600, description="Period of MQTT telemetry messages.")
+    windows_s: list[float] = Field(
+        default_factory=lambda: [60.0, 900.0], min_length=1, description="Rolling throughput windows."
+    )
+    homeassistant: bool = Field(True, description="Publish Home Assistant MQTT discovery (when MQTT is on).")
+    discovery_prefix: str = Field("homeassistant", description="Home Assistant discovery topic prefix.")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also serve Prometheus /metrics on this TCP port (unset = socket only).",
+    )
+    metrics_addr: str = Field("127.0.0.1", description="Address of the TCP metrics listener.")
+
+    @field_validator("windows_s")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(w <= 0 for w in value):
+            raise ValueError("windows must be positive")
+        return sorted(set(value))
+
+
+class ThermalConfig(_Section):
+    poll_s: float = Field(2.0, ge=0.05, le=60, description="How often the governor reads the thermal zones.")
+    derate_pause_ms: float = Field(
+        100.0, ge=0, le=5000, description="Pause between generated tokens while derated."
+    )
+    warn_c: float | None = Field(None, description="Override the profile's warn temperature.")
+    derate_c: float | None = Field(None, description="Override the profile's derate temperature.")
+    pause_c: float | None = Field(None, description="Override the profile's pause temperature.")
+    resume_c: float | None = Field(None, description="Override the profile's resume temperature.")
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["json", "console", "auto"] = Field(
@@ -267,6 +301,8 @@ class Settings(BaseSettings):
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Per-job limits and defaults.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The MQTT transport.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry and metrics.")
+    thermal: ThermalConfig = Field(default_factory=ThermalConfig, description="The thermal governor.")
     llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig, description="The llamacpp backend.")
 
     @classmethod

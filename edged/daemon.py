@@ -7,18 +7,23 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from edged import __version__
 from edged.backends import BackendChoice, choose_backend
-from edged.board import BoardInfo, detect_board
+from edged.board import BoardInfo, HostFS, ThermalLimits, detect_board
 from edged.config import Settings
 from edged.engine import Engine
 from edged.errors import EdgedError
-from edged.transports.mqtt import MqttTransport
+from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
+from edged.telemetry.homeassistant import discovery_configs
+from edged.telemetry.report import Telemetry, TelemetryCollector
+from edged.transports.mqtt import MqttTransport, Topics
 from edged.transports.unix import bind_unix_socket, create_app, make_server, unlink_socket
 
 log = structlog.get_logger(__name__)
@@ -31,12 +36,15 @@ class Plan:
     settings: Settings
     board: BoardInfo
     choice: BackendChoice
+    limits: ThermalLimits
 
 
 def plan(settings: Settings) -> Plan:
     """Detect the board and choose the backend; raises `ConfigError` / `BackendUnavailable`."""
     board = detect_board(settings.board.root, settings.board.profile, settings.board.profiles_dir)
-    return Plan(settings, board, choose_backend(board, settings))
+    overrides = settings.thermal.model_dump(include={"warn_c", "derate_c", "pause_c", "resume_c"})
+    limits = effective_limits(board.profile.thermal, overrides)
+    return Plan(settings, board, choose_backend(board, settings), limits)
 
 
 def board_report(board: BoardInfo) -> dict[str, Any]:
@@ -60,6 +68,30 @@ def backend_report(choice: BackendChoice) -> dict[str, Any]:
     }
 
 
+async def _every(period_s: float, action: Callable[[], object]) -> None:
+    """Run ``action`` now and then every ``period_s``; an error is logged, never fatal."""
+    while True:
+        try:
+            action()
+        except Exception:
+            log.exception("periodic task failed", action=getattr(action, "__qualname__", repr(action)))
+        await asyncio.sleep(period_s)
+
+
+def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
+    settings = p.settings
+    status = presence(p, engine)
+    discovery = None
+    if settings.telemetry.homeassistant:
+        topics = Topics.build(settings.mqtt.topic_prefix, settings.device_id, settings.mqtt.share_group)
+        discovery = discovery_configs(
+            settings.telemetry.discovery_prefix, settings.device_id, topics.telemetry, topics.status, status
+        )
+    transport = MqttTransport(engine, settings, status, discovery)
+    transport.start()
+    return transport
+
+
 def presence(p: Plan, engine: Engine) -> dict[str, Any]:
     """What the retained status message says about this device."""
     return {
@@ -77,6 +109,19 @@ async def serve(p: Plan, started: float) -> int:
     """Run the daemon; returns the process exit code."""
     settings = p.settings
     engine = Engine(settings, p.board, p.choice)
+    fs = HostFS(settings.board.root)
+    derate_s = settings.thermal.derate_pause_ms / 1000
+
+    def on_transition(change: Transition) -> None:
+        hot = change.state in (ThermalState.DERATE, ThermalState.PAUSED)
+        engine.apply_thermal(paused=change.state is ThermalState.PAUSED, derate_s=derate_s if hot else 0.0)
+        if mqtt is not None:
+            mqtt.publish_telemetry({**telemetry.report(), "event": "thermal_transition"})
+
+    governor = ThermalGovernor(fs, p.limits, p.limits.zones, on_transition)
+    telemetry = Telemetry(engine, governor, fs)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TelemetryCollector(telemetry))
 
     mqtt: MqttTransport | None = None
 
@@ -94,12 +139,13 @@ async def serve(p: Plan, started: float) -> int:
                 "ctx": engine.backend.n_ctx,
             },
             "engine": engine.status(),
+            "thermals": telemetry.thermals(),
             "mqtt": mqtt.status() if mqtt is not None else None,
         }
 
     started_mono = time.monotonic()
     sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
-    server = make_server(create_app(engine, status))
+    server = make_server(create_app(engine, status, lambda: generate_latest(registry)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,14 +153,30 @@ async def serve(p: Plan, started: float) -> int:
     server_task = asyncio.create_task(server.serve(sockets=[sock]), name="edged-unix")
     log.info("listening", socket=str(settings.socket.path), mode=f"{settings.socket.mode:04o}")
     load_task = asyncio.create_task(engine.start(), name="edged-load")
+    background = [asyncio.create_task(_every(settings.thermal.poll_s, governor.poll), name="edged-governor")]
+    metrics_server = None
+    if settings.telemetry.metrics_port:
+        metrics_server, _ = start_http_server(
+            settings.telemetry.metrics_port, settings.telemetry.metrics_addr, registry
+        )
+        log.info("metrics on tcp", addr=settings.telemetry.metrics_addr, port=settings.telemetry.metrics_port)
     stop_task = asyncio.create_task(stop.wait())
     code = 0
     try:
         done, _ = await asyncio.wait({load_task, stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
         if load_task in done and load_task.exception() is None:
             if settings.mqtt.host:
-                mqtt = MqttTransport(engine, settings, presence(p, engine))
-                mqtt.start()
+                mqtt = start_mqtt(p, engine)
+                transport = mqtt
+                background.append(
+                    asyncio.create_task(
+                        _every(
+                            settings.telemetry.interval_s,
+                            lambda: transport.publish_telemetry(telemetry.report()),
+                        ),
+                        name="edged-telemetry",
+                    )
+                )
             log.info(
                 "ready",
                 ready_ms=round((time.perf_counter() - started) * 1000, 1),
@@ -131,6 +193,10 @@ async def serve(p: Plan, started: float) -> int:
             code = 1
     finally:
         log.info("shutting down")
+        for task in background:
+            task.cancel()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if mqtt is not None:
             await mqtt.stop()
         if not load_task.done():

@@ -35,7 +35,7 @@ from edged.errors import (
     QueueFull,
 )
 from edged.streamtext import THINK_OPEN, StopMatcher, ThinkSplitter
-from edged.telemetry.throughput import JobSample, ThroughputWindow
+from edged.telemetry.throughput import JobSample, ThroughputWindow, window_label
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
@@ -256,7 +256,7 @@ class Engine:
         self.load_error: str | None = None
         self.loaded_at: float | None = None
         self.started_wall = time.time()
-        self.throughput = ThroughputWindow()
+        self.throughput = ThroughputWindow(max(settings.telemetry.windows_s))
         self.last_job: dict[str, Any] | None = None
         self.counters = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0}
         self._queue: deque[Job] = deque()
@@ -264,6 +264,10 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._cool = asyncio.Event()  # cleared while the thermal governor pauses new jobs
+        self._cool.set()
+        self._derate_s = 0.0
+        self.totals = {"prompt_tokens": 0, "completion_tokens": 0, "queue_wait_ms": 0.0}
         self._running: Job | None = None
         self._worker: asyncio.Task[None] | None = None
         # Load, generate and close always run on this one thread: llama.cpp keeps per-thread state
@@ -376,12 +380,14 @@ class Engine:
             )
         if not self._has_room():
             self.counters["rejected"] += 1
+            self.throughput.add_rejected(time.monotonic())
             raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
         prompt, max_tokens, clamped = await asyncio.to_thread(self._prepare, request)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         if not self._has_room():
             self.counters["rejected"] += 1
+            self.throughput.add_rejected(time.monotonic())
             raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
         in_think = prompt.text.rstrip().endswith(THINK_OPEN) and not request.raw
         job = Job(
@@ -399,6 +405,18 @@ class Engine:
         self._update_room()
         self._wakeup.set()
         return job
+
+    def apply_thermal(self, paused: bool, derate_s: float) -> None:
+        """Called by the thermal governor: stop starting jobs while paused, slow decode while derated."""
+        self._derate_s = derate_s
+        if paused:
+            self._cool.clear()
+        else:
+            self._cool.set()
+
+    @property
+    def thermal(self) -> dict[str, Any]:
+        return {"paused": not self._cool.is_set(), "derate_pause_ms": round(self._derate_s * 1000, 1)}
 
     def _has_room(self) -> bool:
         return self._running is None or len(self._queue) < self.settings.queue.max_depth
@@ -495,6 +513,9 @@ class Engine:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if not self._cool.is_set():
+                await self._cool.wait()  # hot: queued jobs wait (their deadlines still run)
+                continue
             job = self._queue.popleft()
             self._running = job
             self._update_room()
@@ -529,6 +550,8 @@ class Engine:
                 loop.call_soon_threadsafe(on_piece, piece)
                 if stopper.stopped:
                     break
+                if self._derate_s:
+                    time.sleep(self._derate_s)  # derated: a pause between tokens cools the cores
             return start, first, time.perf_counter()
 
         try:
@@ -565,6 +588,9 @@ class Engine:
             timings=timings,
         )
         self.counters["done"] += 1
+        self.totals["prompt_tokens"] += len(job.prompt.tokens)
+        self.totals["completion_tokens"] += n
+        self.totals["queue_wait_ms"] += timings.queue_ms
         self.throughput.add(
             JobSample(
                 time.monotonic(),
@@ -574,6 +600,7 @@ class Engine:
                 timings.prompt_per_second,
                 timings.predicted_per_second,
                 timings.ttft_ms,
+                timings.queue_ms,
             )
         )
         self.last_job = {
@@ -635,9 +662,10 @@ class Engine:
             "queue": {"depth": len(self._queue), "max_depth": self.settings.queue.max_depth},
             "running": self._running.info() if self._running else None,
             "jobs": dict(self.counters),
+            "totals": dict(self.totals),
+            "thermal": self.thermal,
             "last_job": self.last_job,
             "throughput": {
-                "1m": self.throughput.summary(60.0),
-                "15m": self.throughput.summary(900.0),
+                window_label(w): self.throughput.summary(w) for w in self.settings.telemetry.windows_s
             },
         }

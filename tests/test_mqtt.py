@@ -237,8 +237,10 @@ def test_presence_online_offline_and_last_will(start_daemon, broker: Broker, pro
 
 
 def test_two_daemons_share_the_fleet_topic(start_daemon, broker: Broker, probe: Probe) -> None:
-    a = start_daemon(**mqtt_env(broker, "fleet-a"))
-    b = start_daemon(**mqtt_env(broker, "fleet-b"))
+    # one thread each: two daemons with two spinning llama.cpp threads each on a 2-core machine slow
+    # every token down a hundredfold (OpenMP busy-waits), which is a property of the box, not of edged
+    a = start_daemon(**mqtt_env(broker, "fleet-a", EDGED_MODEL__THREADS="1"))
+    b = start_daemon(**mqtt_env(broker, "fleet-b", EDGED_MODEL__THREADS="1"))
     wait_connected(a)
     wait_connected(b)
     probe.subscribe("f/answers")

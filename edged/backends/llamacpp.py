@@ -6,6 +6,10 @@ The ``llama_cpp`` import happens inside the methods: without it only this backen
 from __future__ import annotations
 
 import codecs
+import contextlib
+import ctypes
+import io
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -50,6 +54,28 @@ def _gguf_problem(path: Path | None) -> str | None:
     return None
 
 
+NATIVE_LEVELS = {
+    0: logging.CRITICAL,
+    1: logging.DEBUG,
+    2: logging.WARNING,
+    3: logging.ERROR,
+    4: logging.DEBUG,
+}
+
+
+def _native_log_callback(llama_cpp: Any) -> Any:
+    """llama.cpp's log callback, routed to the ``llama.cpp`` logger (INFO chatter at debug level)."""
+    native = logging.getLogger("llama.cpp")
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace").rstrip()
+        if message:
+            native.log(NATIVE_LEVELS.get(level, logging.DEBUG), message)
+
+    return callback
+
+
 @register_backend("llamacpp")
 class LlamaCppBackend:
     """Generation on CPU cores with the model's own chat template."""
@@ -68,6 +94,7 @@ class LlamaCppBackend:
         self._vocab: Any = None
         self._abort = threading.Event()
         self._version = "?"
+        self._log_callback: Any = None
 
     @classmethod
     def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
@@ -101,20 +128,32 @@ class LlamaCppBackend:
             raise BackendError(problem)
         if self._cpus.affinity:
             os.sched_setaffinity(0, self._cpus.affinity)
+        # verbose=False would make llama-cpp-python point fds 1 and 2 at /dev/null while the model
+        # loads, swallowing every other thread's log lines meanwhile; instead its native log goes to
+        # logging and its Python prints are captured.
+        self._log_callback = _native_log_callback(llama_cpp)  # kept: llama.cpp holds only a C pointer
+        llama_cpp.llama_log_set(self._log_callback, ctypes.c_void_p(0))
+        captured = io.StringIO()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=self.n_ctx,
-                n_batch=self._options.batch,
-                n_ubatch=self._options.batch,
-                n_threads=self._cpus.threads,
-                n_threads_batch=self._cpus.threads,
-                use_mmap=self._options.mmap,
-                flash_attn=self._options.flash_attn,
-                verbose=False,
-            )
+            with contextlib.redirect_stderr(captured):
+                self._llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=self.n_ctx,
+                    n_batch=self._options.batch,
+                    n_ubatch=self._options.batch,
+                    n_threads=self._cpus.threads,
+                    n_threads_batch=self._cpus.threads,
+                    use_mmap=self._options.mmap,
+                    flash_attn=self._options.flash_attn,
+                    verbose=True,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError(f"llama.cpp could not load {path}: {exc}") from exc
+        finally:
+            for line in captured.getvalue().splitlines():
+                if line.strip():
+                    log.debug("llama-cpp-python", line=line)
+        self._llm.verbose = False  # no per-call prints from generate()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:

@@ -44,6 +44,7 @@ class Topics:
     status: str
     errors: str
     results: str
+    telemetry: str
 
     @classmethod
     def build(cls, prefix: str, device_id: str, group: str) -> Topics:
@@ -56,6 +57,7 @@ class Topics:
             status=f"{base}/status",
             errors=f"{base}/errors",
             results=f"{base}/results",
+            telemetry=f"{base}/telemetry",
         )
 
 
@@ -132,13 +134,20 @@ def _encode(message: dict[str, Any]) -> bytes:
 class MqttTransport:
     """Connects to the broker, turns messages into jobs and job events into messages."""
 
-    def __init__(self, engine: Engine, settings: Settings, presence: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        presence: dict[str, Any],
+        discovery: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.config: MqttConfig = settings.mqtt
         self.device_id = settings.device_id
         self.topics = Topics.build(self.config.topic_prefix, self.device_id, self.config.share_group)
         self.presence = presence
+        self.discovery = discovery or {}
         self.connected = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -236,6 +245,8 @@ class MqttTransport:
         client.publish(
             self.topics.status, _encode({**self.presence, "state": "online"}), qos=QOS, retain=True
         )
+        for topic, config in self.discovery.items():
+            client.publish(topic, _encode(config), qos=QOS, retain=True)
         log.info(
             "mqtt connected",
             session_present=getattr(flags, "session_present", None),
@@ -384,6 +395,11 @@ class MqttTransport:
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.error("mqtt publish failed", topic=reply.topic, rc=paho.error_string(info.rc))
 
+    def publish_telemetry(self, report: dict[str, Any]) -> None:
+        """QoS 0 and not queued while offline: a stale reading is worth less than the next one."""
+        if self._client.is_connected():
+            self._client.publish(self.topics.telemetry, _encode(report), qos=0)
+
     def status(self) -> dict[str, Any]:
         return {
             "host": self.config.host,
@@ -394,5 +410,6 @@ class MqttTransport:
                 "fleet": self.topics.fleet_subscription if self.config.fleet else None,
                 "cancel": self.topics.cancel,
                 "status": self.topics.status,
+                "telemetry": self.topics.telemetry,
             },
         }

@@ -18,7 +18,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
@@ -239,8 +239,10 @@ async def _events_while_connected(job: Job, request: Request, engine: Engine) ->
             engine.cancel(job.id, "the client disconnected")
 
 
-def create_app(engine: Engine, status: Callable[[], dict[str, Any]]) -> FastAPI:
-    """The socket API. ``status`` builds the /status document (board, backend, engine)."""
+def create_app(
+    engine: Engine, status: Callable[[], dict[str, Any]], metrics: Callable[[], bytes] | None = None
+) -> FastAPI:
+    """The socket API. ``status`` builds the /status document, ``metrics`` the Prometheus exposition."""
     settings = engine.settings
     app = FastAPI(
         title="edged",
@@ -375,6 +377,12 @@ def create_app(engine: Engine, status: Callable[[], dict[str, Any]]) -> FastAPI:
     @app.get("/status", summary="Board, profile, backend and why, model, queue, throughput")
     async def get_status() -> dict[str, Any]:
         return status()
+
+    @app.get("/metrics", summary="Prometheus metrics (edged_*)", response_class=Response)
+    async def get_metrics() -> Response:
+        if metrics is None:
+            raise NotFound("metrics are not enabled")
+        return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/jobs/{job_id}", summary="State of a job")
     async def get_job(job_id: str) -> dict[str, Any]:

@@ -1,0 +1,165 @@
+"""The telemetry document (MQTT, /status) and the Prometheus view of the same figures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edged import __version__
+from edged.telemetry import hardware
+from edged.telemetry.governor import ThermalGovernor, ThermalState
+from edged.telemetry.throughput import window_label
+
+if TYPE_CHECKING:
+    from edged.board import HostFS
+    from edged.engine import Engine
+
+SCHEMA = 1
+
+
+class Telemetry:
+    """Collects what edged reports about itself; read by MQTT telemetry, /status and /metrics."""
+
+    def __init__(self, engine: Engine, governor: ThermalGovernor, fs: HostFS) -> None:
+        self.engine = engine
+        self.governor = governor
+        self.fs = fs
+
+    def thermals(self) -> dict[str, Any]:
+        snapshot = hardware.read_all(self.fs)
+        watched = set(self.governor.zone_names)
+        for zone in snapshot["zones"]:
+            zone["watched"] = zone["type"] in watched
+        snapshot["governor"] = self.governor.status()
+        return snapshot
+
+    def report(self) -> dict[str, Any]:
+        engine = self.engine
+        windows = engine.settings.telemetry.windows_s
+        thermals = self.thermals()
+        first = engine.throughput.summary(windows[0])
+        throttling = thermals["throttling"]
+        summary = {
+            "window": window_label(windows[0]),
+            "decode_tokens_per_s": first["decode_tokens_per_s_p50"],
+            "s_per_1k_tokens": first["s_per_1k_tokens"],
+            "ttft_ms_p50": first["ttft_ms_p50"],
+            "hottest_c": self.governor.hottest_c,
+            "thermal_state": self.governor.state.value,
+            "throttled": self.governor.state in (ThermalState.DERATE, ThermalState.PAUSED)
+            or bool(throttling and throttling["active"]),
+        }
+        return {
+            "schema": SCHEMA,
+            "device_id": engine.settings.device_id,
+            "ts": round(time.time(), 3),
+            "version": __version__,
+            "backend": engine.choice.name,
+            "model": engine.backend.model_name,
+            "state": engine.state.value,
+            "queue": {"depth": engine.queue_depth, "max_depth": engine.settings.queue.max_depth},
+            "jobs": dict(engine.counters),
+            "totals": dict(engine.totals),
+            "throughput": {window_label(w): engine.throughput.summary(w) for w in windows},
+            "summary": summary,
+            "last_job": engine.last_job,
+            "thermals": thermals,
+        }
+
+
+def _g(name: str, doc: str, value: float | None, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+    if value is not None:
+        family.add_metric(list((labels or {}).values()), value)
+    return family
+
+
+class TelemetryCollector(Collector):
+    """Renders `Telemetry` as Prometheus metrics at scrape time (no global registry, no stale copies)."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.telemetry
+        engine = t.engine
+        info = InfoMetricFamily("edged", "edged build and what it runs")
+        info.add_metric(
+            [],
+            {
+                "version": __version__,
+                "backend": engine.choice.name,
+                "model": engine.backend.model_name,
+                "profile": engine.board.profile.name,
+                "device_id": engine.settings.device_id,
+            },
+        )
+        yield info
+        jobs = CounterMetricFamily("edged_jobs", "Jobs by outcome", labels=["outcome"])
+        for outcome, count in engine.counters.items():
+            jobs.add_metric([outcome], count)
+        yield jobs
+        tokens = CounterMetricFamily("edged_tokens", "Tokens processed", labels=["kind"])
+        tokens.add_metric(["prompt"], engine.totals["prompt_tokens"])
+        tokens.add_metric(["completion"], engine.totals["completion_tokens"])
+        yield tokens
+        yield _g("edged_queue_depth", "Jobs waiting", engine.queue_depth)
+        window = min(engine.settings.telemetry.windows_s)
+        summary = engine.throughput.summary(window)
+        label = {"window": window_label(window)}
+        for key, name, doc, scale in (
+            ("decode_tokens_per_s_p50", "edged_decode_tokens_per_second", "Median decode speed", 1.0),
+            ("prefill_tokens_per_s_p50", "edged_prefill_tokens_per_second", "Median prefill speed", 1.0),
+            ("s_per_1k_tokens", "edged_seconds_per_1k_tokens", "Seconds 1000 generated tokens take", 1.0),
+            ("ttft_ms_p50", "edged_ttft_p50_seconds", "Median time to first token", 0.001),
+            ("ttft_ms_p95", "edged_ttft_p95_seconds", "95th percentile time to first token", 0.001),
+        ):
+            value = summary[key]
+            yield _g(name, doc, float(value) * scale if isinstance(value, (int, float)) else None, label)
+        snap = hardware.read_all(t.fs)
+        zones = GaugeMetricFamily(
+            "edged_thermal_zone_celsius", "Thermal zone temperature", labels=["zone", "type"]
+        )
+        for zone in snap["zones"]:
+            if zone["temp_c"] is not None:
+                zones.add_metric([zone["zone"], zone["type"]], zone["temp_c"])
+        yield zones
+        freq = GaugeMetricFamily("edged_cpu_frequency_hertz", "CPU cluster clock", labels=["policy", "which"])
+        for policy in snap["cpufreq"]:
+            for which in ("cur", "max", "hw_max"):
+                mhz = policy[f"{which}_mhz"]
+                if mhz is not None:
+                    freq.add_metric([policy["policy"], which], mhz * 1e6)
+        yield freq
+        if snap["npu"] and snap["npu"]["load_pct"] is not None:
+            npu = GaugeMetricFamily("edged_npu_load_ratio", "RK3588 NPU core load", labels=["core"])
+            for core, pct in snap["npu"]["load_pct"].items():
+                npu.add_metric([core], pct / 100)
+            yield npu
+        if snap["throttling"]:
+            flags = GaugeMetricFamily(
+                "edged_throttled", "Raspberry Pi firmware flags", labels=["flag", "when"]
+            )
+            for when in ("now", "since_boot"):
+                for flag, on in snap["throttling"][when].items():
+                    flags.add_metric([flag, when], 1.0 if on else 0.0)
+            yield flags
+        gov = t.governor
+        state = GaugeMetricFamily(
+            "edged_thermal_state", "Current governor state (1 = current)", labels=["state"]
+        )
+        for s in ThermalState:
+            state.add_metric([s.value], 1.0 if gov.state is s else 0.0)
+        yield state
+        changes = CounterMetricFamily("edged_thermal_transitions", "Governor state changes", labels=["to"])
+        for to, count in gov.transitions.items():
+            changes.add_metric([to], count)
+        yield changes
+        yield _g("edged_thermal_hottest_celsius", "Hottest watched zone", gov.hottest_c)
+        mem = snap["system"]["mem_available_mb"]
+        yield _g("edged_memory_available_bytes", "MemAvailable", mem * 1024 * 1024 if mem else None)
+        yield _g("edged_load1", "1-minute load average", snap["system"]["load_1m"])
