@@ -18,8 +18,9 @@ from edged import __version__
 from edged.backends import BackendChoice, choose_backend
 from edged.board import BoardInfo, HostFS, ThermalLimits, detect_board
 from edged.config import Settings
-from edged.engine import Engine
+from edged.engine import Engine, EngineState
 from edged.errors import EdgedError
+from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
 from edged.telemetry.report import Telemetry, TelemetryCollector
@@ -78,6 +79,25 @@ async def _every(period_s: float, action: Callable[[], object]) -> None:
         await asyncio.sleep(period_s)
 
 
+def serving_status(state: ThermalState, temp_c: float | None) -> str:
+    """The STATUS= line systemd shows: what edged is doing now."""
+    temp = f" ({temp_c:.0f} °C)" if temp_c is not None else ""
+    if state is ThermalState.PAUSED:
+        return f"paused: too hot{temp}, queued jobs wait"
+    if state is ThermalState.DERATE:
+        return f"serving, derated: hot{temp}"
+    return f"serving{temp}"
+
+
+async def _wait_mqtt(mqtt: MqttTransport, stop: asyncio.Task[Any], timeout: float = 30.0) -> None:
+    """READY waits for the broker, but not forever: a broker outage must not fail the start."""
+    connected = asyncio.create_task(mqtt.connected.wait())
+    done, _ = await asyncio.wait({connected, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if connected not in done:
+        connected.cancel()
+        log.warning("ready without MQTT: the broker is not reachable yet; retrying in the background")
+
+
 def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
     settings = p.settings
     status = presence(p, engine)
@@ -112,9 +132,13 @@ async def serve(p: Plan, started: float) -> int:
     fs = HostFS(settings.board.root)
     derate_s = settings.thermal.derate_pause_ms / 1000
 
+    notifier = Notifier()
+
     def on_transition(change: Transition) -> None:
         hot = change.state in (ThermalState.DERATE, ThermalState.PAUSED)
         engine.apply_thermal(paused=change.state is ThermalState.PAUSED, derate_s=derate_s if hot else 0.0)
+        if engine.state is EngineState.READY:
+            notifier.status(serving_status(change.state, change.temp_c))
         if mqtt is not None:
             mqtt.publish_telemetry({**telemetry.report(), "event": "thermal_transition"})
 
@@ -144,7 +168,13 @@ async def serve(p: Plan, started: float) -> int:
         }
 
     started_mono = time.monotonic()
-    sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
+    notifier.status(f"loading model {settings.model.display_name} ({p.choice.name})")
+    inherited = inherited_sockets()
+    if inherited:
+        sock = inherited[0]
+        log.info("using the socket systemd passed", fds=len(inherited))
+    else:
+        sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
     server = make_server(create_app(engine, status, lambda: generate_latest(registry)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -177,6 +207,20 @@ async def serve(p: Plan, started: float) -> int:
                         name="edged-telemetry",
                     )
                 )
+            if mqtt is not None:
+                await _wait_mqtt(mqtt, stop_task)
+            notifier.ready(serving_status(governor.state, governor.hottest_c))
+            interval = watchdog_interval()
+            if interval:
+                stall_s = interval * 2
+
+                def ping() -> None:
+                    if engine.healthy(stall_s):
+                        notifier.watchdog()
+                    else:
+                        log.error("engine unhealthy: no watchdog ping", stall_s=stall_s)
+
+                background.append(asyncio.create_task(_every(interval, ping), name="edged-watchdog"))
             log.info(
                 "ready",
                 ready_ms=round((time.perf_counter() - started) * 1000, 1),
@@ -193,6 +237,7 @@ async def serve(p: Plan, started: float) -> int:
             code = 1
     finally:
         log.info("shutting down")
+        notifier.stopping()
         for task in background:
             task.cancel()
         if metrics_server is not None:
@@ -208,6 +253,7 @@ async def serve(p: Plan, started: float) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await server_task
         stop_task.cancel()
-        unlink_socket(settings.socket.path)
+        if not inherited:
+            unlink_socket(settings.socket.path)
         log.info("stopped", code=code)
     return code

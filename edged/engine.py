@@ -267,6 +267,7 @@ class Engine:
         self._cool = asyncio.Event()  # cleared while the thermal governor pauses new jobs
         self._cool.set()
         self._derate_s = 0.0
+        self.last_progress = time.monotonic()
         self.totals = {"prompt_tokens": 0, "completion_tokens": 0, "queue_wait_ms": 0.0}
         self._running: Job | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -527,6 +528,7 @@ class Engine:
 
     async def _run(self, job: Job) -> None:
         job.state = JobState.RUNNING
+        self.last_progress = time.monotonic()
         loop = asyncio.get_running_loop()
         stopper = StopMatcher(job.request.stops)
         splitter = ThinkSplitter(in_think=job.in_think)
@@ -538,6 +540,7 @@ class Engine:
                 job.push(Delta(kind, text))  # type: ignore[arg-type]
 
         def on_piece(piece: str) -> None:
+            self.last_progress = time.monotonic()
             emit(splitter.feed(stopper.feed(piece)))
 
         def generate() -> tuple[float, float | None, float]:
@@ -650,6 +653,12 @@ class Engine:
         )
 
     # -- status -------------------------------------------------------------------------------
+
+    def healthy(self, stall_s: float) -> bool:
+        """Ready, and a running job produced a token within ``stall_s`` (the watchdog's question)."""
+        if self.state is not EngineState.READY or self._worker is None or self._worker.done():
+            return False
+        return self._running is None or time.monotonic() - self.last_progress < stall_s
 
     @property
     def queue_depth(self) -> int:

@@ -1,10 +1,12 @@
 #!/bin/sh
-# System packages the tests need: a real Mosquitto broker and its command-line clients (Debian).
+# System packages the tests need (Debian): a real Mosquitto broker and its clients, openssl for TLS
+# certificates, systemd's analyze and socket-activate tools.
 set -eu
 need=""
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need="$need mosquitto"
 command -v mosquitto_pub >/dev/null 2>&1 || need="$need mosquitto-clients"
 command -v openssl >/dev/null 2>&1 || need="$need openssl"
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
