@@ -353,10 +353,12 @@ def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt 
         )
     thermals = doc.get("thermals") or {}
     gov = thermals.get("governor") or {}
-    if gov:
+    if gov and gov["hottest_c"] is None:
+        table.add_row("thermal", "no thermal zones to read here: nothing to protect")
+    elif gov:
         table.add_row(
             "thermal",
-            f"{gov['state']} · hottest {gov['hottest_c']} °C ({gov['hottest_zone']}) · "
+            f"{gov['state']} · hottest {gov['hottest_c']:.1f} °C ({gov['hottest_zone']}) · "
             f"pause at {gov['limits']['pause_c']} °C, resume below {gov['limits']['resume_c']} °C",
         )
     zones = [z for z in thermals.get("zones", []) if z["temp_c"] is not None]

@@ -67,7 +67,8 @@ class Notifier:
     def ready(self, text: str) -> None:
         self._send(f"READY=1\nSTATUS={text}")
         self._status = text
-        log.info("notified systemd: ready", enabled=self.enabled)
+        if self.enabled:
+            log.info("notified systemd: ready", status=text)
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")

@@ -54,13 +54,9 @@ def _gguf_problem(path: Path | None) -> str | None:
     return None
 
 
-NATIVE_LEVELS = {
-    0: logging.CRITICAL,
-    1: logging.DEBUG,
-    2: logging.WARNING,
-    3: logging.ERROR,
-    4: logging.DEBUG,
-}
+# ggml_log_level in the llama.cpp this wheel builds: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
+# Its INFO is load-time chatter, so it goes to debug with the rest.
+NATIVE_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 
 
 def _native_log_callback(llama_cpp: Any) -> Any:
