@@ -22,6 +22,7 @@ lint: install
 	$(BIN)/ruff check edged tests scripts
 	$(BIN)/ruff format --check edged tests scripts
 	$(BIN)/mypy
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint deploy/ansible
 
 ## Mosquitto and its clients (Debian packages) for the MQTT tests; installed only when missing.
 system-deps:
