@@ -379,17 +379,11 @@ class Engine:
                 f"timeout_s {timeout} exceeds jobs.max_timeout_s ({self.settings.jobs.max_timeout_s})",
                 param="timeout_s",
             )
-        if not self._has_room():
-            self.counters["rejected"] += 1
-            self.throughput.add_rejected(time.monotonic())
-            raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
+        self._refuse_when_full()
         prompt, max_tokens, clamped = await asyncio.to_thread(self._prepare, request)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
-        if not self._has_room():
-            self.counters["rejected"] += 1
-            self.throughput.add_rejected(time.monotonic())
-            raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
+        self._refuse_when_full()  # again: the queue may have filled while the prompt was tokenized
         in_think = prompt.text.rstrip().endswith(THINK_OPEN) and not request.raw
         job = Job(
             job_id,
@@ -418,6 +412,12 @@ class Engine:
     @property
     def thermal(self) -> dict[str, Any]:
         return {"paused": not self._cool.is_set(), "derate_pause_ms": round(self._derate_s * 1000, 1)}
+
+    def _refuse_when_full(self) -> None:
+        if not self._has_room():
+            self.counters["rejected"] += 1
+            self.throughput.add_rejected(time.monotonic())
+            raise QueueFull(f"the queue is full ({len(self._queue)} jobs waiting); retry later")
 
     def _has_room(self) -> bool:
         return self._running is None or len(self._queue) < self.settings.queue.max_depth
