@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from edged.backends.llamacpp import LlamaCppConfig
+from edged.backends.rkllm import RkllmConfig
 from edged.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -304,6 +305,7 @@ class Settings(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry and metrics.")
     thermal: ThermalConfig = Field(default_factory=ThermalConfig, description="The thermal governor.")
     llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig, description="The llamacpp backend.")
+    rkllm: RkllmConfig = Field(default_factory=RkllmConfig, description="The rkllm (RK3588 NPU) backend.")
 
     @classmethod
     def settings_customise_sources(

@@ -81,7 +81,7 @@ async def _every(period_s: float, action: Callable[[], object]) -> None:
 
 def serving_status(state: ThermalState, temp_c: float | None) -> str:
     """The STATUS= line systemd shows: what edged is doing now."""
-    temp = f" ({temp_c:.0f} °C)" if temp_c is not None else ""
+    temp = f" ({temp_c:.0f} C)" if temp_c is not None else ""  # ASCII: sdnotify encodes latin-1
     if state is ThermalState.PAUSED:
         return f"paused: too hot{temp}, queued jobs wait"
     if state is ThermalState.DERATE:
@@ -119,7 +119,7 @@ def presence(p: Plan, engine: Engine) -> dict[str, Any]:
         "board": p.board.model,
         "soc": p.board.soc,
         "profile": p.board.profile.name,
-        "backend": p.choice.name,
+        "backend": engine.backend_name,
         "model": engine.backend.model_name,
         "version": __version__,
     }
@@ -156,7 +156,12 @@ async def serve(p: Plan, started: float) -> int:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - started_mono, 1),
             "board": board_report(p.board),
-            "backend": {**backend_report(p.choice), "details": engine.backend.describe()},
+            "backend": {
+                **backend_report(p.choice),
+                "name": engine.backend_name,
+                "fallback_reasons": engine.fallback_reasons,
+                "details": engine.backend.describe(),
+            },
             "model": {
                 "name": engine.backend.model_name,
                 "path": str(settings.model.path),
@@ -224,7 +229,7 @@ async def serve(p: Plan, started: float) -> int:
             log.info(
                 "ready",
                 ready_ms=round((time.perf_counter() - started) * 1000, 1),
-                backend=p.choice.name,
+                backend=engine.backend_name,
                 model=engine.backend.model_name,
             )
             done, _ = await asyncio.wait({stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)

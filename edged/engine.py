@@ -129,6 +129,7 @@ class Timings(BaseModel):
     ttft_ms: float | None = Field(description="Submission to first token (queue + prefill).")
     total_ms: float = Field(description="Submission to the end of the job.")
     s_per_1k_tokens: float | None = Field(description="Seconds 1000 generated tokens take at this speed.")
+    source: str = Field("wall-clock", description="wall-clock, or runtime-perf (the NPU runtime's counters).")
 
 
 class Usage(BaseModel):
@@ -252,6 +253,11 @@ class Engine:
         self.board = board
         self.choice = choice
         self.backend: Backend = choice.cls(board, settings)  # type: ignore[call-arg]
+        self.backend_name = choice.name
+        self._fallbacks = list(choice.fallbacks)
+        self._backend_ready = asyncio.Event()  # cleared while a failed backend is being replaced
+        self._backend_ready.set()
+        self.fallback_reasons: list[str] = []
         self.state = EngineState.LOADING
         self.load_error: str | None = None
         self.loaded_at: float | None = None
@@ -278,15 +284,19 @@ class Engine:
     async def start(self) -> None:
         """Load the model (in a thread, so the socket answers /health meanwhile) and start the worker."""
         started = time.perf_counter()
-        try:
-            await self._on_backend_thread(self.backend.load)
-        except EdgedError as exc:
-            self.state, self.load_error = EngineState.FAILED, exc.message
-            raise
+        while True:
+            try:
+                await self._on_backend_thread(self.backend.load)
+                break
+            except EdgedError as exc:
+                if not self._fallbacks:
+                    self.state, self.load_error = EngineState.FAILED, exc.message
+                    raise
+                self._fall_back(f"{self.backend_name} failed to load: {exc.message}")
         self.loaded_at = time.perf_counter()
         log.info(
             "model ready",
-            backend=self.choice.name,
+            backend=self.backend_name,
             model=self.backend.model_name,
             load_ms=round((self.loaded_at - started) * 1000, 1),
         )
@@ -307,6 +317,39 @@ class Engine:
                 await asyncio.wait_for(self._worker, timeout=30)
         await self._on_backend_thread(self.backend.close)
         self._backend_thread.shutdown(wait=False)
+
+    def _fall_back(self, reason: str) -> None:
+        """Replace the backend by the next available one of the profile (not loaded yet)."""
+        name, cls = self._fallbacks.pop(0)
+        log.warning("switching backend", failed=self.backend_name, to=name, reason=reason)
+        self.fallback_reasons.append(reason)
+        self.backend = cls(self.board, self.settings)  # type: ignore[call-arg]
+        self.backend_name = name
+
+    async def _switch_after_failure(self, error: EdgedError) -> None:
+        """A backend that failed mid-job is replaced before the next job runs, without a restart."""
+        if not self._fallbacks:
+            return
+        failed = self.backend
+        self._backend_ready.clear()
+        try:
+            await self._replace(failed, error)
+        finally:
+            self._backend_ready.set()
+
+    async def _replace(self, failed: Backend, error: EdgedError) -> None:
+        await self._on_backend_thread(failed.close)
+        while True:
+            self._fall_back(f"{self.backend_name} failed during a job: {error.message}")
+            try:
+                await self._on_backend_thread(self.backend.load)
+                return
+            except EdgedError as exc:
+                error = exc
+                if not self._fallbacks:
+                    self.state, self.load_error = EngineState.FAILED, exc.message
+                    log.error("no backend left", error=exc.message)
+                    return
 
     async def _on_backend_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._backend_thread, fn)
@@ -380,6 +423,7 @@ class Engine:
                 param="timeout_s",
             )
         self._refuse_when_full()
+        await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
         prompt, max_tokens, clamped = await asyncio.to_thread(self._prepare, request)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
@@ -559,6 +603,11 @@ class Engine:
 
         try:
             start, first, end = await self._on_backend_thread(generate)
+        except BackendError as exc:
+            failure = BackendError(f"{self.backend_name}: {exc.message}")
+            self._finish_failed(job, failure)
+            await self._switch_after_failure(failure)
+            return
         except EdgedError as exc:
             self._finish_failed(job, exc)
             return
@@ -574,7 +623,7 @@ class Engine:
         finish_reason: Literal["stop", "length"] = (
             "length" if n >= job.params.max_tokens and not stopper.stopped else "stop"
         )
-        timings = self._timings(job, start, first, end)
+        timings = self._timings(job, start, first, end, getattr(self.backend, "last_perf", None))
         reasoning = "".join(parts["reasoning"])
         result = JobResult(
             id=job.id,
@@ -630,13 +679,20 @@ class Engine:
         )
 
     @staticmethod
-    def _timings(job: Job, start: float, first: float | None, end: float) -> Timings:
+    def _timings(
+        job: Job, start: float, first: float | None, end: float, perf: dict[str, float] | None = None
+    ) -> Timings:
+        """Wall-clock timings, or the runtime's own perf counters where the backend reports them."""
         n_prompt = len(job.prompt.tokens)
         n = job.completion_tokens
         prefill_end = first if first is not None else end
         prompt_ms = (prefill_end - start) * 1000
         predicted_ms = (end - prefill_end) * 1000 if first is not None else 0.0
         decode_per_s = (n - 1) / (predicted_ms / 1000) if n > 1 and predicted_ms > 0 else None
+        source = "wall-clock"
+        if perf and perf.get("generate_ms", 0) > 0:
+            prompt_ms, predicted_ms, source = perf["prefill_ms"], perf["generate_ms"], "runtime-perf"
+            decode_per_s = perf["generate_tokens"] / (predicted_ms / 1000)
         return Timings(
             prompt_n=n_prompt,
             prompt_ms=round(prompt_ms, 2),
@@ -650,6 +706,7 @@ class Engine:
             ttft_ms=round((first - job.submitted) * 1000, 2) if first is not None else None,
             total_ms=round((end - job.submitted) * 1000, 2),
             s_per_1k_tokens=round(1000 / decode_per_s, 2) if decode_per_s else None,
+            source=source,
         )
 
     # -- status -------------------------------------------------------------------------------
@@ -667,6 +724,8 @@ class Engine:
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
+            "backend": self.backend_name,
+            "fallback_reasons": list(self.fallback_reasons),
             "load_error": self.load_error,
             "queue": {"depth": len(self._queue), "max_depth": self.settings.queue.max_depth},
             "running": self._running.info() if self._running else None,

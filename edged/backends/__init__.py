@@ -92,7 +92,7 @@ B = TypeVar("B", bound=type)
 BACKENDS: dict[str, type[Backend]] = {}
 """Registered backends by name, filled when `edged.backends` imports its modules below."""
 
-BACKEND_MODULES = ("edged.backends.llamacpp",)
+BACKEND_MODULES = ("edged.backends.llamacpp", "edged.backends.rkllm")
 
 
 def register_backend(name: str) -> Callable[[B], B]:
@@ -120,6 +120,8 @@ class BackendChoice:
     cls: type[Backend]
     considered: list[tuple[str, bool, str]]
     forced: bool
+    fallbacks: tuple[tuple[str, type[Backend]], ...] = ()
+    """Available backends after the chosen one, in profile order: used if it fails at load or mid-job."""
 
 
 def choose_backend(board: BoardInfo, settings: Settings) -> BackendChoice:
@@ -139,6 +141,7 @@ def choose_backend(board: BoardInfo, settings: Settings) -> BackendChoice:
         return BackendChoice(name, BACKENDS[name], considered, forced=True)
 
     considered = []
+    usable: list[tuple[str, type[Backend]]] = []
     for name in board.profile.backends.order:
         cls = BACKENDS.get(name)
         if cls is None:
@@ -147,6 +150,9 @@ def choose_backend(board: BoardInfo, settings: Settings) -> BackendChoice:
         ok, reason = cls.available(board, settings)
         considered.append((name, ok, reason))
         if ok:
-            return BackendChoice(name, cls, considered, forced=False)
+            usable.append((name, cls))
+    if usable:
+        (name, cls), *rest = usable
+        return BackendChoice(name, cls, considered, forced=False, fallbacks=tuple(rest))
     summary = "; ".join(f"{n}: {why}" for n, _, why in considered)
     raise BackendUnavailable(f"no backend of profile {board.profile.name!r} can run here ({summary})")

@@ -58,7 +58,7 @@ class Telemetry:
             "device_id": engine.settings.device_id,
             "ts": round(time.time(), 3),
             "version": __version__,
-            "backend": engine.choice.name,
+            "backend": engine.backend_name,
             "model": engine.backend.model_name,
             "state": engine.state.value,
             "queue": {"depth": engine.queue_depth, "max_depth": engine.settings.queue.max_depth},
@@ -92,7 +92,7 @@ class TelemetryCollector(Collector):
             [],
             {
                 "version": __version__,
-                "backend": engine.choice.name,
+                "backend": engine.backend_name,
                 "model": engine.backend.model_name,
                 "profile": engine.board.profile.name,
                 "device_id": engine.settings.device_id,

@@ -357,7 +357,7 @@ def create_app(
                     "owned_by": "edged",
                     "meta": {
                         "n_ctx": engine.backend.n_ctx,
-                        "backend": engine.choice.name,
+                        "backend": engine.backend_name,
                         "path": str(path) if path else None,
                         "state": engine.state.value,
                     },

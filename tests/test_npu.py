@@ -1,0 +1,322 @@
+"""The rkllm backend against a stand-in librkllmrt.so (tests/npu_stub, built here with gcc for each
+runtime ABI) on RK3588 fixture trees: choice, answers, perf timings, cancel, fallbacks, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, run_edged
+
+STUB = Path(__file__).parent / "npu_stub"
+RELEASES = {"1.1.4": 110, "1.2.0": 120, "1.2.1": 121, "1.3.0": 130}
+
+
+def build_stub(out: Path, abi: int, version: str) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail("gcc is required to build the RKLLM stand-in")
+    lib = out / f"librkllmrt-{abi}-{version or 'noversion'}.so"
+    subprocess.run(
+        [
+            gcc,
+            "-std=c11",
+            "-Wall",
+            "-Werror",
+            "-shared",
+            "-fPIC",
+            f"-DRKLLM_ABI={abi}",
+            f'-DSTUB_VERSION="{version}"',
+            "-o",
+            str(lib),
+            str(STUB / "rkllm_stub.c"),
+            "-lpthread",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=STUB,
+    )
+    return lib
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("npu_stub")
+    built = {version: build_stub(out, abi, version) for version, abi in RELEASES.items()}
+    built["1.3.0-silent"] = build_stub(out, 130, "")  # no version string inside
+    return built
+
+
+@pytest.fixture
+def rk_root(tmp_path: Path) -> Path:
+    """An Orange Pi 5 tree with the NPU device node of the vendor kernel."""
+    root = tmp_path / "opi5"
+    shutil.copytree(BOARDS / "orangepi5", root, symlinks=True)
+    (root / "dev").mkdir()
+    (root / "dev" / "rknpu").write_text("")
+    return root
+
+
+@pytest.fixture
+def rk_model(tmp_path: Path) -> Path:
+    model = tmp_path / "DeepSeek-R1-Distill-Qwen-1.5B_W8A8_RK3588.rkllm"
+    model.write_bytes(b"RKLLM stand-in model")
+    return model
+
+
+def npu_env(root: Path, lib: Path, model: Path, version: str = "1.2.1", **extra: str) -> dict[str, str]:
+    return {
+        "EDGED_BOARD__ROOT": str(root),
+        "EDGED_RKLLM__LIBRARY": str(lib),
+        "EDGED_RKLLM__MODEL": str(model),
+        "EDGED_RKLLM__RUNTIME_VERSION": version,
+        "STUB_TOKEN_MS": "5",
+        **extra,
+    }
+
+
+def status(d: Daemon) -> dict:
+    with d.client() as c:
+        return c.get("/status").json()
+
+
+def test_rk3588_picks_rkllm_and_answers_with_runtime_perf(start_daemon, rk_root, rk_model, stubs) -> None:
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model))
+    backend = status(d)["backend"]
+    assert backend["name"] == "rkllm"
+    assert backend["considered"][0] == {
+        "name": "rkllm",
+        "available": True,
+        "reason": "RKLLM runtime 1.2.1 (ABI 1.2.1) on /dev/rknpu",
+    }
+    assert backend["details"]["abi"] == "1.2.1"
+    assert backend["details"]["rknn_toolkit_lite2"]["installed"] is False
+    with d.client() as c:
+        body = c.post("/v1/chat/completions", json=chat("hello NPU", max_tokens=8)).json()
+    assert body["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
+    assert body["choices"][0]["finish_reason"] == "length"
+    t = body["timings"]
+    assert t["source"] == "runtime-perf"
+    assert t["predicted_n"] == body["usage"]["completion_tokens"] == 8
+    assert t["predicted_per_second"] > 0 and t["prompt_ms"] > 0
+
+
+@pytest.mark.parametrize("version", list(RELEASES))
+def test_every_supported_runtime_abi(start_daemon, rk_root, rk_model, stubs, version: str) -> None:
+    d = start_daemon(**npu_env(rk_root, stubs[version], rk_model, version))
+    assert status(d)["backend"]["name"] == "rkllm"
+    with d.client() as c:
+        with c.stream("POST", "/v1/chat/completions", json=chat("hi", max_tokens=5, stream=True)) as r:
+            deltas = [
+                json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                for line in r.iter_lines()
+                if line.startswith("data: {")
+            ]
+        final = c.post("/v1/chat/completions", json=chat("hi", max_tokens=3)).json()
+    assert "".join(deltas).strip() == "tok0 tok1 tok2 tok3 tok4"
+    expected = "runtime-perf" if version in ("1.2.1", "1.3.0") else "wall-clock"
+    assert final["timings"]["source"] == expected
+
+
+def test_cancel_aborts_within_one_callback(start_daemon, rk_root, rk_model, stubs) -> None:
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_TOKEN_MS="20"))
+    with (
+        d.client() as c,
+        c.stream("POST", "/v1/chat/completions", json=chat("long", max_tokens=500, stream=True)) as r,
+    ):
+        job_id = r.headers["x-edged-job-id"]
+        seen = 0
+        lines = r.iter_lines()
+        for line in lines:
+            if '"content":"tok' in line:
+                seen += 1
+            if seen == 5:
+                break
+        with d.client() as other:
+            at_cancel = other.post(f"/v1/jobs/{job_id}/cancel").json()["completion_tokens"]
+        list(lines)
+    with d.client() as c:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "cancelled"
+    assert job["completion_tokens"] - at_cancel <= 1
+
+
+def test_init_failure_falls_back_to_llamacpp_with_the_reason(start_daemon, rk_root, rk_model, stubs) -> None:
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_FAIL_INIT="1"))
+    backend = status(d)["backend"]
+    assert backend["name"] == "llamacpp"
+    assert backend["fallback_reasons"] == [
+        f"rkllm failed to load: rkllm_init failed with -1 (model {rk_model}, ABI 1.2.1)"
+    ]
+    with d.client() as c:
+        content = c.post("/v1/chat/completions", json=chat("hi", max_tokens=4)).json()["choices"][0][
+            "message"
+        ]
+    assert "tok0" not in content["content"]
+
+
+def test_layout_mismatch_is_caught_by_the_runtime_check(start_daemon, rk_root, rk_model, stubs) -> None:
+    """A 1.3.0 library without a version string, configured as 1.2.1: the structs do not match, the
+    stand-in's sentinel check refuses them, and edged falls back instead of crashing."""
+    d = start_daemon(**npu_env(rk_root, stubs["1.3.0-silent"], rk_model, "1.2.1"))
+    backend = status(d)["backend"]
+    assert backend["name"] == "llamacpp"
+    assert "rkllm_init failed with -2" in backend["fallback_reasons"][0]
+    assert "layout mismatch" in d.log()
+
+
+def test_mid_job_failure_is_backend_failed_and_the_next_job_runs_on_the_cpu(
+    start_daemon, rk_root, rk_model, stubs
+) -> None:
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_FAIL_AFTER="3"))
+    with d.client() as c:
+        r = c.post("/v1/chat/completions", json=chat("hi", max_tokens=10))
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "backend_failed"
+        assert "rkllm" in r.json()["error"]["message"]
+        again = c.post("/v1/chat/completions", json=chat("hi", max_tokens=4))
+        assert again.status_code == 200
+        assert "tok0" not in again.json()["choices"][0]["message"]["content"]
+        now = c.get("/status").json()
+    assert now["backend"]["name"] == "llamacpp"
+    assert "rkllm failed during a job" in now["backend"]["fallback_reasons"][0]
+
+
+def test_versions_refused_with_clear_reasons(rk_root, rk_model, stubs) -> None:
+    env = clean_env(**npu_env(rk_root, stubs["1.2.1"], rk_model, "1.4.0"))
+    r = run_edged("board", "--json", env=env)
+    considered = {c["name"]: c for c in json.loads(r.stdout)["backend"]["considered"]}
+    assert "unsupported RKLLM runtime version '1.4.0'" in considered["rkllm"]["reason"]
+    assert json.loads(r.stdout)["backend"]["name"] == "llamacpp"
+    forced = run_edged("serve", env={**env, "EDGED_BACKEND": "rkllm"})
+    assert forced.returncode == 78
+    assert "unsupported RKLLM runtime version '1.4.0'" in forced.stderr
+    mismatch = run_edged(
+        "board", "--json", env=clean_env(**npu_env(rk_root, stubs["1.2.1"], rk_model, "1.1.4"))
+    )
+    reason = json.loads(mismatch.stdout)["backend"]["considered"][0]["reason"]
+    assert "says it is runtime 1.2.1" in reason
+
+
+def test_drm_render_node_counts_as_the_npu(rk_root, rk_model, stubs) -> None:
+    (rk_root / "dev" / "rknpu").unlink()
+    drivers = rk_root / "sys/bus/platform/drivers/RKNPU"
+    drivers.mkdir(parents=True)
+    node = rk_root / "sys/class/drm/renderD129/device"
+    node.mkdir(parents=True)
+    (node / "driver").symlink_to("../../../../bus/platform/drivers/RKNPU")
+    r = run_edged("board", "--json", env=clean_env(**npu_env(rk_root, stubs["1.2.1"], rk_model)))
+    rkllm = json.loads(r.stdout)["backend"]["considered"][0]
+    assert rkllm["available"] is True and "renderD129 (rknpu)" in rkllm["reason"]
+    shutil.rmtree(rk_root / "sys/class/drm")
+    r = run_edged("board", "--json", env=clean_env(**npu_env(rk_root, stubs["1.2.1"], rk_model)))
+    assert "no NPU device" in json.loads(r.stdout)["backend"]["considered"][0]["reason"]
+
+
+def test_x86_skips_rkllm_as_not_an_rk3588(rk_model, stubs) -> None:
+    r = run_edged(
+        "board",
+        "--json",
+        "--profile",
+        "rk3588",
+        env=clean_env(**npu_env(BOARDS / "x86", stubs["1.2.1"], rk_model)),
+    )
+    rkllm = json.loads(r.stdout)["backend"]["considered"][0]
+    assert rkllm["name"] == "rkllm" and rkllm["available"] is False
+    assert rkllm["reason"].startswith("not an RK3588")
+
+
+def test_watchdog_stops_when_the_npu_run_hangs(tmp_path: Path, rk_root, rk_model, stubs) -> None:
+    """The engine hangs for real (the runtime never returns a token); systemd's pings stop."""
+    where = Path(tempfile.mkdtemp(prefix="edged-wd-", dir="/tmp"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(where / "notify"))
+    notify.settimeout(0.5)
+    api = where / "edged.sock"
+    log = (tmp_path / "edged.log").open("wb")
+    env = clean_env(
+        NOTIFY_SOCKET=str(where / "notify"),
+        WATCHDOG_USEC="400000",
+        EDGED_SOCKET__PATH=str(api),
+        EDGED_LOG__FORMAT="json",
+        **npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_HANG_AFTER="2"),
+    )
+    proc = subprocess.Popen([edged_exe(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            try:
+                if "READY=1" in notify.recv(4096).decode():
+                    break
+            except TimeoutError:
+                assert proc.poll() is None, (tmp_path / "edged.log").read_text()
+        pings_before = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            with contextlib.suppress(TimeoutError):
+                pings_before += notify.recv(4096).decode() == "WATCHDOG=1"
+        assert pings_before >= 3
+        client = httpx.Client(transport=httpx.HTTPTransport(uds=str(api)), base_url="http://edged", timeout=1)
+        threading.Thread(target=lambda: _post_quietly(client), daemon=True).start()
+        time.sleep(1.0)  # two tokens, then the runtime hangs; the stall threshold is 0.4 s
+        notify.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                notify.recv(4096)  # drop the pings sent before the hang was detected
+        notify.settimeout(0.5)
+        later = []
+        t1 = time.monotonic()
+        while time.monotonic() - t1 < 1.5:
+            with contextlib.suppress(TimeoutError):
+                later.append(notify.recv(4096).decode())
+        assert "WATCHDOG=1" not in later, "a hung engine must stop the watchdog pings"
+        assert "engine unhealthy" in (tmp_path / "edged.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+        notify.close()
+
+
+def _post_quietly(client: httpx.Client) -> None:
+    try:
+        client.post("/v1/chat/completions", json=chat("hang", max_tokens=50))
+    except httpx.HTTPError:
+        pass
+    finally:
+        client.close()
+
+
+def test_rkllm_answers_over_mqtt_streamed_with_perf(start_daemon, rk_root, rk_model, stubs, tmp_path) -> None:
+    from mqtt_helpers import Broker, Probe
+    from test_mqtt import mqtt_env, wait_connected
+
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        d = start_daemon(**npu_env(rk_root, stubs["1.3.0"], rk_model, "1.3.0"), **mqtt_env(broker, "npu1"))
+        wait_connected(d)
+        probe = Probe(broker.port)
+        try:
+            probe.subscribe("npu/answers")
+            probe.publish(
+                "edged/npu1/jobs",
+                {"id": "n1", "prompt": "hi", "max_tokens": 6, "stream": True},
+                response_topic="npu/answers",
+            )
+            chunks, final = probe.until_final()
+        finally:
+            probe.close()
+        assert [c["delta"] for c in chunks] == [f"tok{i} " for i in range(6)]
+        assert final["status"] == "done" and final["timings"]["source"] == "runtime-perf"
+        assert final["timings"]["predicted_n"] == 6
+    finally:
+        broker.stop()
