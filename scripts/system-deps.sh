@@ -7,6 +7,10 @@ need=""
 command -v mosquitto_pub >/dev/null 2>&1 || need="$need mosquitto-clients"
 command -v openssl >/dev/null 2>&1 || need="$need openssl"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+# the Ansible test: a throwaway Debian root, booted with systemd-nspawn, reached over ssh
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
+command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
+command -v ssh >/dev/null 2>&1 || need="$need openssh-client"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

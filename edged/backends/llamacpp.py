@@ -96,7 +96,7 @@ class LlamaCppBackend:
     def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
         try:
             import llama_cpp
-        except ImportError as exc:
+        except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             return False, f"llama-cpp-python cannot be imported: {exc}"
         problem = _gguf_problem(settings.model.path)
         if problem:
@@ -115,7 +115,7 @@ class LlamaCppBackend:
         try:
             import llama_cpp
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        except ImportError as exc:
+        except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             raise BackendError(f"llama-cpp-python cannot be imported: {exc}") from exc
         self._version = llama_cpp.__version__
         path = self._settings.model.path

@@ -244,7 +244,7 @@ class RkllmBackend:
         try:
             import llama_cpp
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        except ImportError as exc:
+        except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             raise BackendError(f"llama-cpp-python (the tokenizer) cannot be imported: {exc}") from exc
         with contextlib.redirect_stderr(io.StringIO()):
             self._tokenizer = llama_cpp.Llama(
