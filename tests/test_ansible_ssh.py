@@ -21,6 +21,9 @@ from mqtt_helpers import free_port
 
 from edged.config import embedded_model_path
 
+# debootstrap (first time) + wheels + two playbook runs take minutes, not the default 5-minute cap
+pytestmark = pytest.mark.timeout(1500)
+
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE = ROOT / "deploy" / "ansible"
 BIN = Path(sys.executable).parent
