@@ -20,6 +20,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from edged.backends import Prompt, SamplingParams, register_backend
+from edged.backends.gguf_prompt import GgufPrompt
 from edged.errors import BackendError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class LlamaCppBackend:
         self._options = settings.llamacpp
         self._cpus = plan_cpus(board.profile, settings.model.threads)
         self._llm: Any = None
-        self._formatter: Any = None
+        self._prompt: GgufPrompt | None = None
         self._vocab: Any = None
         self._abort = threading.Event()
         self._version = "?"
@@ -114,7 +115,6 @@ class LlamaCppBackend:
     def load(self) -> None:
         try:
             import llama_cpp
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             raise BackendError(f"llama-cpp-python cannot be imported: {exc}") from exc
         self._version = llama_cpp.__version__
@@ -151,25 +151,14 @@ class LlamaCppBackend:
                     log.debug("llama-cpp-python", line=line)
         self._llm.verbose = False  # no per-call prints from generate()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        if template:
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._token_text(self._llm.token_eos()),
-                bos_token=self._token_text(self._llm.token_bos()),
-            )
+        self._prompt = GgufPrompt(self._llm)
         log.info(
             "llama.cpp model loaded",
             model=str(path),
             threads=self._cpus.threads,
             cpus=self._cpus.note,
-            chat_template=bool(template),
+            chat_template=self._prompt.formatter is not None,
         )
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", errors="replace")
 
     def describe(self) -> dict[str, object]:
         return {
@@ -179,21 +168,16 @@ class LlamaCppBackend:
             "cpus": self._cpus.note,
             "n_batch": self._options.batch,
             "mmap": self._options.mmap,
-            "chat_template": self._formatter is not None,
+            "chat_template": self._prompt is not None and self._prompt.formatter is not None,
         }
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if self._formatter is None:
-            raise BackendError(
-                "the model has no chat template (tokenizer.chat_template); use /v1/completions"
-            )
-        try:
-            return str(self._formatter(messages=messages).prompt)
-        except Exception as exc:  # jinja2 raises many types; the template is model data, not ours
-            raise BackendError(f"the model's chat template failed: {exc}") from exc
+        assert self._prompt is not None, "render_chat before load"
+        return self._prompt.render_chat(messages)
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+        assert self._prompt is not None, "tokenize before load"
+        return self._prompt.tokenize(text, chat=chat)
 
     def generate(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
         import llama_cpp

@@ -23,6 +23,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from edged.backends import Prompt, SamplingParams, register_backend
+from edged.backends.gguf_prompt import GgufPrompt
 from edged.backends.rkllm_abi import (
     INFER_GENERATE,
     INPUT_PROMPT,
@@ -135,8 +136,7 @@ class RkllmBackend:
         self._callback: Any = None
         self._callback_struct: Any = None
         self._events: queue.Queue[tuple[int, bytes | None, dict[str, float] | None]] = queue.Queue()
-        self._tokenizer: Any = None
-        self._formatter: Any = None
+        self._prompt: GgufPrompt | None = None
         self.last_perf: dict[str, float] | None = None
 
     @classmethod
@@ -243,25 +243,12 @@ class RkllmBackend:
     def _load_tokenizer(self) -> None:
         try:
             import llama_cpp
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             raise BackendError(f"llama-cpp-python (the tokenizer) cannot be imported: {exc}") from exc
         with contextlib.redirect_stderr(io.StringIO()):
-            self._tokenizer = llama_cpp.Llama(
-                model_path=str(self._settings.model.path), vocab_only=True, verbose=True
-            )
-        self._tokenizer.verbose = False
-        template = self._tokenizer.metadata.get("tokenizer.chat_template")
-        if template:
-
-            def text(token: int) -> str:
-                return bytes(self._tokenizer.detokenize([token], special=True)).decode("utf-8", "replace")
-
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=text(self._tokenizer.token_eos()),
-                bos_token=text(self._tokenizer.token_bos()),
-            )
+            vocab = llama_cpp.Llama(model_path=str(self._settings.model.path), vocab_only=True, verbose=True)
+        vocab.verbose = False
+        self._prompt = GgufPrompt(vocab)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -274,12 +261,12 @@ class RkllmBackend:
         }
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if self._formatter is None:
-            raise BackendError("the GGUF in model.path has no chat template")
-        return str(self._formatter(messages=messages).prompt)
+        assert self._prompt is not None
+        return self._prompt.render_chat(messages)
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
-        return list(self._tokenizer.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+        assert self._prompt is not None
+        return self._prompt.tokenize(text, chat=chat)
 
     def generate(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
         abi = self._abi
