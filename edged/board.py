@@ -99,6 +99,12 @@ class ThermalLimits(_Strict):
         return self
 
 
+class EnginePlan(_Strict):
+    parallel: int = Field(
+        4, ge=1, le=16, description="Sequences decoded together by default (engine.parallel = 'auto')."
+    )
+
+
 class Profile(_Strict):
     """One ``board_profiles/<name>.toml``."""
 
@@ -109,6 +115,7 @@ class Profile(_Strict):
     cpu: CpuPlan = Field(default_factory=CpuPlan, description="Threads and CPU affinity.")
     thermal: ThermalLimits = Field(description="Zones and temperature thresholds.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Model-family sampling.")
+    engine: EnginePlan = Field(default_factory=EnginePlan, description="Scheduler defaults for this board.")
 
 
 @dataclass(frozen=True)

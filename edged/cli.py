@@ -159,7 +159,7 @@ def serve(
         profile=p.board.profile.name,
         profile_reason=p.board.reason,
         backend=p.choice.name,
-        skipped=[c for c in p.choice.considered if not c[1]],
+        skipped=[{"name": c.name, "reason": c.reason} for c in p.choice.considered if not c.available],
         model=str(settings.model.path),
     )
     try:

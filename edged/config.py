@@ -32,8 +32,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from edged.backends.llamacpp import LlamaCppConfig
-from edged.backends.rkllm import RkllmConfig
 from edged.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -61,6 +59,14 @@ def embedded_model_path() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def default_state_dir() -> Path:
+    """``/var/lib/edged`` for root (systemd's StateDirectory), ``$XDG_STATE_HOME/edged`` otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/edged")
+    state = os.environ.get("XDG_STATE_HOME")
+    return (Path(state) if state else Path.home() / ".local" / "state") / "edged"
 
 
 def default_socket_path() -> Path:
@@ -154,7 +160,54 @@ class SocketConfig(_Section):
 
 
 class QueueConfig(_Section):
-    max_depth: int = Field(16, ge=0, le=10_000, description="Jobs that may wait behind the running one.")
+    max_depth: int = Field(
+        16, ge=0, le=10_000, description="Jobs that may wait while every slot is busy before queue_full."
+    )
+
+
+class EngineConfig(_Section):
+    """The scheduler: how many sequences decode together and the prompt-prefix cache."""
+
+    parallel: int | Literal["auto"] = Field(
+        "auto",
+        description="Sequences decoded together (slots); 'auto' = the board profile's [engine] parallel.",
+    )
+    prefix_cache: bool = Field(True, description="Reuse prompt prefixes already in the KV cache.")
+    prefix_cache_mb: float = Field(
+        0.0,
+        ge=0,
+        description="KV memory for parking prefixes beyond the slots' own (free slots park theirs; "
+        "each extra 2048-token stream costs 2048 x the model's KV bytes per token).",
+    )
+    prefix_cache_dir: Path | None = Field(
+        default_factory=lambda: default_state_dir() / "prefix-cache",
+        description='Disk tier of the prefix cache (survives restarts); "" = memory only.',
+    )
+    prefix_cache_disk_mb: float = Field(
+        1024.0, ge=0, description="Most disk space the disk tier may use (least recently used removed)."
+    )
+    prefix_min_tokens: int = Field(
+        64, ge=1, description="Shortest shared prefix worth saving to the disk tier."
+    )
+
+    @field_validator("prefix_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _slots(cls, value: Any) -> Any:
+        """One clear message for 'auto' or a number, instead of one per member of the union."""
+        if value == "auto":
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected 'auto' or a number of slots from 1 to 16") from None
+        if isinstance(value, float) or not 1 <= number <= 16:
+            raise ValueError("expected 'auto' or a number of slots from 1 to 16")
+        return number
 
 
 class JobsConfig(_Section):
@@ -253,7 +306,10 @@ class TelemetryConfig(_Section):
 class ThermalConfig(_Section):
     poll_s: float = Field(2.0, ge=0.05, le=60, description="How often the governor reads the thermal zones.")
     derate_pause_ms: float = Field(
-        100.0, ge=0, le=5000, description="Pause between generated tokens while derated."
+        100.0,
+        ge=0,
+        le=5000,
+        description="Pause between decode steps while derated (half the slots decode meanwhile).",
     )
     warn_c: float | None = Field(None, description="Override the profile's warn temperature.")
     derate_c: float | None = Field(None, description="Override the profile's derate temperature.")
@@ -272,6 +328,39 @@ class LogConfig(_Section):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+
+class LlamaCppConfig(_Section):
+    """Options of the llamacpp backend (section ``[llamacpp]``)."""
+
+    batch: int = Field(512, ge=8, le=2048, description="Prompt-processing batch size (llama.cpp n_batch).")
+    mmap: bool = Field(True, description="Map the model file instead of reading it into memory.")
+    flash_attn: bool = Field(
+        True,
+        description="Flash attention (llama-server's CPU default). With it a job's greedy text does not "
+        "change with its batch neighbours; without it, rounding in the attention matmuls (which depends "
+        "on where other sequences' cells are) can flip a near-tie token.",
+    )
+
+
+class RkllmConfig(_Section):
+    """Options of the rkllm backend (section ``[rkllm]``)."""
+
+    library: str = Field(
+        "librkllmrt.so",
+        description="The RKLLM runtime: a path, or a file name in $LD_LIBRARY_PATH or /usr/lib.",
+    )
+    model: Path | None = Field(None, description="The .rkllm model (converted with rkllm-toolkit, W8A8).")
+    runtime_version: str | None = Field(
+        None, description="Version of librkllmrt.so, e.g. '1.2.1'; picks the struct layout. Required."
+    )
+    core_mask: str = Field(
+        "0_1_2",
+        pattern=r"^(auto|0|1|2|0_1|0_1_2)$",
+        description="NPU cores as rknn-toolkit-lite2 names them; reported (the .rkllm fixes its cores).",
+    )
+    base_domain_id: int = Field(0, ge=0, description="RKLLMExtendParam.base_domain_id.")
+    embed_flash: bool = Field(True, description="Read word embeddings from flash (saves memory).")
 
 
 class Settings(BaseSettings):
@@ -299,6 +388,7 @@ class Settings(BaseSettings):
     board: BoardConfig = Field(default_factory=BoardConfig, description="Board detection.")
     socket: SocketConfig = Field(default_factory=SocketConfig, description="The local Unix socket API.")
     queue: QueueConfig = Field(default_factory=QueueConfig, description="The job queue.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Slots and the prefix cache.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Per-job limits and defaults.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The MQTT transport.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -65,7 +66,7 @@ def backend_report(choice: BackendChoice) -> dict[str, Any]:
     return {
         "name": choice.name,
         "forced": choice.forced,
-        "considered": [{"name": n, "available": ok, "reason": why} for n, ok, why in choice.considered],
+        "considered": [dataclasses.asdict(c) for c in choice.considered],
     }
 
 
@@ -100,27 +101,34 @@ async def _wait_mqtt(mqtt: MqttTransport, stop: asyncio.Task[Any], timeout: floa
 
 def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
     settings = p.settings
-    status = presence(p, engine)
     discovery = None
     if settings.telemetry.homeassistant:
         topics = Topics.build(settings.mqtt.topic_prefix, settings.device_id, settings.mqtt.share_group)
         discovery = discovery_configs(
-            settings.telemetry.discovery_prefix, settings.device_id, topics.telemetry, topics.status, status
+            settings.telemetry.discovery_prefix,
+            settings.device_id,
+            topics.telemetry,
+            topics.status,
+            presence(p, engine),
         )
-    transport = MqttTransport(engine, settings, status, discovery)
+    transport = MqttTransport(engine, settings, lambda: presence(p, engine), discovery)
+    engine.on_backend_change(transport.publish_presence)
     transport.start()
     return transport
 
 
 def presence(p: Plan, engine: Engine) -> dict[str, Any]:
-    """What the retained status message says about this device."""
+    """What the retained status message says about this device (read fresh from the engine's
+    snapshot, so it follows a backend switch)."""
+    snap = engine.snapshot()
     return {
         "device_id": p.settings.device_id,
         "board": p.board.model,
         "soc": p.board.soc,
         "profile": p.board.profile.name,
-        "backend": engine.backend_name,
-        "model": engine.backend.model_name,
+        "backend": snap.backend,
+        "model": snap.model,
+        "slots": snap.slots.total,
         "version": __version__,
     }
 
@@ -143,13 +151,14 @@ async def serve(p: Plan, started: float) -> int:
             mqtt.publish_telemetry({**telemetry.report(), "event": "thermal_transition"})
 
     governor = ThermalGovernor(fs, p.limits, p.limits.zones, on_transition)
-    telemetry = Telemetry(engine, governor, fs)
+    telemetry = Telemetry(settings, engine, governor, fs)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TelemetryCollector(telemetry))
 
     mqtt: MqttTransport | None = None
 
     def status() -> dict[str, Any]:
+        snap = engine.snapshot()
         return {
             "device_id": settings.device_id,
             "version": __version__,
@@ -158,16 +167,16 @@ async def serve(p: Plan, started: float) -> int:
             "board": board_report(p.board),
             "backend": {
                 **backend_report(p.choice),
-                "name": engine.backend_name,
-                "fallback_reasons": engine.fallback_reasons,
-                "details": engine.backend.describe(),
+                "name": snap.backend,
+                "fallback_reasons": snap.fallback_reasons,
+                "details": snap.backend_details,
             },
             "model": {
-                "name": engine.backend.model_name,
+                "name": snap.model,
                 "path": str(settings.model.path),
-                "ctx": engine.backend.n_ctx,
+                "ctx": snap.n_ctx,
             },
-            "engine": engine.status(),
+            "engine": snap.status(),
             "thermals": telemetry.thermals(),
             "mqtt": mqtt.status() if mqtt is not None else None,
         }
@@ -180,7 +189,7 @@ async def serve(p: Plan, started: float) -> int:
         log.info("using the socket systemd passed", fds=len(inherited))
     else:
         sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
-    server = make_server(create_app(engine, status, lambda: generate_latest(registry)))
+    server = make_server(create_app(settings, engine, status, lambda: generate_latest(registry)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -226,11 +235,13 @@ async def serve(p: Plan, started: float) -> int:
                         log.error("engine unhealthy: no watchdog ping", stall_s=stall_s)
 
                 background.append(asyncio.create_task(_every(interval, ping), name="edged-watchdog"))
+            snap = engine.snapshot()
             log.info(
                 "ready",
                 ready_ms=round((time.perf_counter() - started) * 1000, 1),
-                backend=engine.backend_name,
-                model=engine.backend.model_name,
+                backend=snap.backend,
+                model=snap.model,
+                slots=snap.slots.total,
             )
             done, _ = await asyncio.wait({stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
         elif load_task in done:

@@ -44,7 +44,7 @@ async def main() -> None:
     engine = Engine(settings, board, choose_backend(board, settings))
     fs = HostFS(args.root)
     governor = ThermalGovernor(fs, board.profile.thermal, board.profile.thermal.zones, lambda _c: None)
-    telemetry = Telemetry(engine, governor, fs)
+    telemetry = Telemetry(settings, engine, governor, fs)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TelemetryCollector(telemetry))
     report = telemetry.report()

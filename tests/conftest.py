@@ -86,6 +86,7 @@ class Daemon:
             "EDGED_BOARD__PROFILES_DIR": str(workdir / "profiles"),
             "EDGED_DEVICE_ID": "test-device",
             "EDGED_LOG__FORMAT": "json",
+            "EDGED_ENGINE__PREFIX_CACHE_DIR": str(workdir / "prefix-cache"),
         }
         self.env = clean_env(**{**defaults, **env})
         self.proc: subprocess.Popen[bytes] | None = None
@@ -167,6 +168,15 @@ def start_daemon(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., Dae
     yield start
     for d in started:
         d.stop()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout} s")
+        time.sleep(0.02)
 
 
 def chat(prompt: str, **fields: object) -> dict[str, object]:

@@ -134,8 +134,8 @@ def test_auto_choice_skips_backends_with_reasons(model_path: Path) -> None:
     info = detect_board(BOARDS / "rock5b", user_dir=None)
     choice = choose_backend(info, settings)
     assert choice.name == "llamacpp"
-    assert choice.considered[0][0] == "rkllm" and choice.considered[0][1] is False
-    assert choice.considered[0][2]
+    assert choice.considered[0].name == "rkllm" and choice.considered[0].available is False
+    assert choice.considered[0].reason
 
 
 def test_forced_unavailable_backend_fails_with_its_reason(tmp_path: Path) -> None:

@@ -80,6 +80,8 @@ def test_toml_nested_sampling_and_backend_section(tmp_path: Path) -> None:
         ("", {"EDGED_MODEL__FLAVOUR": "x"}, "model.flavour = 'x' (from environment EDGED_MODEL__FLAVOUR)"),
         ("", {"EDGED_MODLE__PATH": "/x"}, "EDGED_MODLE__PATH: unknown setting 'modle'"),
         ("[log]\nlevel = 'loud'\n", {}, "log.level = 'loud' (from file"),
+        ("", {"EDGED_ENGINE__PARALLEL": "99"}, "engine.parallel = '99' (from environment EDGED_ENGINE__PAR"),
+        ("[engine]\nparallel = 'many'\n", {}, "engine.parallel = 'many' (from file"),
         ("", {"EDGED_QUEUE__MAX_DEPTH": "-1"}, "queue.max_depth = '-1' (from environment"),
         ("device_id = 'a/b'\n", {}, "device_id = 'a/b' (from file"),
         ("[jobs]\ntimeout_s = 7200\n", {}, "jobs (from file"),

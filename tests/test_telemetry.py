@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
-from conftest import BOARDS, Daemon, chat, clean_env, run_edged
+from conftest import BOARDS, Daemon, chat, clean_env, run_edged, wait_until
 from mqtt_helpers import Broker, Probe, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_mqtt import mqtt_env, wait_connected
@@ -226,8 +226,7 @@ def test_governor_derates_pauses_and_resumes_around_a_real_job(
         )
         running.start()
         with d.client() as c:
-            while c.get("/status").json()["engine"]["running"] is None:
-                time.sleep(0.01)
+            wait_until(lambda: c.get("/status").json()["engine"]["running"], what="a running job")
         write_temp(hot_board, 0, 90)
         wait_state(d, "paused")
         waiting = threading.Thread(target=post, args=("waiting", chat("hi", id="wait-1", max_tokens=4)))

@@ -1,11 +1,14 @@
 """A GGUF model's own chat template and tokenizer, shared by the backends that need them.
 
 llamacpp generates with the same model; rkllm loads the GGUF of its model vocabulary-only, to render
-and count prompts exactly as the CPU fallback would.
+and count prompts exactly as the CPU fallback would. Everything here only reads the vocabulary (as
+llama-server tokenizes on its HTTP threads while the slots decode), so it is safe from any thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +31,65 @@ def gguf_problem(path: Path | None) -> str | None:
     return None
 
 
-class GgufPrompt:
-    """Wraps a loaded ``llama_cpp.Llama`` (full or ``vocab_only``)."""
+def model_fingerprint(path: Path) -> str:
+    """A stable identity of a model file: its size and the hash of its first 4 MiB (header, vocab)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(4 << 20))
+    digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:24]
 
-    def __init__(self, llm: Any) -> None:
+
+def load_model(path: Path, *, vocab_only: bool = False, use_mmap: bool = True) -> Any:
+    """``llama_model_load_from_file``; raises `BackendError` instead of returning NULL."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.use_mmap = use_mmap
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise BackendError(f"llama.cpp could not load {path} (see the llama.cpp log lines above)")
+    return model
+
+
+class GgufTokenizer:
+    """Chat template and tokenizer of a loaded ``llama_model`` (full or vocabulary-only)."""
+
+    def __init__(self, model: Any) -> None:
+        import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self._llm = llm
-        template = llm.metadata.get("tokenizer.chat_template")
+        self._llama_cpp = llama_cpp
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        raw = llama_cpp.llama_model_chat_template(model, None)
+        self.template: str | None = raw.decode("utf-8", errors="replace") if raw else None
         self.formatter: Any = (  # llama-cpp-python types messages as TypedDicts; ours are plain dicts
             Jinja2ChatFormatter(
-                template=template,
-                eos_token=self.token_text(llm.token_eos()),
-                bos_token=self.token_text(llm.token_bos()),
+                template=self.template,
+                eos_token=self.token_text(llama_cpp.llama_vocab_eos(self._vocab)),
+                bos_token=self.token_text(llama_cpp.llama_vocab_bos(self._vocab)),
             )
-            if template
+            if self.template
             else None
         )
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (control tokens are empty unless ``special``)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
 
     def token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", errors="replace")
+        return self.piece(token, special=True).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if self.formatter is None:
@@ -63,4 +103,18 @@ class GgufPrompt:
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         """Chat text carries its own BOS from the template; raw text gets the model's."""
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (self._llama_cpp.llama_token * capacity)()
+        n = self._llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, not chat, True)
+        if n < 0:
+            capacity = -n
+            tokens = (self._llama_cpp.llama_token * capacity)()
+            n = self._llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, not chat, True)
+        if n < 0:
+            raise BackendError(f"llama.cpp could not tokenize the prompt ({n})")
+        return list(tokens[:n])
+
+    @property
+    def template_hash(self) -> str:
+        return hashlib.sha256((self.template or "").encode()).hexdigest()[:16]

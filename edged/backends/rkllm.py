@@ -15,16 +15,15 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Iterator
 from ctypes import byref, c_char_p, c_int, c_void_p
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
-from edged.backends import Prompt, SamplingParams, register_backend
-from edged.backends.gguf_prompt import GgufPrompt, gguf_problem
+from edged.backends import register_backend
+from edged.backends.base import Capabilities, Prompt, SamplingParams, SeqOutput
+from edged.backends.gguf_prompt import GgufTokenizer, gguf_problem, load_model
 from edged.backends.rkllm_abi import (
     INFER_GENERATE,
     INPUT_PROMPT,
@@ -35,6 +34,8 @@ from edged.backends.rkllm_abi import (
     Callback130,
     abi_for,
 )
+from edged.board import HostFS
+from edged.config import RkllmConfig
 from edged.errors import BackendError
 
 if TYPE_CHECKING:
@@ -45,28 +46,6 @@ log = structlog.get_logger(__name__)
 
 RK3588_SOCS = ("rockchip,rk3588", "rockchip,rk3588s")
 VERSION_IN_LIBRARY = re.compile(rb"rkllm-runtime version:? v?(\d+\.\d+\.\d+)")
-
-
-class RkllmConfig(BaseModel):
-    """Options of the rkllm backend (section ``[rkllm]``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    library: str = Field(
-        "librkllmrt.so",
-        description="The RKLLM runtime: a path, or a file name in $LD_LIBRARY_PATH or /usr/lib.",
-    )
-    model: Path | None = Field(None, description="The .rkllm model (converted with rkllm-toolkit, W8A8).")
-    runtime_version: str | None = Field(
-        None, description="Version of librkllmrt.so, e.g. '1.2.1'; picks the struct layout. Required."
-    )
-    core_mask: str = Field(
-        "0_1_2",
-        pattern=r"^(auto|0|1|2|0_1|0_1_2)$",
-        description="NPU cores as rknn-toolkit-lite2 names them; reported (the .rkllm fixes its cores).",
-    )
-    base_domain_id: int = Field(0, ge=0, description="RKLLMExtendParam.base_domain_id.")
-    embed_flash: bool = Field(True, description="Read word embeddings from flash (saves memory).")
 
 
 def library_version(path: Path) -> str | None:
@@ -80,8 +59,6 @@ def library_version(path: Path) -> str | None:
 
 def npu_device(board: BoardInfo) -> str | None:
     """``/dev/rknpu`` (older kernels) or a DRM node driven by rknpu (newer ones), under ``board.root``."""
-    from edged.board import HostFS
-
     fs = HostFS(board.root)
     if fs.path("/dev/rknpu").exists():
         return "/dev/rknpu"
@@ -125,7 +102,8 @@ def _setup(lib: Any, abi: Abi) -> None:
 
 @register_backend("rkllm")
 class RkllmBackend:
-    """Generation on the RK3588 NPU; one run at a time, on the engine's backend thread."""
+    """Generation on the RK3588 NPU: one sequence at a time (the runtime runs one prompt per handle),
+    driven on the engine's backend thread; the runtime's own worker calls back with each token."""
 
     name: ClassVar[str]
 
@@ -139,8 +117,14 @@ class RkllmBackend:
         self._callback: Any = None
         self._callback_struct: Any = None
         self._events: queue.Queue[tuple[int, bytes | None, dict[str, float] | None]] = queue.Queue()
-        self._prompt: GgufPrompt | None = None
-        self.last_perf: dict[str, float] | None = None
+        self._tokenizer: GgufTokenizer | None = None
+        self._vocab_model: Any = None
+        self._runner: threading.Thread | None = None
+        self._run: dict[str, Any] = {}
+        self._slot: int | None = None
+        self._pending = b""
+        self._aborted = False
+        self._perf: dict[str, float] | None = None
 
     @classmethod
     def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
@@ -184,7 +168,12 @@ class RkllmBackend:
     def n_ctx(self) -> int:
         return self._settings.model.ctx
 
-    def load(self) -> None:
+    @property
+    def tokenizer(self) -> GgufTokenizer:
+        assert self._tokenizer is not None, "tokenizer before load"
+        return self._tokenizer
+
+    def load(self, slots: int) -> Capabilities:
         options = self._options
         try:
             self._abi = abi_for(options.runtime_version or "")
@@ -243,16 +232,19 @@ class RkllmBackend:
             # edged renders the GGUF's template itself, so the runtime must not add its own.
             self._lib.rkllm_set_chat_template(self._handle, b"", b"", b"")
         log.info("rkllm model loaded", model=str(options.model), abi=abi.name, library=str(library))
+        return Capabilities(max_sequences=1, prefix_cache=False)
 
     def _load_tokenizer(self) -> None:
         try:
             import llama_cpp
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             raise BackendError(f"llama-cpp-python (the tokenizer) cannot be imported: {exc}") from exc
+        del llama_cpp
+        path = self._settings.model.path
+        assert path is not None
         with contextlib.redirect_stderr(io.StringIO()):
-            vocab = llama_cpp.Llama(model_path=str(self._settings.model.path), vocab_only=True, verbose=True)
-        vocab.verbose = False
-        self._prompt = GgufPrompt(vocab)
+            self._vocab_model = load_model(path, vocab_only=True)
+        self._tokenizer = GgufTokenizer(self._vocab_model)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -264,78 +256,99 @@ class RkllmBackend:
             "rknn_toolkit_lite2": rknn_lite_info(),
         }
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        assert self._prompt is not None
-        return self._prompt.render_chat(messages)
-
-    def tokenize(self, text: str, *, chat: bool) -> list[int]:
-        assert self._prompt is not None
-        return self._prompt.tokenize(text, chat=chat)
-
-    def generate(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[str]:
+    def admit(self, slot: int, prompt: Prompt, params: SamplingParams) -> bool:
         abi = self._abi
         assert abi is not None
-        self.last_perf = None
+        if self._slot is not None:
+            return False
         while not self._events.empty():
             self._events.get_nowait()
-        text = prompt.text.encode("utf-8")
+        self._slot, self._pending, self._aborted, self._perf = slot, b"", False, None
         rk_input = abi.input()
         rk_input.input_type = INPUT_PROMPT
-        rk_input.prompt_input = text
+        rk_input.prompt_input = prompt.text.encode("utf-8")
         infer = abi.infer()
         infer.mode = INFER_GENERATE
         if hasattr(infer, "max_new_tokens"):
             infer.max_new_tokens = params.max_tokens
-        outcome: dict[str, int] = {}
+        run: dict[str, Any] = {"input": rk_input, "infer": infer}  # kept alive while the runtime runs
+        self._run = run
 
-        def run() -> None:
-            outcome["rc"] = self._lib.rkllm_run(self._handle, byref(rk_input), byref(infer), None)
+        def go() -> None:
+            run["rc"] = self._lib.rkllm_run(self._handle, byref(rk_input), byref(infer), None)
             self._events.put((-1, None, None))  # the run returned
 
-        runner = threading.Thread(target=run, name="rkllm-run", daemon=True)
-        runner.start()
-        produced = 0
-        pending = b""
-        aborted = False
-        while True:
-            if (cancel.is_set() or produced >= params.max_tokens) and not aborted:
-                self._lib.rkllm_abort(self._handle)
-                aborted = True
-            try:
-                state, piece, perf = self._events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if state == RUN_ERROR:
-                runner.join(5)
-                raise BackendError("the RKLLM runtime reported an error during generation")
-            if state == RUN_FINISH:
-                self.last_perf = perf
-                continue
-            if state == -1:
-                if outcome.get("rc", 0) != 0 and not aborted:
-                    raise BackendError(f"rkllm_run failed with {outcome['rc']}")
-                return
-            if piece is None or aborted:
-                continue
-            pending += piece
-            if state == RUN_WAITING:
-                continue
-            try:
-                decoded = pending.decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            pending = b""
-            produced += 1
-            yield decoded
+        self._runner = threading.Thread(target=go, name="rkllm-run", daemon=True)
+        self._runner.start()
+        return True
 
-    def abort(self) -> None:
+    def step(self) -> list[SeqOutput]:
+        """Wait (briefly) for the runtime's next callback; one token, the end, or nothing yet."""
+        slot = self._slot
+        if slot is None:
+            return []
+        try:
+            state, piece, perf = self._events.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        if state == RUN_ERROR:
+            self._join()
+            raise BackendError("the RKLLM runtime reported an error during generation")
+        if state == RUN_FINISH:
+            self._perf = perf
+            return []
+        if state == -1:
+            rc = self._run.get("rc", 0)
+            self._join()
+            if rc != 0 and not self._aborted:
+                raise BackendError(f"rkllm_run failed with {rc}")
+            return [SeqOutput(slot=slot, end=True, perf=self._perf)]
+        if piece is None or self._aborted:
+            return []
+        self._pending += piece
+        if state == RUN_WAITING:  # the runtime holds back an incomplete UTF-8 character
+            return []
+        out, self._pending = self._pending, b""
+        return [SeqOutput(slot=slot, piece=out, perf=None)]
+
+    def release(self, slot: int) -> dict[str, float] | None:
+        if self._slot != slot:
+            return None
+        if self._runner is not None and self._runner.is_alive():
+            self._aborted = True
+            self._lib.rkllm_abort(self._handle)
+        self._join()
+        while not self._events.empty():  # the runtime reports its perf counters as the run ends
+            state, _text, perf = self._events.get_nowait()
+            if state == RUN_FINISH and perf is not None:
+                self._perf = perf
+        self._slot = None
+        return self._perf
+
+    def _join(self) -> None:
+        if self._runner is not None:
+            self._runner.join(10)
+            if self._runner.is_alive():
+                log.error("the RKLLM run did not stop within 10 s of rkllm_abort")
+        self._runner = None
+
+    def cache_stats(self) -> None:
+        return None
+
+    def interrupt(self) -> None:
         if self._lib is not None and self._handle:
+            self._aborted = True
             self._lib.rkllm_abort(self._handle)
 
     def close(self) -> None:
         if self._lib is not None and self._handle:
             self._lib.rkllm_destroy(self._handle)
             self._handle = c_void_p()
+        if self._vocab_model is not None:
+            import llama_cpp
+
+            llama_cpp.llama_model_free(self._vocab_model)
+            self._vocab_model = None
 
 
 def rknn_lite_info() -> dict[str, Any]:

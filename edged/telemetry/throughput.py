@@ -18,6 +18,8 @@ class JobSample:
     predicted_per_second: float | None
     ttft_ms: float | None
     queue_ms: float | None = None
+    started: float | None = None
+    """Monotonic time the job was submitted (for the aggregate rate over overlapping jobs)."""
 
 
 def _median(values: list[float]) -> float | None:
@@ -63,6 +65,9 @@ class ThroughputWindow:
         recent = [s for s in self._samples if s.finished >= now - window_s]
         ok = [s for s in recent if s.ok]
         decode = _median([s.predicted_per_second for s in ok if s.predicted_per_second])
+        starts = [s.started for s in ok if s.started is not None]
+        span = max(s.finished for s in ok) - min(starts) if starts and len(starts) == len(ok) else 0.0
+        generated = sum(s.completion_tokens for s in ok)
         ttft = [s.ttft_ms for s in ok if s.ttft_ms is not None]
         return {
             "window_s": window_s,
@@ -77,4 +82,10 @@ class ThroughputWindow:
             "ttft_ms_p95": _p95(ttft),
             "queue_wait_ms_p50": _median([s.queue_ms for s in ok if s.queue_ms is not None]),
             "s_per_1k_tokens": round(1000.0 / decode, 2) if decode else None,
+            # All jobs together, from the first submission to the last end in the window: what
+            # batching raises (per-job decode speed falls a little as more sequences share a step).
+            "tokens_per_s": round(generated / span, 2) if span > 0 else None,
+            "s_per_1k_tokens_aggregate": round(1000.0 * span / generated, 2)
+            if span > 0 and generated
+            else None,
         }

@@ -12,6 +12,7 @@ import asyncio
 import json
 import ssl
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -138,7 +139,7 @@ class MqttTransport:
         self,
         engine: Engine,
         settings: Settings,
-        presence: dict[str, Any],
+        presence: Callable[[], dict[str, Any]],
         discovery: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
@@ -147,6 +148,7 @@ class MqttTransport:
         self.device_id = settings.device_id
         self.topics = Topics.build(self.config.topic_prefix, self.device_id, self.config.share_group)
         self.presence = presence
+        """Builds the retained status document from the engine's snapshot (current backend and model)."""
         self.discovery = discovery or {}
         self.connected = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -180,7 +182,7 @@ class MqttTransport:
                 context.verify_mode = ssl.CERT_NONE
             client.tls_set_context(context)
         client.will_set(
-            self.topics.status, _encode({**self.presence, "state": "offline"}), qos=QOS, retain=True
+            self.topics.status, _encode({**self.presence(), "state": "offline"}), qos=QOS, retain=True
         )
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         client.on_connect = self._on_connect
@@ -194,7 +196,8 @@ class MqttTransport:
             return None
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry_s
-        props.ReceiveMaximum = max(1, min(65535, self.settings.queue.max_depth + 1))
+        # As many unacknowledged jobs as edged can hold: every slot plus the queue.
+        props.ReceiveMaximum = max(1, min(65535, self.engine.receive_maximum))
         return props
 
     def start(self) -> None:
@@ -217,7 +220,7 @@ class MqttTransport:
         """Publish ``offline`` ourselves (the will is only for crashes), then disconnect."""
         if self._client.is_connected():
             info = self._client.publish(
-                self.topics.status, _encode({**self.presence, "state": "offline"}), qos=QOS, retain=True
+                self.topics.status, _encode({**self.presence(), "state": "offline"}), qos=QOS, retain=True
             )
             await asyncio.to_thread(info.wait_for_publish, timeout)
         for task in list(self._tasks):
@@ -242,9 +245,7 @@ class MqttTransport:
         if self.config.fleet:
             subscriptions.append((self.topics.fleet_subscription, QOS))
         client.subscribe(subscriptions)
-        client.publish(
-            self.topics.status, _encode({**self.presence, "state": "online"}), qos=QOS, retain=True
-        )
+        self.publish_presence(client)
         for topic, config in self.discovery.items():
             client.publish(topic, _encode(config), qos=QOS, retain=True)
         log.info(
@@ -253,6 +254,14 @@ class MqttTransport:
             topics=[t for t, _ in subscriptions],
         )
         self._loop.call_soon_threadsafe(self.connected.set)
+
+    def publish_presence(self, client: paho.Client | None = None) -> None:
+        """Retain ``online`` with the current backend and model, and make the will say the same
+        (a backend switch after a failure changes both)."""
+        client = client or self._client
+        presence = self.presence()
+        client.will_set(self.topics.status, _encode({**presence, "state": "offline"}), qos=QOS, retain=True)
+        client.publish(self.topics.status, _encode({**presence, "state": "online"}), qos=QOS, retain=True)
 
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
         log.error(

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from edged import __version__
-from edged.engine import Delta, Engine, EngineState, Failed, Finished, Job, JobRequest, JobResult
+from edged.config import Settings
+from edged.engine import Delta, Engine, Failed, Finished, Job, JobRequest, JobResult
 from edged.errors import EdgedError, InvalidRequest, NotFound, PayloadTooLarge, TransportError, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -240,10 +241,12 @@ async def _events_while_connected(job: Job, request: Request, engine: Engine) ->
 
 
 def create_app(
-    engine: Engine, status: Callable[[], dict[str, Any]], metrics: Callable[[], bytes] | None = None
+    settings: Settings,
+    engine: Engine,
+    status: Callable[[], dict[str, Any]],
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The socket API. ``status`` builds the /status document, ``metrics`` the Prometheus exposition."""
-    settings = engine.settings
     app = FastAPI(
         title="edged",
         version=__version__,
@@ -291,7 +294,7 @@ def create_app(
             "id": job.id,
             "object": chunk_object,
             "created": job.created,
-            "model": engine.backend.model_name,
+            "model": engine.snapshot().model,
         }
         chat = chunk_object == "chat.completion.chunk"
 
@@ -347,19 +350,21 @@ def create_app(
     @app.get("/v1/models", summary="The loaded model")
     async def models() -> dict[str, Any]:
         path = settings.model.path
+        snap = engine.snapshot()
         return {
             "object": "list",
             "data": [
                 {
-                    "id": engine.backend.model_name,
+                    "id": snap.model,
                     "object": "model",
-                    "created": int(engine.started_wall),
+                    "created": int(snap.started_wall),
                     "owned_by": "edged",
                     "meta": {
-                        "n_ctx": engine.backend.n_ctx,
-                        "backend": engine.backend_name,
+                        "n_ctx": snap.n_ctx,
+                        "backend": snap.backend,
                         "path": str(path) if path else None,
-                        "state": engine.state.value,
+                        "state": snap.state.value,
+                        "slots": snap.slots.total,
                     },
                 }
             ],
@@ -367,11 +372,12 @@ def create_app(
 
     @app.get("/health", summary="200 when ready for jobs, 503 while loading or failed")
     async def health() -> JSONResponse:
-        if engine.state is EngineState.READY:
+        snap = engine.snapshot()
+        if snap.ready:
             return JSONResponse({"status": "ok"})
-        body: dict[str, Any] = {"status": engine.state.value}
-        if engine.load_error:
-            body["error"] = engine.load_error
+        body: dict[str, Any] = {"status": snap.state.value}
+        if snap.load_error:
+            body["error"] = snap.load_error
         return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
     @app.get("/status", summary="Board, profile, backend and why, model, queue, throughput")

@@ -1,0 +1,160 @@
+"""What a backend is to the engine: a step-based sequence runner with a thread-safe tokenizer.
+
+The engine's scheduler owns jobs and calls a backend from one thread only (llama.cpp keeps per-thread
+state, its OpenMP team): it admits sequences into free slots, calls `Backend.step` which advances
+every active sequence by one forward pass, and releases a sequence when its job ends. The tokenizer
+is the exception: transports prepare prompts on other threads, so it must be safe from any thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from edged.board import BoardInfo
+    from edged.config import Settings
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for a backend: the exact text and its tokens under the model's tokenizer."""
+
+    text: str
+    tokens: list[int]
+    reuse: bool = True
+    """Whether cached prefixes may stand in for computing the prompt (the job's ``cache_prompt``)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the scheduler may ask of a loaded backend."""
+
+    max_sequences: int
+    """Sequences that can be active (admitted and not released) at the same time."""
+    prefix_cache: bool
+    """Whether `SeqOutput.cache_n` can be non-zero (prompt tokens reused from earlier sequences)."""
+    kv_cells: int | None = None
+    """KV cache cells shared by all sequences (None: the runtime manages its own memory)."""
+    kv_bytes_per_cell: int | None = None
+
+
+@dataclass(frozen=True)
+class SeqOutput:
+    """One sequence's result of a step: a new token, or the end of its generation."""
+
+    slot: int
+    piece: bytes = b""
+    """The token's bytes (possibly part of a UTF-8 character); empty when ``end``."""
+    end: bool = False
+    """The model ended the sequence (end-of-generation token, not counted as output)."""
+    cache_n: int | None = None
+    """On a sequence's first output: prompt tokens it took from the prefix cache instead of computing."""
+    perf: dict[str, float] | None = None
+    """Runtime counters of the whole sequence (prefill_ms, generate_ms, generate_tokens), if any."""
+
+
+@dataclass
+class CacheStats:
+    """Prefix-cache counters for /status, telemetry and /metrics (cumulative since start)."""
+
+    lookups: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+    saved_prefill_ms: float = 0.0
+    parked: int = 0
+    parked_tokens: int = 0
+    evictions: int = 0
+    disk_hits: int = 0
+    disk_entries: int = 0
+    disk_bytes: int = 0
+    disk_saves: int = 0
+    disk_rejected: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Tokenizer(Protocol):
+    """The model's chat template and tokenizer; every method is safe from any thread."""
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The model's own chat template applied to ``messages``, ending with the assistant's turn."""
+        ...
+
+    def tokenize(self, text: str, *, chat: bool) -> list[int]:
+        """Tokens of ``text``; ``chat`` says the text came from `render_chat` (special tokens inside)."""
+        ...
+
+
+class Backend(Protocol):
+    """What the engine needs from a backend.
+
+    `available` may be called anywhere; `tokenizer` (once loaded) from any thread; `interrupt` from
+    any thread; everything else from the engine's one backend thread.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
+        """Whether this backend can run here, and why (or why not), without loading anything heavy."""
+        ...
+
+    def load(self, slots: int) -> Capabilities:
+        """Load the model for up to ``slots`` concurrent sequences; blocking. Raises `BackendError`."""
+        ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def n_ctx(self) -> int:
+        """Most tokens (prompt + output) one sequence may hold."""
+        ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def describe(self) -> dict[str, object]:
+        """Facts for /status: threads, affinity, library version, KV size, ..."""
+        ...
+
+    def admit(self, slot: int, prompt: Prompt, params: SamplingParams) -> bool:
+        """Start a sequence in the free ``slot``; False when its KV cells cannot be reserved yet.
+
+        A backend reserves the cells a sequence may need (prompt plus ``params.max_tokens``) here, so
+        a running sequence never fails for lack of memory; the engine retries after a release.
+        """
+        ...
+
+    def step(self) -> list[SeqOutput]:
+        """One forward pass over the active sequences. Each decoding sequence yields one output; a
+        sequence still taking in its prompt yields none. Raises `BackendError` when the pass fails."""
+        ...
+
+    def release(self, slot: int) -> dict[str, float] | None:
+        """End the sequence in ``slot`` (finished, stopped or cancelled) and free its cells at once
+        (or park them for the prefix cache). Returns the runtime's own counters of the sequence
+        (prefill_ms, generate_ms, generate_tokens) where it keeps them, else None."""
+        ...
+
+    def cache_stats(self) -> CacheStats | None:
+        """Prefix-cache counters, or None for a backend without a prefix cache."""
+        ...
+
+    def interrupt(self) -> None:
+        """Make a running `step` return as soon as it can (shutdown); safe from any thread."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,323 @@
+"""`Engine`: the facade transports talk to. Submission, cancel, deadlines and the job registry live
+here, on the event loop; the scheduler's thread runs the backend; `snapshot` is the one read view."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from edged.backends import BackendChoice
+from edged.engine.job import Job, JobRequest, JobState, new_job_id
+from edged.engine.prepare import Preparer
+from edged.engine.queue import JobQueue
+from edged.engine.scheduler import Done, Emit, Fail, Outcome, Scheduler
+from edged.engine.snapshot import EngineSnapshot, EngineState, SlotsInfo
+from edged.engine.stats import EngineStats
+from edged.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EdgedError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    NotReady,
+    QueueFull,
+)
+from edged.telemetry.throughput import window_label
+
+if TYPE_CHECKING:
+    from edged.board import BoardInfo
+    from edged.config import Settings
+
+log = structlog.get_logger(__name__)
+
+FINISHED_JOBS_KEPT = 1024
+
+
+class Engine:
+    """Queues jobs, hands them to the scheduler's slots, and settles them on the event loop."""
+
+    def __init__(self, settings: Settings, board: BoardInfo, choice: BackendChoice) -> None:
+        self.settings = settings
+        self.board = board
+        self.state = EngineState.LOADING
+        self.started_wall = time.time()
+        self.stats = EngineStats(max(settings.telemetry.windows_s))
+        self.queue = JobQueue(settings.queue.max_depth)
+        self.preparer = Preparer(settings, board)
+        self.scheduler = Scheduler(settings, board, choice, self.queue, self._deliver, self._backend_changed)
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._backend_ready = asyncio.Event()  # cleared while a failed backend is being replaced
+        self._backend_ready.set()
+        self._backend_listeners: list[Callable[[], None]] = []
+
+    def on_backend_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the loop) after a failed backend was replaced by the next one."""
+        self._backend_listeners.append(listener)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model (on the scheduler's thread, so the socket answers /health meanwhile)."""
+        started = time.perf_counter()
+        self.scheduler.start(asyncio.get_running_loop())
+        try:
+            caps = await asyncio.wrap_future(self.scheduler.loaded)
+        except EdgedError:
+            self.state = EngineState.FAILED
+            raise
+        log.info(
+            "model ready",
+            backend=self.scheduler.state.backend_name,
+            model=self.scheduler.backend.model_name,
+            slots=caps.max_sequences,
+            load_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        self.state = EngineState.READY
+
+    async def stop(self) -> None:
+        """Refuse new work, cancel waiting and running jobs, and release the model."""
+        self.state = EngineState.STOPPING
+        for job in self.queue.drain():
+            self._settle_failed(job, Cancelled("edged is shutting down"))
+        for job in self.scheduler.running():
+            job.stop_reason = job.stop_reason or Cancelled("edged is shutting down")
+        if self.scheduler.alive:
+            self.scheduler.stop()
+            await asyncio.wait_for(asyncio.wrap_future(self.scheduler.finished), timeout=60)
+            await asyncio.sleep(0)  # let the last results the scheduler posted settle their jobs
+
+    def _backend_changed(self, ready: bool) -> None:
+        if not ready:
+            self._backend_ready.clear()
+            return
+        self._backend_ready.set()
+        for listener in self._backend_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("backend change listener failed")
+
+    # -- submission -----------------------------------------------------------------------------
+
+    def _check_model(self, name: str | None) -> None:
+        if name is None:
+            return
+        path = self.settings.model.path
+        served = self.scheduler.backend.model_name
+        if name not in {served, path.name if path else None}:
+            raise ModelNotFound(
+                f"model {name!r} is not loaded here; this edged serves {served!r}", param="model"
+            )
+
+    async def submit(self, request: JobRequest) -> Job:
+        """Validate, count the prompt against the cap and queue the job; raises `EdgedError`."""
+        if self.state is not EngineState.READY:
+            raise NotReady(f"edged is {self.state.value}, not ready for jobs")
+        self._check_model(request.model)
+        job_id = request.id or new_job_id()
+        existing = self._jobs.get(job_id)
+        if existing is not None and not existing.finished:
+            raise InvalidRequest(f"job {job_id!r} is already {existing.state.value}", param="id")
+        timeout = request.timeout_s or self.settings.jobs.timeout_s
+        if timeout > self.settings.jobs.max_timeout_s:
+            raise InvalidRequest(
+                f"timeout_s {timeout} exceeds jobs.max_timeout_s ({self.settings.jobs.max_timeout_s})",
+                param="timeout_s",
+            )
+        self._refuse_when_full()
+        await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
+        backend = self.scheduler.backend
+        prepared = await asyncio.to_thread(self.preparer.prepare, request, backend.tokenizer, backend.n_ctx)
+        if self.state is not EngineState.READY:
+            raise NotReady(f"edged is {self.state.value}, not ready for jobs")
+        job = Job(job_id, request, prepared, time.perf_counter() + timeout)
+        try:
+            self.queue.push(job)  # checks the room again: it may have filled while we tokenized
+        except QueueFull:
+            self.stats.rejected()
+            raise
+        job.timer = asyncio.get_running_loop().call_later(timeout, self._expire, job)
+        self._remember(job)
+        self._update_room()
+        self.scheduler.wake()
+        return job
+
+    def apply_thermal(self, paused: bool, derate_s: float) -> None:
+        """Called by the thermal governor: paused admits nothing; derated decodes fewer sequences
+        at once with a pause between steps."""
+        self.scheduler.apply_thermal(paused, derate_s)
+        self._update_room()
+
+    def _refuse_when_full(self) -> None:
+        if not self.queue.has_room():
+            self.stats.rejected()
+            raise QueueFull(f"the queue is full ({len(self.queue)} jobs waiting); retry later")
+
+    def _update_room(self) -> None:
+        if self.queue.has_room():
+            self._room.set()
+        else:
+            self._room.clear()
+
+    async def wait_for_room(self) -> None:
+        """Return once a submitted job would be queued rather than refused with queue_full.
+
+        Transports that can hold work back (MQTT, which has not acknowledged the message yet) wait
+        here instead of answering queue_full.
+        """
+        while not self.queue.has_room():
+            self._room.clear()
+            await self._room.wait()
+
+    @property
+    def receive_maximum(self) -> int:
+        """Jobs edged can hold at once (slots + queue): MQTT's Receive Maximum."""
+        slots = self.scheduler.slots or self.scheduler.requested_slots()
+        return slots + self.settings.queue.max_depth
+
+    def recent(self, job_id: str) -> Job | None:
+        """A job with this id that finished within ``jobs.keep_results_s``, for duplicate deliveries."""
+        job = self._jobs.get(job_id)
+        if job is None or job.finished_at is None:
+            return job
+        if time.monotonic() - job.finished_at > self.settings.jobs.keep_results_s:
+            return None
+        return job
+
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        self._jobs.move_to_end(job.id)
+        while len(self._jobs) > FINISHED_JOBS_KEPT:
+            oldest = next(iter(self._jobs.values()))
+            if not oldest.finished:
+                break
+            self._jobs.popitem(last=False)
+
+    # -- cancel and deadlines -------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (unknown, or finished long ago)", param="id")
+        return job
+
+    def cancel(self, job_id: str, reason: str = "cancelled by the client") -> Job:
+        """Cancel a queued or running job; a finished job is returned unchanged."""
+        job = self.get(job_id)
+        self._stop_job(job, Cancelled(reason))
+        return job
+
+    def _expire(self, job: Job) -> None:
+        self._stop_job(job, DeadlineExceeded(f"job {job.id} passed its deadline while {job.state.value}"))
+
+    def _stop_job(self, job: Job, error: EdgedError) -> None:
+        if job.finished:
+            return
+        if self.queue.remove(job):
+            self._update_room()
+            self._settle_failed(job, error)
+        elif job.stop_reason is None:
+            job.stop_reason = error  # running: the scheduler frees its slot before the next step
+            self.scheduler.wake()
+
+    # -- results from the scheduler (on the loop) -----------------------------------------------
+
+    def _deliver(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, Emit):
+                if not outcome.job.finished:
+                    outcome.job.push(outcome.delta)
+            elif isinstance(outcome, Done):
+                self._settle_done(outcome)
+            elif isinstance(outcome, Fail):
+                self._settle_failed(outcome.job, outcome.error)
+        self._update_room()
+
+    def _settle_done(self, outcome: Done) -> None:
+        job, result = outcome.job, outcome.result
+        if not job.finish(JobState.DONE, result=result):
+            return
+        self.stats.done(result)
+        fields: dict[str, Any] = (
+            {
+                "prompt": job.prompt.text,
+                "content": result.content,
+                "reasoning": result.reasoning_content or "",
+            }
+            if self.settings.log.content
+            else {}
+        )
+        log.info(
+            "job finished",
+            job_id=job.id,
+            state="done",
+            finish_reason=result.finish_reason,
+            clamped=job.prepared.clamped,
+            **result.usage.model_dump(),
+            **result.timings.model_dump(),
+            **fields,
+        )
+
+    def _settle_failed(self, job: Job, error: EdgedError) -> None:
+        state = JobState.CANCELLED if isinstance(error, Cancelled) else JobState.FAILED
+        if not job.finish(state, error=error):
+            return
+        self.stats.failed(job, state)
+        log.info(
+            "job finished",
+            job_id=job.id,
+            state=state.value,
+            code=error.code,
+            error=error.message,
+            completion_tokens=job.completion_tokens,
+            total_ms=round((time.perf_counter() - job.submitted) * 1000, 1),
+        )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def healthy(self, stall_s: float) -> bool:
+        """Ready, and running jobs produced a token within ``stall_s`` (the watchdog's question)."""
+        if self.state is not EngineState.READY or not self.scheduler.alive:
+            return False
+        return not self.scheduler.stalled(stall_s)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def snapshot(self) -> EngineSnapshot:
+        sched = self.scheduler
+        backend = sched.backend
+        thermal = sched.thermal
+        cache = backend.cache_stats() if self.state is EngineState.READY else None
+        return EngineSnapshot(
+            state=self.state,
+            backend=sched.state.backend_name,
+            model=backend.model_name,
+            n_ctx=backend.n_ctx,
+            fallback_reasons=list(sched.state.fallback_reasons),
+            load_error=sched.state.load_error,
+            backend_details=backend.describe() if self.state is EngineState.READY else {},
+            slots=SlotsInfo(total=sched.slots, effective=sched.effective_slots, active=len(sched.running())),
+            queue_depth=len(self.queue),
+            queue_max_depth=self.settings.queue.max_depth,
+            running=[job.info() for job in sched.running()],
+            counters=dict(self.stats.counters),
+            totals=dict(self.stats.totals),
+            thermal={"paused": thermal.paused, "derate_pause_ms": round(thermal.derate_s * 1000, 1)},
+            last_job=self.stats.last_job,
+            throughput={
+                window_label(w): self.stats.throughput.summary(w) for w in self.settings.telemetry.windows_s
+            },
+            prefix_cache=dataclasses.asdict(cache) if cache is not None else None,
+            started_wall=self.started_wall,
+        )

@@ -1,0 +1,206 @@
+"""The job: the one request schema of every transport, its states, its events and its result."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edged.backends import Prompt, SamplingParams
+from edged.engine.timings import Timings
+from edged.errors import BackendError, EdgedError
+
+
+def new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:16]}"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(description="What is said.")
+    name: str | None = Field(None, description="Optional speaker name (accepted for OpenAI compatibility).")
+
+
+class JobRequest(BaseModel):
+    """The one job schema of every transport."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="Client-chosen job id; generated if absent."
+    )
+    model: str | None = Field(None, description="Model name; must match the loaded model when given.")
+    messages: list[Message] | None = Field(None, min_length=1, description="Chat messages.")
+    prompt: str | None = Field(None, description="A single user prompt (or raw text when raw is true).")
+    raw: bool = Field(False, description="Feed prompt to the model verbatim, without the chat template.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; clamped to the cap.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=0, description="Top-k sampling; 0 = off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p sampling.")
+    repeat_penalty: float | None = Field(None, ge=0.0, description="Repetition penalty; 1 = off.")
+    seed: int | None = Field(None, ge=0, description="Sampling seed for reproducible output.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
+    stream: bool = Field(False, description="Stream deltas as they are generated.")
+    timeout_s: float | None = Field(None, gt=0, description="Deadline in seconds, queued plus running.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-text (benchmarks).")
+    cache_prompt: bool = Field(
+        True,
+        description="Reuse a cached prompt prefix (llama-server's name). A prefix computed inside "
+        "another prompt's batch can differ from a fresh computation in the last bits, which can flip "
+        "a near-tie token at temperature 0; false computes the whole prompt.",
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.raw and self.prompt is None:
+            raise ValueError("'raw' needs 'prompt'")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("'stop' takes at most 4 non-empty strings")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class JobResult(BaseModel):
+    id: str
+    model: str
+    created: int
+    content: str
+    reasoning_content: str | None
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Delta:
+    kind: Literal["content", "reasoning"]
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: EdgedError
+
+
+JobEvent = Delta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request turned into what a backend runs: prompt tokens under the cap and sampling."""
+
+    prompt: Prompt
+    params: SamplingParams
+    clamped: bool
+    """max_tokens was lowered to fit the context window."""
+    in_think: bool
+    """The chat template opened a ``<think>`` block: the output starts inside the reasoning."""
+
+
+class Job:
+    """One request on its way through the engine; transports read `events` or await `wait`.
+
+    Only the event loop's thread touches a job's events and final state; the scheduler's thread
+    hands results over with ``call_soon_threadsafe``. ``stop_reason`` is the one field both write:
+    the loop sets it to stop a running job, the scheduler reads it between steps.
+    """
+
+    def __init__(self, job_id: str, request: JobRequest, prepared: Prepared, deadline: float) -> None:
+        self.id = job_id
+        self.request = request
+        self.prepared = prepared
+        self.deadline = deadline
+        self.state = JobState.QUEUED
+        self.submitted = time.perf_counter()
+        self.created = int(time.time())
+        self.stop_reason: EdgedError | None = None
+        self.result: JobResult | None = None
+        self.error: EdgedError | None = None
+        self.completion_tokens = 0
+        self.finished_at: float | None = None
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._finished = asyncio.Event()
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def prompt(self) -> Prompt:
+        return self.prepared.prompt
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def push(self, event: JobEvent) -> None:
+        if self.request.stream or not isinstance(event, Delta):
+            self._events.put_nowait(event)
+
+    def finish(
+        self, state: JobState, result: JobResult | None = None, error: EdgedError | None = None
+    ) -> bool:
+        """Settle the job once; False if it had already finished."""
+        if self.finished:
+            return False
+        self.state, self.result, self.error = state, result, error
+        self.finished_at = time.monotonic()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.push(Finished(result) if result is not None else Failed(error or BackendError("no result")))
+        self._finished.set()
+        return True
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        """Deltas (when streaming), then exactly one `Finished` or `Failed`."""
+        while True:
+            event = await self._events.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+    async def wait(self) -> JobResult:
+        """The result, or the job's error raised."""
+        await self._finished.wait()
+        if self.result is None:
+            raise self.error or BackendError("job ended without a result")
+        return self.result
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "completion_tokens": self.completion_tokens,
+            "error": self.error.to_dict()["error"] if self.error else None,
+        }

@@ -1,0 +1,446 @@
+"""The slots loop: one thread that owns the backend, fills free slots from the queue and steps.
+
+Like llama.cpp server's ``update_slots``: between steps, stopped jobs leave their slots and waiting
+jobs take free ones (arrival order); each step advances every active sequence by one forward pass.
+Text handling (incremental UTF-8, stop strings, ``<think>`` split, token counting) happens here,
+right where tokens come out, so a stop string ends its sequence in the same step that completed it.
+Results go to the event loop in one ``call_soon_threadsafe`` per step.
+
+Load, steps and close all run on this one thread: llama.cpp keeps per-thread state (its OpenMP
+team), and decode speed halved when calls hopped between executor threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from edged.backends import Backend, BackendChoice, Capabilities, SeqOutput
+from edged.engine.job import Delta, Job, JobResult, JobState, Usage
+from edged.engine.queue import JobQueue
+from edged.engine.timings import Clock, compute_timings
+from edged.errors import BackendError, Cancelled, EdgedError
+from edged.streamtext import StopMatcher, ThinkSplitter
+
+if TYPE_CHECKING:
+    from edged.board import BoardInfo
+    from edged.config import Settings
+
+log = structlog.get_logger(__name__)
+
+IDLE_WAIT_S = 1.0
+BLOCKED_WAIT_S = 0.05
+"""How long to wait before retrying admission that the backend refused (KV cells short)."""
+
+
+@dataclass(frozen=True)
+class Emit:
+    job: Job
+    delta: Delta
+
+
+@dataclass(frozen=True)
+class Done:
+    job: Job
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class Fail:
+    job: Job
+    error: EdgedError
+
+
+Outcome = Emit | Done | Fail
+
+
+class SeqText:
+    """A sequence's output text: bytes -> UTF-8 -> stop strings -> reasoning/content."""
+
+    def __init__(self, stops: list[str], in_think: bool) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stopper = StopMatcher(stops)
+        self._splitter = ThinkSplitter(in_think=in_think)
+        self.parts: dict[str, list[str]] = {"content": [], "reasoning": []}
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopper.stopped
+
+    def feed(self, piece: bytes) -> list[tuple[str, str]]:
+        return self._keep(self._splitter.feed(self._stopper.feed(self._decoder.decode(piece))))
+
+    def flush(self) -> list[tuple[str, str]]:
+        tail = self._stopper.feed(self._decoder.decode(b"", final=True))
+        return self._keep(self._splitter.feed(tail + self._stopper.flush()) + self._splitter.flush())
+
+    def _keep(self, pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for kind, text in pieces:
+            self.parts[kind].append(text)
+        return pieces
+
+
+@dataclass
+class Running:
+    """A job in a slot."""
+
+    job: Job
+    slot: int
+    text: SeqText
+    clock: Clock
+    cache_n: int = 0
+    perf: dict[str, float] | None = None
+
+
+@dataclass
+class Thermal:
+    paused: bool = False
+    derate_s: float = 0.0
+
+
+@dataclass
+class SchedulerState:
+    """What the facade reads for snapshots (written by the scheduler thread)."""
+
+    backend_name: str
+    fallback_reasons: list[str] = field(default_factory=list)
+    capabilities: Capabilities | None = None
+    load_error: str | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        board: BoardInfo,
+        choice: BackendChoice,
+        queue: JobQueue,
+        deliver: Callable[[list[Outcome]], None],
+        on_backend: Callable[[bool], None],
+    ) -> None:
+        self.settings = settings
+        self.board = board
+        self.queue = queue
+        self.backend: Backend = choice.cls(board, settings)  # type: ignore[call-arg]
+        self.state = SchedulerState(backend_name=choice.name)
+        self._fallbacks = list(choice.fallbacks)
+        self._deliver = deliver
+        self._on_backend = on_backend
+        """Told False while a failed backend is being replaced, True once the next one is loaded."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thermal = Thermal()
+        self._active: dict[int, Running] = {}
+        self._thread: threading.Thread | None = None
+        self.loaded: concurrent.futures.Future[Capabilities] = concurrent.futures.Future()
+        self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.last_progress = time.monotonic()
+        self.steps = 0
+        self.busy_since: float | None = None
+        """When the current backend call (step, admit, release) began; None between calls."""
+
+    # -- control (any thread) -----------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._main, name="edged-backend", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.backend.interrupt()
+
+    def apply_thermal(self, paused: bool, derate_s: float) -> None:
+        with self._cond:
+            self._thermal = Thermal(paused=paused, derate_s=derate_s)
+            self._cond.notify()
+
+    @property
+    def thermal(self) -> Thermal:
+        return self._thermal
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def slots(self) -> int:
+        caps = self.state.capabilities
+        return caps.max_sequences if caps else 0
+
+    @property
+    def effective_slots(self) -> int:
+        """Slots in use now: all of them, half while the board is derated (fewer sequences decode at
+        once instead of all of them stalling), none while paused."""
+        if self._thermal.paused:
+            return 0
+        if self._thermal.derate_s > 0:
+            return max(1, self.slots // 2)
+        return self.slots
+
+    def stalled(self, stall_s: float) -> bool:
+        """Work is under way (jobs in slots, or a backend call) but no token came for ``stall_s``.
+
+        A call that frees a hung sequence does not reset the clock: a runtime that ignores its abort
+        keeps the engine unhealthy until it returns."""
+        working = self.busy_since is not None or bool(self._active)
+        return working and time.monotonic() - self.last_progress > stall_s
+
+    def running(self) -> list[Job]:
+        return [run.job for run in list(self._active.values())]
+
+    def requested_slots(self) -> int:
+        parallel = self.settings.engine.parallel
+        return self.board.profile.engine.parallel if parallel == "auto" else int(parallel)
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            caps = self._load_first()
+        except BaseException as exc:
+            self.loaded.set_exception(exc)
+            self.finished.set_result(None)
+            return
+        self.loaded.set_result(caps)
+        try:
+            self._run()
+        except BaseException as exc:  # a bug here must not leave jobs hanging forever
+            log.exception("the scheduler crashed")
+            self._fail_all(BackendError(f"the engine's scheduler failed: {exc}"))
+        finally:
+            try:
+                self.backend.close()
+            except Exception:
+                log.exception("closing the backend failed")
+            self.finished.set_result(None)
+
+    def _load_first(self) -> Capabilities:
+        slots = self.requested_slots()
+        while True:
+            try:
+                caps = self.backend.load(slots)
+                self.state.capabilities = caps
+                return caps
+            except EdgedError as exc:
+                if not self._fallbacks:
+                    self.state.load_error = exc.message
+                    raise
+                self._fall_back(f"{self.state.backend_name} failed to load: {exc.message}")
+
+    def _fall_back(self, reason: str) -> None:
+        """Replace the backend by the next available one of the profile (not loaded yet)."""
+        name, cls = self._fallbacks.pop(0)
+        log.warning("switching backend", failed=self.state.backend_name, to=name, reason=reason)
+        self.state.fallback_reasons.append(reason)
+        self.backend = cls(self.board, self.settings)  # type: ignore[call-arg]
+        self.state.backend_name = name
+
+    def _switch_after_failure(self, error: EdgedError) -> None:
+        """A backend that failed mid-job is replaced before the next job runs, without a restart."""
+        if not self._fallbacks:
+            return
+        self._post_backend(False)
+        try:
+            self.backend.close()
+        except Exception:
+            log.exception("closing the failed backend failed")
+        while True:
+            self._fall_back(f"{self.state.backend_name} failed during a job: {error.message}")
+            try:
+                self.state.capabilities = self.backend.load(self.requested_slots())
+                break
+            except EdgedError as exc:
+                error = exc
+                if not self._fallbacks:
+                    self.state.load_error = exc.message
+                    log.error("no backend left", error=exc.message)
+                    break
+        self._post_backend(True)
+
+    def _post_backend(self, ready: bool) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_backend, ready)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._active and not self._could_admit():
+                    self._update_room()
+                    self._cond.wait(IDLE_WAIT_S)
+                if self._stopping:
+                    break
+            outcomes: list[Outcome] = []
+            self._reap(outcomes)
+            self._admit()
+            if not self._active:
+                self._send(outcomes)
+                with self._cond:
+                    if not self._stopping:
+                        self._cond.wait(BLOCKED_WAIT_S)
+                continue
+            try:
+                self.busy_since = time.monotonic()
+                outputs = self.backend.step()
+            except Exception as exc:
+                if self._stopping:
+                    break
+                if isinstance(exc, BackendError):
+                    failure = BackendError(f"{self.state.backend_name}: {exc.message}")
+                else:  # a backend bug must fail the jobs, never the daemon
+                    log.exception("backend crashed")
+                    failure = BackendError(f"the backend failed: {exc}")
+                for run in list(self._active.values()):
+                    self._release(run)
+                    outcomes.append(Fail(run.job, failure))
+                self._send(outcomes)
+                self._switch_after_failure(failure)
+                continue
+            finally:
+                self.busy_since = None
+            self.steps += 1
+            if outputs:
+                self.last_progress = time.monotonic()
+            self._handle(outputs, outcomes)
+            self._send(outcomes)
+            derate = self._thermal.derate_s
+            if derate:
+                time.sleep(derate)  # derated: a pause between steps cools the cores
+        self._fail_all(Cancelled("edged is shutting down"))
+
+    def _could_admit(self) -> bool:
+        return len(self.queue) > 0 and len(self._active) < self.effective_slots
+
+    def _update_room(self) -> None:
+        self.queue.free_slots = max(0, self.effective_slots - len(self._active))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, [])
+
+    def _admit(self) -> None:
+        """Fill free slots with waiting jobs, oldest first; stop at the first the backend cannot take
+        yet (KV cells short), so later jobs never overtake it."""
+        while len(self._active) < self.effective_slots:
+            job = self.queue.peek()
+            if job is None:
+                break
+            slot = next(s for s in range(self.slots) if s not in self._active)
+            if not self.backend.admit(slot, job.prepared.prompt, job.prepared.params):
+                break
+            if not self.queue.take(job):  # cancelled or expired while being admitted
+                self.backend.release(slot)
+                continue
+            job.state = JobState.RUNNING
+            clock = Clock(submitted=job.submitted, started=time.perf_counter())
+            text = SeqText(job.request.stops, job.prepared.in_think)
+            if not self._active:
+                self.last_progress = time.monotonic()  # the stall clock starts with the work
+            self._active[slot] = Running(job=job, slot=slot, text=text, clock=clock)
+        self._update_room()
+
+    def _reap(self, outcomes: list[Outcome]) -> None:
+        """Jobs stopped from outside (cancel, deadline) leave their slots now."""
+        for run in list(self._active.values()):
+            reason = run.job.stop_reason
+            if reason is not None:
+                self._release(run)
+                outcomes.append(Fail(run.job, reason))
+
+    def _release(self, run: Running) -> None:
+        self._active.pop(run.slot, None)
+        self.busy_since = time.monotonic()
+        try:
+            perf = self.backend.release(run.slot)
+        except Exception:
+            log.exception("releasing a sequence failed", job_id=run.job.id)
+            return
+        finally:
+            self.busy_since = None
+        if perf is not None:
+            run.perf = perf
+
+    def _handle(self, outputs: list[SeqOutput], outcomes: list[Outcome]) -> None:
+        now = time.perf_counter()
+        decoded = sum(1 for out in outputs if not out.end)
+        for out in outputs:
+            run = self._active.get(out.slot)
+            if run is None:
+                continue
+            if out.cache_n is not None:
+                run.cache_n = out.cache_n
+            if out.perf is not None:
+                run.perf = out.perf
+            if out.end:
+                self._finish(run, "stop", now, outcomes)
+                continue
+            job = run.job
+            if run.clock.first is None:
+                run.clock.first = now
+            else:
+                run.clock.batch_sum += decoded
+                run.clock.batch_steps += 1
+            job.completion_tokens += 1
+            for kind, text in run.text.feed(out.piece):
+                outcomes.append(Emit(job, Delta(kind, text)))  # type: ignore[arg-type]
+            if run.text.stopped:
+                self._finish(run, "stop", now, outcomes)
+            elif job.completion_tokens >= job.prepared.params.max_tokens:
+                self._finish(run, "length", now, outcomes)
+
+    def _finish(
+        self, run: Running, reason: Literal["stop", "length"], now: float, outcomes: list[Outcome]
+    ) -> None:
+        self._release(run)
+        job = run.job
+        for kind, text in run.text.flush():
+            outcomes.append(Emit(job, Delta(kind, text)))  # type: ignore[arg-type]
+        run.clock.ended = now
+        n_prompt = len(job.prompt.tokens)
+        timings = compute_timings(
+            run.clock,
+            prompt_tokens=n_prompt,
+            cache_n=run.cache_n,
+            predicted_n=job.completion_tokens,
+            perf=run.perf,
+        )
+        reasoning = "".join(run.text.parts["reasoning"])
+        result = JobResult(
+            id=job.id,
+            model=self.backend.model_name,
+            created=job.created,
+            content="".join(run.text.parts["content"]),
+            reasoning_content=reasoning if reasoning or job.prepared.in_think else None,
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=n_prompt,
+                completion_tokens=job.completion_tokens,
+                total_tokens=n_prompt + job.completion_tokens,
+            ),
+            timings=timings,
+        )
+        outcomes.append(Done(job, result))
+
+    def _fail_all(self, error: EdgedError) -> None:
+        outcomes: list[Outcome] = []
+        for run in list(self._active.values()):
+            self._release(run)
+            outcomes.append(Fail(run.job, run.job.stop_reason or error))
+        self._send(outcomes)
+
+    def _send(self, outcomes: list[Outcome]) -> None:
+        if outcomes and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, outcomes)

@@ -1,0 +1,73 @@
+"""One consistent view of the engine for everything that reports on it.
+
+/status, /v1/models, /health, MQTT telemetry and presence, and Prometheus all read an
+`EngineSnapshot`, never the engine's backend or counters directly, so they agree with each other and
+follow a backend switch (a fallback after a failure) the moment it happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class SlotsInfo:
+    total: int
+    """Sequences the backend decodes together."""
+    effective: int
+    """Slots in use under the thermal governor (fewer while derated, none while paused)."""
+    active: int
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    state: EngineState
+    backend: str
+    model: str
+    n_ctx: int
+    fallback_reasons: list[str]
+    load_error: str | None
+    backend_details: dict[str, object]
+    slots: SlotsInfo
+    queue_depth: int
+    queue_max_depth: int
+    running: list[dict[str, Any]]
+    counters: dict[str, int]
+    totals: dict[str, float]
+    thermal: dict[str, Any]
+    last_job: dict[str, Any] | None
+    throughput: dict[str, dict[str, object]]
+    prefix_cache: dict[str, Any] | None
+    started_wall: float
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    def status(self) -> dict[str, Any]:
+        """The ``engine`` part of /status."""
+        return {
+            "state": self.state.value,
+            "backend": self.backend,
+            "fallback_reasons": list(self.fallback_reasons),
+            "load_error": self.load_error,
+            "slots": dataclasses.asdict(self.slots),
+            "queue": {"depth": self.queue_depth, "max_depth": self.queue_max_depth},
+            "running": self.running,
+            "jobs": dict(self.counters),
+            "totals": dict(self.totals),
+            "thermal": self.thermal,
+            "prefix_cache": self.prefix_cache,
+            "last_job": self.last_job,
+            "throughput": self.throughput,
+        }
