@@ -4,16 +4,18 @@ Correctness only (speed is `edged bench`'s business): at temperature 0 a job's t
 on what runs beside it, on a cache hit, on a neighbour's cancel, or on a restart; a corrupt disk
 entry is thrown away, never used.
 
-One caveat is llama.cpp's, not edged's: its CPU kernels round differently for different batch
-shapes, so where the model's two best tokens are within rounding of each other, a prompt read in a
-different batch can flip a greedy token (llama-server documents the same for ``cache_prompt``; a job
-can send ``cache_prompt: false``). The prompts here have no such near-tie in their first 24 tokens
-on the embedded model, so any difference means a real fault: wrong cells, wrong positions, or one
-sequence leaking into another."""
+A prefix shared between different prompts is not bit-reproducible: its cells were computed inside
+another prompt's batch, and llama.cpp's CPU kernels round differently for different batch shapes,
+so where the model's two best tokens are within rounding of each other a greedy token can flip
+(llama-server documents the same for ``cache_prompt``). Text equality is therefore tested where it
+holds exactly: jobs that do not share prefixes (``cache_prompt: false``) beside each other, and a
+repeated prompt against its own cache hit. Sharing itself is tested by what it must do: who computes,
+who reuses, how many tokens, and that a restart or a corrupt file changes nothing else."""
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,7 +65,7 @@ def test_each_job_in_a_batch_of_four_says_what_it_says_alone(start_daemon) -> No
         alone = [text(ask(c, p)) for p in prompts]
     alone_daemon.stop()
     d = start_daemon(EDGED_ENGINE__PARALLEL="4")
-    answers = together(d, prompts)
+    answers = together(d, prompts, cache_prompt=False)
     assert [text(a) for a in answers] == alone
     assert max(a["timings"]["batch_size_avg"] or 0 for a in answers) > 1.5, "they were decoded together"
     with d.client() as c:
@@ -95,18 +97,16 @@ def test_jobs_sharing_a_prefix_compute_it_once(start_daemon) -> None:
     assert all(n > 80 for n in cached[1:]), f"the other three take it from that job: {cached}"
 
 
-def test_jobs_sharing_a_cached_prefix_say_the_same_together_and_in_turn(start_daemon) -> None:
-    prompts = [INSTRUCTION + q for q in QUESTIONS]
-    texts = []
-    for parallel, concurrent in (("4", True), ("1", False)):
-        d = start_daemon(EDGED_ENGINE__PARALLEL=parallel)
-        with d.client() as c:
-            ask(c, INSTRUCTION + "Hello.")  # the instruction is computed once, here
-            answers = together(d, prompts) if concurrent else [ask(c, p) for p in prompts]
-        assert all(a["timings"]["cache_n"] > 80 for a in answers)
-        texts.append([text(a) for a in answers])
-        d.stop()
-    assert texts[0] == texts[1]
+def test_jobs_arriving_together_all_take_a_parked_prefix(start_daemon) -> None:
+    d = start_daemon(EDGED_ENGINE__PARALLEL="4")
+    with d.client() as c:
+        warm = ask(c, INSTRUCTION + "Hello.")  # the instruction is computed once, here
+        answers = together(d, [INSTRUCTION + q for q in QUESTIONS])
+        cache = c.get("/status").json()["engine"]["prefix_cache"]
+    shared = {a["timings"]["cache_n"] for a in answers}
+    # Every question starts with a different word: each takes exactly the instruction, no more.
+    assert len(shared) == 1 and 80 < min(shared) < warm["usage"]["prompt_tokens"], shared
+    assert cache["hits"] >= 4
 
 
 def test_cache_prompt_false_computes_the_whole_prompt(start_daemon) -> None:
@@ -122,36 +122,35 @@ def test_cancelling_one_sequence_leaves_the_others_unchanged(start_daemon) -> No
     d = start_daemon(EDGED_ENGINE__PARALLEL="3")
     prompts = ["Name three colours.", "Why is the sky blue?"]
     with d.client() as c:
-        alone = [text(ask(c, p, max_tokens=40)) for p in prompts]
+        alone = [text(ask(c, p, max_tokens=64, cache_prompt=False)) for p in prompts]
     results: dict[str, httpx.Response] = {}
+    saw_three = threading.Event()
 
     def victim() -> None:
         with d.client() as c:
-            results["victim"] = c.post(
-                "/v1/chat/completions",
-                json={
-                    "id": "victim",
-                    "prompt": "Write a long story.",
-                    "max_tokens": 1500,
-                    "ignore_eos": True,
-                },
-            )
+            body = {"id": "victim", "prompt": "Write a long story.", "max_tokens": 1500, "ignore_eos": True}
+            results["victim"] = c.post("/v1/chat/completions", json=body)
+
+    def cancel_when_all_three_run() -> None:
+        with d.client() as c:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not saw_three.is_set():
+                if c.get("/status").json()["engine"]["slots"]["active"] == 3:
+                    saw_three.set()
+                time.sleep(0.01)
+            c.post("/v1/jobs/victim/cancel")  # always: a victim left running would hold the test
 
     thread = threading.Thread(target=victim)
     thread.start()
     with d.client() as c:
         wait_until(lambda: c.get("/v1/jobs/victim").status_code == 200, what="the victim job")
         wait_until(lambda: c.get("/v1/jobs/victim").json()["completion_tokens"] >= 2, what="victim running")
-
-        def cancel_soon() -> None:
-            wait_until(lambda: c.get("/status").json()["engine"]["slots"]["active"] == 3, what="3 active")
-            c.post("/v1/jobs/victim/cancel")
-
-        canceller = threading.Thread(target=cancel_soon)
-        canceller.start()
-        answers = together(d, prompts, max_tokens=40)
-        canceller.join(60)
-    thread.join(60)
+    canceller = threading.Thread(target=cancel_when_all_three_run)
+    canceller.start()
+    answers = together(d, prompts, max_tokens=64, cache_prompt=False)
+    canceller.join(90)
+    thread.join(90)
+    assert saw_three.is_set(), "the victim was cancelled while the other two ran beside it"
     assert results["victim"].json()["error"]["code"] == "cancelled"
     assert [text(a) for a in answers] == alone
 
