@@ -90,7 +90,6 @@ class _Seq:
     reuse: bool
     params: SamplingParams
     chain: Any
-    reserved: int
     started: bool = False
     """The prefix lookup ran and prefill began."""
     n_past: int = 0
@@ -354,7 +353,6 @@ class LlamaCppBackend:
             reuse=prompt.reuse,
             params=params,
             chain=self._chain(params, prompt.tokens),
-            reserved=min(len(prompt.tokens) + params.max_tokens, self.n_ctx),
         )
         self._order.append(slot)
         return True

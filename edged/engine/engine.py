@@ -290,10 +290,6 @@ class Engine:
             return False
         return not self.scheduler.stalled(stall_s)
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self.queue)
-
     def snapshot(self) -> EngineSnapshot:
         sched = self.scheduler
         backend = sched.backend
