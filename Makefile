@@ -32,10 +32,10 @@ system-deps:
 test: system-deps lint
 	$(BIN)/pytest
 
-## make bench: edged vs raw llama-cpp-python on the same model and threads (not part of test).
+## make bench: edged vs raw llama-cpp-python (and llama-server, if given) on the same model and threads (not part of test).
 bench: install
-	$(BIN)/python -m pip install '.[test,bench]'
-	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(BIN)/python -m pip install '.[bench]'
+	$(BIN)/edged bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

@@ -457,5 +457,10 @@ def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     walk("", data)
 
 
+from edged.bench.cli import bench_app  # noqa: E402  (after `app`; the bench's modules import lazily)
+
+app.add_typer(bench_app, name="bench")
+
+
 def main() -> None:
     app()

@@ -1,0 +1,226 @@
+"""The benchmark's result document (``--json``), its statistics and ratios, and its table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edged import __version__
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    meaning: str
+
+
+METRICS = (
+    Metric(
+        "ttft_ms", "TTFT ms", "submission to first generated text, at the client (median of a run's jobs)"
+    ),
+    Metric(
+        "prefill_tok_s",
+        "prefill tok/s",
+        "prompt tokens processed per second of prefill, as the target times it (cached tokens excluded)",
+    ),
+    Metric("decode_tok_s", "decode tok/s", "per job: tokens after the first / time after the first (client)"),
+    Metric(
+        "aggregate_tok_s", "aggregate tok/s", "all tokens generated in a run / its wall time (prefill in)"
+    ),
+    Metric("s_per_1k_tokens", "s per 1k tokens", "1000 / aggregate tok/s: wall seconds per 1000 tokens"),
+    Metric("ttft_cold_ms", "TTFT cold ms", "prefix-repeat: the first prompt with a new prefix"),
+    Metric("ttft_warm_ms", "TTFT warm ms", "prefix-repeat: the same prefix again, another question"),
+    Metric(
+        "warm_over_cold", "TTFT warm/cold", "prefix-repeat: warm TTFT / cold TTFT (below 1: prefix reused)"
+    ),
+    Metric(
+        "ttft_restart_ms", "TTFT after restart ms", "prefix-repeat --restart: same prefix, edged restarted"
+    ),
+    Metric(
+        "restart_over_cold", "TTFT restart/cold", "prefix-repeat --restart: after-restart TTFT / cold TTFT"
+    ),
+    Metric("prompt_tokens", "prompt tokens", "prompt tokens per job (the chat template included)"),
+    Metric("cache_n", "cached prompt tokens", "prompt tokens taken from a prefix cache (timings.cache_n)"),
+    Metric("rss_anon_mb", "RssAnon peak MB", "peak anonymous memory of the target's process during the run"),
+)
+METRIC_KEYS = [m.key for m in METRICS]
+RATIO_PAIRS = (("edged", "raw"), ("edged", "llama-server"))
+
+
+class Figure(BaseModel):
+    """One figure over the runs: mean ± sample standard deviation (None with a single run)."""
+
+    mean: float
+    std: float | None
+    n: int
+    values: list[float]
+
+    @classmethod
+    def of(cls, values: list[float]) -> Figure:
+        return cls(
+            mean=statistics.fmean(values),
+            std=statistics.stdev(values) if len(values) > 1 else None,
+            n=len(values),
+            values=values,
+        )
+
+
+class WorkloadResult(BaseModel):
+    name: str
+    summary: str
+    generated_tokens_per_job: int
+    jobs_per_run: int
+    figures: dict[str, dict[str, Figure]] = Field(description="target -> metric -> figure over the runs")
+    ratios: dict[str, dict[str, float]] = Field(
+        description="'edged/raw', 'edged/llama-server' -> metric -> mean of edged / mean of the other"
+    )
+
+
+class MachineInfo(BaseModel):
+    cpu_model: str
+    cores: int
+    cores_available: int
+    platform: str
+    python: str
+    llama_cpp_python: str
+    edged: str
+
+
+class ModelInfo(BaseModel):
+    path: str
+    name: str
+    size_bytes: int
+
+
+class TargetInfo(BaseModel):
+    name: str
+    notes: list[str]
+    version: str | None = None
+
+
+class BenchReport(BaseModel):
+    schema_version: int = 1
+    machine: MachineInfo
+    model: ModelInfo
+    threads: int
+    runs: int
+    concurrency: int
+    slots: int | None = Field(
+        description="EDGED_ENGINE__PARALLEL and llama-server -np (None: edged's default)"
+    )
+    targets: list[TargetInfo]
+    workloads: list[WorkloadResult]
+    definitions: dict[str, str]
+
+
+def progress_bar(console: Console, *, transient: bool = False) -> Progress:
+    """The benchmark's and the model builder's progress bar (only on a terminal: logs stay clean)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+        disable=not console.is_terminal,
+    )
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """``model name`` of x86 (``Hardware``/``Model`` on Arm boards), else the platform's processor."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for key in ("model name", "Model", "Hardware"):
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == key and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> MachineInfo:
+    try:
+        from importlib.metadata import version
+
+        llama_version = version("llama-cpp-python")
+    except Exception:  # not installed as a distribution: report what the module says
+        llama_version = "?"
+    return MachineInfo(
+        cpu_model=cpu_model(),
+        cores=os.cpu_count() or 0,
+        cores_available=len(os.sched_getaffinity(0)),
+        platform=platform.platform(),
+        python=sys.version.split()[0],
+        llama_cpp_python=llama_version,
+        edged=__version__,
+    )
+
+
+def summarise(
+    per_target: dict[str, list[dict[str, float]]],
+) -> tuple[dict[str, dict[str, Figure]], dict[str, dict[str, float]]]:
+    """Figures over the runs for each target, then the ratios of their means."""
+    figures: dict[str, dict[str, Figure]] = {}
+    for target, runs in per_target.items():
+        keys = [k for k in METRIC_KEYS if any(k in run for run in runs)]
+        figures[target] = {k: Figure.of([run[k] for run in runs if k in run]) for k in keys}
+    ratios: dict[str, dict[str, float]] = {}
+    for a, b in RATIO_PAIRS:
+        if a in figures and b in figures:
+            shared = [k for k in figures[a] if k in figures[b] and figures[b][k].mean != 0]
+            ratios[f"{a}/{b}"] = {k: figures[a][k].mean / figures[b][k].mean for k in shared}
+    return figures, ratios
+
+
+def _cell(figure: Figure | None) -> str:
+    if figure is None:
+        return "-"
+    digits = 2 if abs(figure.mean) < 10 else 1 if abs(figure.mean) < 1000 else 0
+    text = f"{figure.mean:.{digits}f}"
+    return text if figure.std is None else f"{text} ± {figure.std:.{digits}f}"
+
+
+def render_table(report: BenchReport, console: Console) -> None:
+    targets = [t.name for t in report.targets]
+    m = report.machine
+    title = (
+        f"edged bench · {report.model.name} ({report.model.size_bytes / 1e9:.2f} GB) · "
+        f"{report.threads} threads · {report.runs} runs (mean ± std) · "
+        f"{m.cpu_model}, {m.cores_available} cores"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("workload")
+    table.add_column("figure")
+    for name in targets:
+        table.add_column(name, justify="right")
+    pairs = [f"{a}/{b}" for a, b in RATIO_PAIRS if a in targets and b in targets]
+    for pair in pairs:
+        table.add_column(pair, justify="right")
+    labels = {m.key: m.label for m in METRICS}
+    for workload in report.workloads:
+        keys = [k for k in METRIC_KEYS if any(k in workload.figures.get(t, {}) for t in targets)]
+        for i, key in enumerate(keys):
+            ratios = [workload.ratios.get(pair, {}).get(key) for pair in pairs]
+            table.add_row(
+                workload.name if i == 0 else "",
+                labels[key],
+                *[_cell(workload.figures.get(t, {}).get(key)) for t in targets],
+                *["-" if r is None else f"{r:.3f}" for r in ratios],
+                end_section=i == len(keys) - 1,
+            )
+    console.print(table)
+    for target in report.targets:
+        for note in target.notes:
+            console.print(f"[dim]{target.name}: {note}[/dim]")

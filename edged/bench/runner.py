@@ -1,0 +1,146 @@
+"""One benchmark: start the targets, run each workload's runs on each of them, make the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from edged.bench.jobs import BenchError, Job, Target
+from edged.bench.memory import PeakSampler
+from edged.bench.prompts import ChatTokenizer, document
+from edged.bench.raw import RawTarget
+from edged.bench.report import (
+    METRICS,
+    BenchReport,
+    ModelInfo,
+    TargetInfo,
+    WorkloadResult,
+    machine_info,
+    progress_bar,
+    summarise,
+)
+from edged.bench.servers import EdgedTarget, LlamaServerTarget
+from edged.bench.workloads import WORKLOADS, Options, Samples, Step
+
+WARMUP_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: Path
+    threads: int
+    runs: int
+    workloads: list[str]
+    concurrency: int
+    parallel: int | None = None
+    max_tokens: int | None = None
+    restart: bool = False
+    llama_server: Path | None = None
+    edged_env: dict[str, str] = field(default_factory=dict)
+
+    def slots(self) -> int | None:
+        """Sequences edged and llama-server decode together: --parallel, else K when a workload submits
+        K jobs at once, else edged's own default (llama-server: 1)."""
+        if self.parallel is not None:
+            return self.parallel
+        if self.concurrency > 1 and any(WORKLOADS[w].concurrent for w in self.workloads):
+            return self.concurrency
+        return None
+
+
+def _run_workload_once(target: Target, steps: list[Step], restartable: bool) -> Samples:
+    samples: Samples = []
+    for step in steps:
+        if step.restart_first:
+            if not restartable:
+                samples.append(None)
+                continue
+            assert isinstance(target, EdgedTarget)
+            target.restart()
+        samples.append(target.run(step.jobs))
+    return samples
+
+
+def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
+    """Every selected workload, ``runs`` times on every target, targets in a rotating order per run
+    (drift such as a warming board then hits all alike)."""
+    slots = config.slots()
+    options = Options(concurrency=config.concurrency, max_tokens=config.max_tokens, restart=config.restart)
+    raw = RawTarget(config.model, config.threads)
+    targets: list[Target] = []
+    try:
+        raw.start()
+        assert raw.tokenizer is not None
+        tokenizer: ChatTokenizer = raw.tokenizer
+        edged = EdgedTarget(config.model, config.threads, slots=slots, extra_env=config.edged_env)
+        targets = [edged, raw]
+        edged.start()
+        if slots is not None:
+            edged.notes.append(f"EDGED_ENGINE__PARALLEL={slots}")
+        if config.llama_server is not None:
+            server = LlamaServerTarget(config.llama_server, config.model, config.threads, slots=slots or 1)
+            targets.append(server)
+            server.start()
+            server.notes.append(" ".join(["llama-server", *server.args]))
+        warmup = [Job(document(tokenizer, "warmup", 32), WARMUP_TOKENS)]
+        for target in targets:  # pages the weights in, so the first measured run is not the slow one
+            target.run(warmup)
+
+        results: list[WorkloadResult] = []
+        total = len(config.workloads) * config.runs * len(targets)
+        with progress_bar(progress_console, transient=True) as progress:
+            task = progress.add_task("benchmark", total=total)
+            for name in config.workloads:
+                workload = WORKLOADS[name]
+                per_target: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+                jobs_per_run = 0
+                for run in range(config.runs):
+                    steps = workload.steps(tokenizer, run, options)
+                    jobs_per_run = sum(len(step.jobs) for step in steps)
+                    shift = run % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        progress.update(
+                            task, description=f"{name} · run {run + 1}/{config.runs} · {target.name}"
+                        )
+                        with PeakSampler(target.pid) as memory:
+                            try:
+                                samples = _run_workload_once(target, steps, isinstance(target, EdgedTarget))
+                            except BenchError as exc:
+                                raise BenchError(f"{name}, run {run + 1}, {target.name}: {exc}") from exc
+                        run_figures = workload.figures(samples)
+                        if memory.peak_mb is not None:
+                            run_figures["rss_anon_mb"] = memory.peak_mb
+                        per_target[target.name].append(run_figures)
+                        progress.advance(task)
+                figures, ratios = summarise(per_target)
+                results.append(
+                    WorkloadResult(
+                        name=name,
+                        summary=workload.summary,
+                        generated_tokens_per_job=config.max_tokens or workload.tokens,
+                        jobs_per_run=jobs_per_run,
+                        figures=figures,
+                        ratios=ratios,
+                    )
+                )
+        if edged.restarts:
+            edged.notes.append(f"restarted {edged.restarts} times (prefix-repeat --restart)")
+        infos = [TargetInfo(name=t.name, notes=t.notes, version=getattr(t, "version", None)) for t in targets]
+    finally:
+        for target in reversed(targets or [raw]):
+            target.close()
+    return BenchReport(
+        machine=machine_info(),
+        model=ModelInfo(
+            path=str(config.model), name=config.model.name, size_bytes=config.model.stat().st_size
+        ),
+        threads=config.threads,
+        runs=config.runs,
+        concurrency=config.concurrency,
+        slots=slots,
+        targets=infos,
+        workloads=results,
+        definitions={m.key: m.meaning for m in METRICS},
+    )
