@@ -208,6 +208,25 @@ def ask(
         str | None,
         typer.Option(help="Ask over MQTT through this broker, HOST[:PORT], instead of the local socket."),
     ] = None,
+    schema: Annotated[
+        Path | None,
+        typer.Option(
+            help="A JSON schema file: the answer is a JSON object of that schema (after the model's "
+            "reasoning), validated, or an invalid_output error.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    json_object: Annotated[
+        bool, typer.Option("--json-object", help="The answer is any JSON object.")
+    ] = False,
+    think: Annotated[
+        bool | None,
+        typer.Option("--think/--no-think", help="--no-think skips a thinking model's reasoning."),
+    ] = None,
+    reasoning_budget: Annotated[
+        int | None, typer.Option(min=0, help="Most reasoning tokens before edged closes the block.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="With --mqtt: the device id to ask.")] = None,
     fleet: Annotated[
         bool, typer.Option("--fleet", help="With --mqtt: ask whichever device of the fleet.")
@@ -234,6 +253,23 @@ def ask(
             if v is not None
         }
     )
+    if schema is not None and json_object:
+        _fail(EXIT_USAGE, "give --schema FILE or --json-object, not both")
+    if schema is not None:
+        try:
+            loaded = json.loads(schema.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            _fail(EXIT_USAGE, f"--schema {schema}: not a JSON file: {exc}")
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": schema.stem[:64] or "response", "schema": loaded},
+        }
+    elif json_object:
+        body["response_format"] = {"type": "json_object"}
+    if think is not None:
+        body["think"] = think
+    if reasoning_budget is not None:
+        body["reasoning_budget"] = reasoning_budget
     if mqtt is not None:
         if bool(device) == fleet:
             _fail(EXIT_USAGE, "with --mqtt give exactly one of --device ID or --fleet")

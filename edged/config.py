@@ -280,6 +280,97 @@ class MqttConfig(_Section):
         return self.port or (8883 if self.tls.active else 1883)
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets: ``[::]:8080``) -> (host, port); raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"listen needs HOST:PORT (e.g. 0.0.0.0:8080 or [::]:8080), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}")
+    if not host:
+        raise ValueError(f"listen needs a host before the port (0.0.0.0:{port} for every address)")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+class HttpTlsConfig(_Section):
+    cert: Path | None = Field(None, description="PEM certificate (chain) of the TCP listener (HTTPS).")
+    key: Path | None = Field(None, description="PEM private key of the certificate.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> HttpTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls needs both cert and key")
+        return self
+
+
+class HttpConfig(_Section):
+    """The optional TCP listener: the socket's OpenAI routes plus Ollama's, for the LAN."""
+
+    listen: str | None = Field(
+        None, description="HOST:PORT of the TCP listener, e.g. 0.0.0.0:8080 or [::]:8080; unset = off."
+    )
+    api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Key name -> key (or 'sha256:<hex>' of the key, so the file holds no secret). "
+        "Clients send 'Authorization: Bearer <key>'; jobs log the name, never the key.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="More keys, one 'NAME KEY' or 'NAME sha256:<hex>' per line (# comments)."
+    )
+    allow_anonymous: bool = Field(
+        False, description="Serve a non-loopback address without keys (anyone on the network may use it)."
+    )
+    rate_limit_per_min: int = Field(
+        120, ge=0, description="Requests per minute per key (anonymous: per client address); 0 = no limit."
+    )
+    tls: HttpTlsConfig = Field(default_factory=HttpTlsConfig, description="HTTPS for the TCP listener.")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, key in value.items():
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"key name {name!r}: letters, digits, '.', '_' and '-' only")
+            if len(key.get_secret_value()) < 16:
+                raise ValueError(f"key {name!r} is shorter than 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_off_loopback(self) -> HttpConfig:
+        address = self.address
+        keyed = bool(self.api_keys) or self.api_keys_file is not None
+        if address is not None and not is_loopback(address[0]) and not keyed and not self.allow_anonymous:
+            raise ValueError(
+                f"listen = {self.listen!r} opens the API to the network: set api_keys (or "
+                "api_keys_file), or allow_anonymous = true if anyone who can reach the board may use it"
+            )
+        return self
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
 class TelemetryConfig(_Section):
     interval_s: float = Field(10.0, ge=0.2, le=3600, description="Period of MQTT telemetry messages.")
     windows_s: list[float] = Field(
@@ -393,6 +484,7 @@ class Settings(BaseSettings):
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The MQTT transport.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry and metrics.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="The optional TCP listener (LAN API).")
     thermal: ThermalConfig = Field(default_factory=ThermalConfig, description="The thermal governor.")
     llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig, description="The llamacpp backend.")
     rkllm: RkllmConfig = Field(default_factory=RkllmConfig, description="The rkllm (RK3588 NPU) backend.")

@@ -26,6 +26,8 @@ from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, 
 from edged.telemetry.homeassistant import discovery_configs
 from edged.telemetry.report import Telemetry, TelemetryCollector
 from edged.transports.mqtt import MqttTransport, Topics
+from edged.transports.tcp import KeyGate, bind_tcp, check_tls, load_keys, tls_options
+from edged.transports.tcp import describe as describe_tcp
 from edged.transports.unix import bind_unix_socket, create_app, make_server, unlink_socket
 
 log = structlog.get_logger(__name__)
@@ -39,6 +41,8 @@ class Plan:
     board: BoardInfo
     choice: BackendChoice
     limits: ThermalLimits
+    http_keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The TCP listener's keys: name -> sha256 (from http.api_keys and http.api_keys_file)."""
 
 
 def plan(settings: Settings) -> Plan:
@@ -46,7 +50,11 @@ def plan(settings: Settings) -> Plan:
     board = detect_board(settings.board.root, settings.board.profile, settings.board.profiles_dir)
     overrides = settings.thermal.model_dump(include={"warn_c", "derate_c", "pause_c", "resume_c"})
     limits = effective_limits(board.profile.thermal, overrides)
-    return Plan(settings, board, choose_backend(board, settings), limits)
+    keys: dict[str, str] = {}
+    if settings.http.listen:
+        keys = load_keys(settings.http)
+        check_tls(settings.http)
+    return Plan(settings, board, choose_backend(board, settings), limits, keys)
 
 
 def board_report(board: BoardInfo) -> dict[str, Any]:
@@ -179,6 +187,7 @@ async def serve(p: Plan, started: float) -> int:
             "engine": snap.status(),
             "thermals": telemetry.thermals(),
             "mqtt": mqtt.status() if mqtt is not None else None,
+            "listeners": listeners,
         }
 
     started_mono = time.monotonic()
@@ -189,13 +198,32 @@ async def serve(p: Plan, started: float) -> int:
         log.info("using the socket systemd passed", fds=len(inherited))
     else:
         sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
-    server = make_server(create_app(settings, engine, status, lambda: generate_latest(registry)))
+    app = create_app(settings, engine, status, lambda: generate_latest(registry))
+    server = make_server(app)
+    listeners: list[dict[str, Any]] = [
+        {"kind": "unix", "path": str(settings.socket.path), "mode": f"{settings.socket.mode:04o}"}
+    ]
+    tcp_server = None
+    tcp_task: asyncio.Task[None] | None = None
+    if settings.http.listen:
+        tcp_sock = bind_tcp(settings.http)  # before serving anything: a port in use fails the start
+        tcp_server = make_server(KeyGate(app, settings.http, p.http_keys), **tls_options(settings.http))
+        listeners.append({"kind": "tcp", **describe_tcp(settings.http, p.http_keys)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server_task = asyncio.create_task(server.serve(sockets=[sock]), name="edged-unix")
     log.info("listening", socket=str(settings.socket.path), mode=f"{settings.socket.mode:04o}")
+    if tcp_server is not None:
+        tcp_task = asyncio.create_task(tcp_server.serve(sockets=[tcp_sock]), name="edged-tcp")
+        log.info(
+            "listening on tcp",
+            listen=settings.http.listen,
+            tls=settings.http.tls.cert is not None,
+            keys=sorted(p.http_keys),
+            anonymous=settings.http.allow_anonymous,
+        )
     load_task = asyncio.create_task(engine.start(), name="edged-load")
     background = [asyncio.create_task(_every(settings.thermal.poll_s, governor.poll), name="edged-governor")]
     metrics_server = None
@@ -207,7 +235,8 @@ async def serve(p: Plan, started: float) -> int:
     stop_task = asyncio.create_task(stop.wait())
     code = 0
     try:
-        done, _ = await asyncio.wait({load_task, stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
+        servers = {server_task} | ({tcp_task} if tcp_task is not None else set())
+        done, _ = await asyncio.wait({load_task, stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
         if load_task in done and load_task.exception() is None:
             if settings.mqtt.host:
                 mqtt = start_mqtt(p, engine)
@@ -243,13 +272,13 @@ async def serve(p: Plan, started: float) -> int:
                 model=snap.model,
                 slots=snap.slots.total,
             )
-            done, _ = await asyncio.wait({stop_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
         elif load_task in done:
             exc = load_task.exception()
             log.error("model failed to load", error=str(exc))
             code = 1
-        if server_task in done:
-            log.error("the socket server stopped unexpectedly", error=repr(server_task.exception()))
+        for task in servers & done:
+            log.error(f"the {task.get_name()} server stopped unexpectedly", error=repr(task.exception()))
             code = 1
     finally:
         log.info("shutting down")
@@ -266,8 +295,13 @@ async def serve(p: Plan, started: float) -> int:
             await load_task
         await engine.stop()
         server.should_exit = True
+        if tcp_server is not None:
+            tcp_server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await server_task
+        if tcp_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await tcp_task
         stop_task.cancel()
         if not inherited:
             unlink_socket(settings.socket.path)

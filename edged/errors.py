@@ -59,6 +59,23 @@ class PayloadTooLarge(InvalidRequest):
     http_status = 413
 
 
+class InvalidOutput(EdgedError):
+    """Constrained output (a JSON schema) could not be completed: cut by max_tokens or the deadline,
+    or (never by the grammar's design) not valid against the schema. Carries what was generated."""
+
+    code = "invalid_output"
+    http_status = 422
+    type = "invalid_request_error"
+
+
+class NotSupported(EdgedError):
+    """A route or option edged (or the loaded backend) does not offer."""
+
+    code = "not_supported"
+    http_status = 501
+    type = "invalid_request_error"
+
+
 class NotFound(EdgedError):
     code = "not_found"
     http_status = 404

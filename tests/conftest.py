@@ -40,6 +40,24 @@ def model_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def r1_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`edged bench synth-model --layers 2`: DeepSeek-R1-Distill-Qwen-1.5B's tensor shapes, tokenizer
+    and chat template (which opens a <think> block) but 2 layers and random weights, built by the real
+    command into this session's temporary directory."""
+    out = tmp_path_factory.mktemp("synth") / "r1-shaped-2l.gguf"
+    done = subprocess.run(
+        [sys.executable, "-m", "edged.bench", "synth-model", "-o", str(out), "--layers", "2"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout
+    return out
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without any EDGED_* (a developer's own settings must not leak)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGED_")}

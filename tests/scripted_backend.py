@@ -33,6 +33,8 @@ class Script:
     step_s: float = 0.002
     fail_on_step: int | None = None
     """Raise `BackendError` on this step number (1-based)."""
+    admit_raises_for: str | None = None
+    """`admit` raises for a prompt starting with this text (a backend bug, or a job it cannot start)."""
     end_after: int | None = None
     """Emit end-of-generation after this many tokens."""
     admitted: list[str] = field(default_factory=list)
@@ -90,6 +92,8 @@ class ScriptedBackend:
         return {"slots": self._slots}
 
     def admit(self, slot: int, prompt: Prompt, params: SamplingParams) -> bool:
+        if self.script.admit_raises_for and prompt.text.startswith(self.script.admit_raises_for):
+            raise TypeError("scripted admit bug")
         need = len(prompt.tokens) + params.max_tokens
         if sum(s.reserved for s in self._seqs.values()) + need > self.script.kv_cells:
             self.script.refused += 1

@@ -34,13 +34,9 @@ def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`edged bench synth-model --layers 2`: every tensor shape of the real model but the layer count."""
-    out = tmp_path_factory.mktemp("synth") / "r1-shaped-2l.gguf"
-    done = bench("synth-model", "-o", str(out), "--layers", "2")
-    assert done.returncode == 0, done.stderr
-    assert str(out) in done.stdout
-    return out
+def tiny_model(r1_tiny: Path) -> Path:
+    """The session's 2-layer R1-shaped model (conftest builds it with `edged bench synth-model`)."""
+    return r1_tiny
 
 
 @pytest.fixture(scope="module")

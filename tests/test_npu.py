@@ -111,6 +111,30 @@ def test_rk3588_picks_rkllm_and_answers_with_runtime_perf(start_daemon, rk_root,
     assert t["predicted_per_second"] > 0 and t["prompt_ms"] > 0
 
 
+def test_the_npu_refuses_constrained_output_with_the_reason(start_daemon, rk_root, rk_model, stubs) -> None:
+    """The RKLLM runtime cannot constrain sampling: a JSON schema, any JSON object or a grammar is
+    not_supported (501) with the reason, /status says so, and plain jobs still run."""
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model))
+    schema = {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "object"}}}
+    with d.client() as c:
+        for fields, param in (
+            ({"response_format": schema}, "response_format"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"grammar": 'root ::= "yes"'}, "grammar"),
+        ):
+            r = c.post("/v1/chat/completions", json=chat("hello NPU", max_tokens=8, **fields))
+            assert r.status_code == 501, r.text
+            error = r.json()["error"]
+            assert error["code"] == "not_supported"
+            assert error["param"] == param
+            assert "rkllm backend cannot constrain sampling" in error["message"]
+        r = c.post("/v1/chat/completions", json=chat("hello NPU", max_tokens=8))
+        assert r.status_code == 200, r.text
+    available = status(d)["engine"]["structured_output"]
+    assert available["available"] is False
+    assert "rkllm" in available["reason"]
+
+
 @pytest.mark.parametrize("version", list(RELEASES))
 def test_every_supported_runtime_abi(start_daemon, rk_root, rk_model, stubs, version: str) -> None:
     d = start_daemon(**npu_env(rk_root, stubs[version], rk_model, version))

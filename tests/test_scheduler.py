@@ -219,6 +219,25 @@ def test_a_backend_failure_fails_the_running_jobs_and_the_engine_goes_on(tmp_pat
     run(engine, body)
 
 
+def test_a_job_the_backend_cannot_start_fails_alone(tmp_path: Path) -> None:
+    """An exception while admitting (a sampler the runtime refuses, a backend bug) fails that job with
+    the reason; the scheduler keeps running and the jobs around it are answered."""
+    engine = make_engine(tmp_path, parallel=2, admit_raises_for="x")
+
+    async def body(e: Engine) -> None:
+        first = await e.submit(job("a", max_tokens=3))
+        bad = await e.submit(job("xyz", max_tokens=3))
+        last = await e.submit(job("d", max_tokens=3))
+        with pytest.raises(BackendError) as info:
+            await bad.wait()
+        assert "could not start the job: TypeError: scripted admit bug" in info.value.message
+        assert (await first.wait()).content == "abc"
+        assert (await last.wait()).content == "def"
+        assert e.healthy(stall_s=5)
+
+    run(engine, body)
+
+
 def test_snapshot_is_what_status_reads(tmp_path: Path) -> None:
     engine = make_engine(tmp_path, parallel=3)
 

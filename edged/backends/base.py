@@ -27,6 +27,17 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar the sampled tokens must obey (llama.cpp's grammar sampler)."""
+
+    text: str
+    root: str = "root"
+    after_think: bool = False
+    """The output starts inside a ``<think>`` block: the grammar applies only after ``</think>``, so
+    the reasoning stays free and the answer obeys."""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
     temperature: float
@@ -36,6 +47,14 @@ class SamplingParams:
     repeat_penalty: float
     seed: int | None = None
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: Grammar | None = None
+    in_think: bool = False
+    """The output starts inside a ``<think>`` block (the chat template opened it)."""
+    reasoning_budget: int | None = None
+    """Most tokens inside the ``<think>`` block; then the backend closes it (``\n</think>\n\n``)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,8 @@ class Capabilities:
     kv_cells: int | None = None
     """KV cache cells shared by all sequences (None: the runtime manages its own memory)."""
     kv_bytes_per_cell: int | None = None
+    constrained_output: bool = False
+    """Sampling can obey a `Grammar` (JSON schemas, GBNF) and a reasoning budget."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,8 @@ class SeqOutput:
     """On a sequence's first output: prompt tokens it took from the prefix cache instead of computing."""
     perf: dict[str, float] | None = None
     """Runtime counters of the whole sequence (prefill_ms, generate_ms, generate_tokens), if any."""
+    error: str | None = None
+    """With ``end``: the sequence could not run (its job fails with this reason)."""
 
 
 @dataclass
@@ -94,6 +117,10 @@ class Tokenizer(Protocol):
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         """Tokens of ``text``; ``chat`` says the text came from `render_chat` (special tokens inside)."""
+        ...
+
+    def grammar_problem(self, grammar: Grammar) -> str | None:
+        """Why the model's grammar sampler cannot take ``grammar`` (None: it can)."""
         ...
 
 

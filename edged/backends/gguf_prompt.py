@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edged.errors import BackendError
+
+if TYPE_CHECKING:
+    from edged.backends.base import Grammar
 
 GGUF_MAGIC = b"GGUF"
 
@@ -73,6 +78,40 @@ class GgufTokenizer:
             if self.template
             else None
         )
+        self._grammars_ok: set[str] = set()
+        self._grammar_lock = threading.Lock()
+
+    @property
+    def vocab(self) -> Any:
+        return self._vocab
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._llama_cpp.llama_vocab_n_tokens(self._vocab))
+
+    def grammar_problem(self, grammar: Grammar) -> str | None:
+        """Whether llama.cpp's grammar sampler takes ``grammar`` (parsed once per distinct grammar).
+
+        llama.cpp prints its parser's complaint to stderr and returns NULL; the common causes are
+        named here so the client gets a reason."""
+        key = hashlib.sha256(f"{grammar.root}\0{grammar.text}".encode()).hexdigest()
+        with self._grammar_lock:
+            if key in self._grammars_ok:
+                return None
+        if not re.search(rf"^\s*{re.escape(grammar.root)}\s*::=", grammar.text, re.MULTILINE):
+            return f"the grammar has no '{grammar.root}' rule (GBNF: '{grammar.root} ::= ...')"
+        sampler = self._llama_cpp.llama_sampler_init_grammar(
+            self._vocab, grammar.text.encode(), grammar.root.encode()
+        )
+        if not sampler:
+            return (
+                "llama.cpp's GBNF parser rejected the grammar (a syntax error, an undefined rule or "
+                "left recursion; see llama.cpp's grammars/README.md)"
+            )
+        self._llama_cpp.llama_sampler_free(sampler)
+        with self._grammar_lock:
+            self._grammars_ok.add(key)
+        return None
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (control tokens are empty unless ``special``)."""

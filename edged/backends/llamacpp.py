@@ -55,6 +55,9 @@ log = structlog.get_logger(__name__)
 # Its INFO is load-time chatter, so it goes to debug with the rest.
 NATIVE_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 PENALTY_LAST_N = 64
+CLOSE_THINKING = "\n</think>\n\n"
+"""What closes a reasoning block at the job's reasoning budget (DeepSeek-R1's own layout)."""
+THINK_CLOSE_BYTES = b"</think>"
 DISK_MIN_GAIN = 16
 """A disk entry is loaded only when it covers this many more prompt tokens than the KV cache does."""
 
@@ -99,6 +102,15 @@ class _Seq:
     """Sampled and not yet decoded (the input of the next step)."""
     cache_n: int = 0
     reported: bool = False
+    thinking: bool = False
+    """Inside the ``<think>`` block (the output so far has not closed it)."""
+    think_tokens: int = 0
+    grammar_pending: bool = False
+    """The job's grammar waits for ``</think>`` (then the chain is rebuilt with it)."""
+    forced: list[int] = field(default_factory=list)
+    """Tokens the backend emits instead of sampling (closing the think block at the budget)."""
+    tail: bytes = b""
+    error: str | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -123,6 +135,8 @@ class LlamaCppBackend:
         self._mem: Any = None
         self._batch: Any = None
         self._tokenizer: GgufTokenizer | None = None
+        self._think_close_token = -1
+        self._model_facts: dict[str, object] = {}
         self._version = "?"
         self._log_callback: Any = None
         self._abort_callback: Any = None
@@ -229,6 +243,15 @@ class LlamaCppBackend:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._tokenizer = GgufTokenizer(self._model)
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._model, desc, 256)
+        self._model_facts = {
+            "model_desc": desc.value.decode(errors="replace"),  # "qwen2 1.5B Q4_K - Medium"
+            "model_params": int(llama_cpp.llama_model_n_params(self._model)),
+            "model_bytes": int(llama_cpp.llama_model_size(self._model)),
+        }
+        close = self._tokenizer.tokenize("</think>", chat=True)
+        self._think_close_token = close[0] if len(close) == 1 else -1
         kv_cells = llama_cpp.llama_n_ctx(self._ctx)
         self._streams = n_seq
         self._caps = Capabilities(
@@ -236,6 +259,7 @@ class LlamaCppBackend:
             prefix_cache=self._engine_options.prefix_cache,
             kv_cells=kv_cells,
             kv_bytes_per_cell=bytes_per_cell,
+            constrained_output=True,
         )
         if self._engine_options.prefix_cache and self._engine_options.prefix_cache_dir is not None:
             key = "-".join(
@@ -278,6 +302,7 @@ class LlamaCppBackend:
             "kv_streams": self._streams,
             "kv_unified": False,
             "prefix_cache_dir": str(self._disk.dir) if self._disk else None,
+            **self._model_facts,
         }
 
     def close(self) -> None:
@@ -302,15 +327,45 @@ class LlamaCppBackend:
 
     # -- sequences -----------------------------------------------------------------------------
 
-    def _chain(self, params: SamplingParams, prompt: list[int]) -> Any:
-        """The job's own sampler chain, in llama-cpp-python's order (penalties, top-k, top-p, min-p,
-        temperature, then a seeded draw; temperature 0 is greedy)."""
+    def _chain(self, params: SamplingParams, history: list[int], grammar: bool) -> tuple[Any, str | None]:
+        """The job's own sampler chain, in llama-cpp-python's order (penalties, the grammar, top-k,
+        top-p, min-p, temperature, then a seeded draw; temperature 0 is greedy), and why the grammar
+        could not be added (None: it was, or none was asked for)."""
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if params.repeat_penalty != 1.0:
+        problem = None
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            assert self._tokenizer is not None
             lc.llama_sampler_chain_add(
-                chain, lc.llama_sampler_init_penalties(PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
+                chain,
+                lc.llama_sampler_init_penalties(  # this llama.cpp's signature leads with n_vocab
+                    self._tokenizer.n_vocab,
+                    PENALTY_LAST_N,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
             )
+            for token in history[-PENALTY_LAST_N:]:  # the penalty looks back over the prompt too
+                lc.llama_sampler_accept(chain, token)
+        if params.logit_bias:
+            assert self._tokenizer is not None
+            biases = (lc.llama_logit_bias * len(params.logit_bias))()
+            for i, (token, bias) in enumerate(params.logit_bias):
+                biases[i].token, biases[i].bias = token, bias
+            lc.llama_sampler_chain_add(
+                chain,
+                lc.llama_sampler_init_logit_bias(self._tokenizer.n_vocab, len(params.logit_bias), biases),
+            )
+        if grammar and params.grammar is not None:  # added after the history: it must not consume it
+            assert self._tokenizer is not None
+            sampler = lc.llama_sampler_init_grammar(
+                self._tokenizer.vocab, params.grammar.text.encode(), params.grammar.root.encode()
+            )
+            if sampler:
+                lc.llama_sampler_chain_add(chain, sampler)
+            else:
+                problem = "llama.cpp could not build the job's grammar sampler"
         if params.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         else:
@@ -322,10 +377,7 @@ class LlamaCppBackend:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else lc.LLAMA_DEFAULT_SEED
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        if params.repeat_penalty != 1.0:  # the penalty looks back over the prompt too
-            for token in prompt[-PENALTY_LAST_N:]:
-                lc.llama_sampler_accept(chain, token)
-        return chain
+        return chain, problem
 
     def _free_streams(self) -> list[int]:
         owned = {seq.seq_id for seq in self._active.values()}
@@ -346,13 +398,18 @@ class LlamaCppBackend:
             return shared, -recency
 
         stream = max(free, key=value)
+        pending = params.grammar is not None and params.grammar.after_think and params.in_think
+        chain, problem = self._chain(params, prompt.tokens, grammar=not pending)
         self._active[slot] = _Seq(
             slot=slot,
             seq_id=stream,
             prompt=list(prompt.tokens),
             reuse=prompt.reuse,
             params=params,
-            chain=self._chain(params, prompt.tokens),
+            chain=chain,
+            thinking=params.in_think,
+            grammar_pending=pending,
+            error=problem,
         )
         self._order.append(slot)
         return True
@@ -518,6 +575,9 @@ class LlamaCppBackend:
                 logits_at.append((seq, n))
             n += 1
 
+        broken = [seq for seq in self._active.values() if seq.error]
+        if broken:  # never decoded: the job fails with the reason
+            return [SeqOutput(slot=seq.slot, end=True, error=seq.error) for seq in broken]
         self._pending_sources.clear()
         self._pending_dests.clear()
         decoding = [s for s in self._active.values() if s.next_token is not None]
@@ -577,7 +637,8 @@ class LlamaCppBackend:
         tok = self._tokenizer
         assert tok is not None
         for seq, index in logits_at:
-            token = lc.llama_sampler_sample(seq.chain, self._ctx, index)
+            forced = bool(seq.forced)
+            token = seq.forced.pop(0) if forced else lc.llama_sampler_sample(seq.chain, self._ctx, index)
             cache_n = None if seq.reported else seq.cache_n
             seq.reported = True
             if tok.is_eog(token) and not seq.params.ignore_eos:
@@ -585,8 +646,30 @@ class LlamaCppBackend:
                 outputs.append(SeqOutput(slot=seq.slot, end=True, cache_n=cache_n))
                 continue
             seq.next_token = token
-            outputs.append(SeqOutput(slot=seq.slot, piece=tok.piece(token), cache_n=cache_n))
+            piece = tok.piece(token)
+            if seq.thinking:
+                self._follow_thinking(seq, token, piece, forced)
+            outputs.append(SeqOutput(slot=seq.slot, piece=piece, cache_n=cache_n))
         return outputs
+
+    def _follow_thinking(self, seq: _Seq, token: int, piece: bytes, forced: bool) -> None:
+        """Watch a sequence's reasoning: when ``</think>`` comes out (sampled or forced), the job's
+        grammar takes over; at the reasoning budget the block is closed by forced tokens."""
+        seq.tail = (seq.tail + piece)[-16:]
+        if token == self._think_close_token or THINK_CLOSE_BYTES in seq.tail:
+            seq.thinking = False
+            seq.forced.clear()
+            if seq.grammar_pending:
+                seq.grammar_pending = False
+                self._llama_cpp.llama_sampler_free(seq.chain)
+                seq.chain, seq.error = self._chain(seq.params, [*seq.kv_tokens, token], grammar=True)
+            return
+        if not forced:
+            seq.think_tokens += 1
+        budget = seq.params.reasoning_budget
+        if budget is not None and seq.think_tokens >= budget and not seq.forced:
+            assert self._tokenizer is not None
+            seq.forced = self._tokenizer.tokenize(CLOSE_THINKING, chat=True)
 
     def _recover_after_failed_decode(self) -> None:
         """After a failed or aborted decode, a sequence's cells may be partly written: drop the

@@ -115,7 +115,8 @@ RUN_HELP = _paragraphs(
     "seeds: ~128 prompt tokens in, 256 out. 1k: ~128 in, 1024 out. concurrent: K different prompts at "
     "once, 256 out each. shared-prefix: K prompts at once sharing a 400-token prefix, each then asking "
     "its own short question. prefix-repeat: a 400-token prefix cold, then again with another question "
-    "(with --restart, a third time after restarting edged: the disk tier of its prefix cache).",
+    "(with --restart, a third time after restarting edged: the disk tier of its prefix cache). schema "
+    "(edged only): one prompt free, then with a JSON schema: the cost of constrained decoding.",
     "[bold]Figures.[/bold] TTFT: submission to the first generated text, at the client (median over a "
     "run's jobs). prefill tok/s: prompt tokens per second of prefill, as the target times it. decode "
     "tok/s: per job, tokens after the first over the time after the first. aggregate tok/s: all tokens "

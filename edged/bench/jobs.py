@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class BenchError(Exception):
@@ -16,6 +17,10 @@ class Job:
 
     user: str
     max_tokens: int
+    ignore_eos: bool = True
+    """False for a constrained answer: it ends when its grammar is complete."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """More request fields (edged's job schema: ``response_format``, ``think``)."""
 
 
 @dataclass

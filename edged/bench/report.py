@@ -49,6 +49,9 @@ METRICS = (
     Metric(
         "restart_over_cold", "TTFT restart/cold", "prefix-repeat --restart: after-restart TTFT / cold TTFT"
     ),
+    Metric("decode_schema_tok_s", "decode tok/s, JSON schema", "schema: the same prompt under the grammar"),
+    Metric("schema_over_plain", "schema / free decode", "schema: constrained / free decode tok/s (1 = free)"),
+    Metric("schema_tokens", "schema answer tokens", "schema: tokens of the constrained answer"),
     Metric("prompt_tokens", "prompt tokens", "prompt tokens per job (the chat template included)"),
     Metric("cache_n", "cached prompt tokens", "prompt tokens taken from a prefix cache (timings.cache_n)"),
     Metric("rss_anon_mb", "RssAnon peak MB", "peak anonymous memory of the target's process during the run"),

@@ -53,6 +53,9 @@ class BenchConfig:
 def _run_workload_once(target: Target, steps: list[Step], restartable: bool) -> Samples:
     samples: Samples = []
     for step in steps:
+        if step.edged_only and not restartable:
+            samples.append(None)
+            continue
         if step.restart_first:
             if not restartable:
                 samples.append(None)

@@ -134,10 +134,11 @@ class StreamingServer:
             "messages": [{"role": "user", "content": job.user}],
             "max_tokens": job.max_tokens,
             "temperature": 0,
-            "ignore_eos": True,
+            "ignore_eos": job.ignore_eos,
             "stream": True,
             "stream_options": {"include_usage": True},
             **self.extra_fields(),
+            **job.extra,
         }
         with self.client(timeout=REQUEST_TIMEOUT_S) as http:
             barrier.wait()

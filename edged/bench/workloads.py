@@ -22,6 +22,7 @@ SHARED_PREFIX_TOKENS = 400
 class Step:
     jobs: list[Job]
     restart_first: bool = False  # restart the daemon before this step (edged only; others skip the step)
+    edged_only: bool = False  # an edged feature (others skip the step)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,55 @@ def _prefix_repeat_figures(samples: Samples) -> dict[str, float]:
     return out
 
 
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "readings",
+        "schema": {
+            "type": "object",
+            "properties": {
+                "readings": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "sensor": {"type": "string", "maxLength": 12},
+                            "celsius": {"type": "integer"},
+                            "ok": {"type": "boolean"},
+                        },
+                        "required": ["sensor", "celsius", "ok"],
+                    },
+                    "minItems": 8,
+                    "maxItems": 8,
+                }
+            },
+            "required": ["readings"],
+        },
+    },
+}
+"""Every field bounded: any model (random weights too) completes it, in about 150-250 tokens."""
+
+
+def _schema(tokenizer: ChatTokenizer, run: int, options: Options, tokens: int) -> list[Step]:
+    prompt = document(tokenizer, f"schema-{run}", SEEDS_PROMPT_TOKENS) + "\n\nList eight sensor readings."
+    plain = Job(prompt, tokens, extra={"think": False})
+    schema = {"think": False, "response_format": SCHEMA_FORMAT}
+    constrained = Job(prompt, 2 * tokens, ignore_eos=False, extra=schema)
+    return [Step([plain], edged_only=True), Step([constrained], edged_only=True)]
+
+
+def _schema_figures(samples: Samples) -> dict[str, float]:
+    plain, constrained = samples[0], samples[1]
+    if plain is None or constrained is None:
+        return {}
+    out: dict[str, float] = {}
+    free, bound = plain[0].decode_tok_s, constrained[0].decode_tok_s
+    if free is not None and bound is not None:
+        out.update(decode_tok_s=free, decode_schema_tok_s=bound, schema_over_plain=bound / free)
+    out["schema_tokens"] = float(constrained[0].completion_tokens)
+    return out
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -159,6 +209,14 @@ WORKLOADS: dict[str, Workload] = {
             64,
             _prefix_repeat,
             _prefix_repeat_figures,
+        ),
+        Workload(
+            "schema",
+            f"edged only: one ~{SEEDS_PROMPT_TOKENS}-token prompt (think: false) free, then with a JSON "
+            "schema (response_format): the cost of constrained decoding",
+            256,
+            _schema,
+            _schema_figures,
         ),
     )
 }

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edged.backends import BackendChoice
-from edged.engine.job import Job, JobRequest, JobState, new_job_id
+from edged.engine.constraints import schema_cache_stats
+from edged.engine.job import Job, JobRequest, JobState, Prepared, new_job_id
 from edged.engine.prepare import Preparer
 from edged.engine.queue import JobQueue
 from edged.engine.scheduler import Done, Emit, Fail, Outcome, Scheduler
@@ -27,6 +28,7 @@ from edged.errors import (
     ModelNotFound,
     NotFound,
     NotReady,
+    NotSupported,
     QueueFull,
 )
 from edged.telemetry.throughput import window_label
@@ -118,8 +120,9 @@ class Engine:
                 f"model {name!r} is not loaded here; this edged serves {served!r}", param="model"
             )
 
-    async def submit(self, request: JobRequest) -> Job:
-        """Validate, count the prompt against the cap and queue the job; raises `EdgedError`."""
+    async def submit(self, request: JobRequest, origin: str = "") -> Job:
+        """Validate, count the prompt against the cap and queue the job; raises `EdgedError`.
+        ``origin`` says where it came from for the logs (``socket``, ``tcp:<key name>``, ``mqtt``)."""
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         self._check_model(request.model)
@@ -137,9 +140,11 @@ class Engine:
         await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
         backend = self.scheduler.backend
         prepared = await asyncio.to_thread(self.preparer.prepare, request, backend.tokenizer, backend.n_ctx)
+        self._check_constrained(prepared)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         job = Job(job_id, request, prepared, time.perf_counter() + timeout)
+        job.origin = origin
         try:
             self.queue.push(job)  # checks the room again: it may have filled while we tokenized
         except QueueFull:
@@ -150,6 +155,37 @@ class Engine:
         self._update_room()
         self.scheduler.wake()
         return job
+
+    def chat_template(self) -> str | None:
+        """The loaded model's chat template (Jinja), if it has one."""
+        if self.state is not EngineState.READY:
+            return None
+        template = getattr(self.scheduler.backend.tokenizer, "template", None)
+        return template if isinstance(template, str) else None
+
+    def structured_output(self) -> tuple[bool, str | None]:
+        """Whether the loaded backend can constrain sampling (JSON schemas, GBNF, reasoning budgets),
+        and why not."""
+        caps = self.scheduler.state.capabilities
+        if caps is not None and caps.constrained_output:
+            return True, None
+        name = self.scheduler.state.backend_name
+        return False, (
+            f"the {name} backend cannot constrain sampling (JSON schemas, grammars, reasoning "
+            'budgets need llama.cpp: backend = "llamacpp")'
+        )
+
+    def _check_constrained(self, prepared: Prepared) -> None:
+        if prepared.constraint is None and prepared.params.reasoning_budget is None:
+            return
+        able, reason = self.structured_output()
+        if not able:
+            option = (
+                "reasoning_budget"
+                if prepared.constraint is None
+                else ("grammar" if prepared.constraint.kind == "grammar" else "response_format")
+            )
+            raise NotSupported(f"{option}: {reason}", param=option)
 
     def apply_thermal(self, paused: bool, derate_s: float) -> None:
         """Called by the thermal governor: paused admits nothing; derated decodes fewer sequences
@@ -259,6 +295,7 @@ class Engine:
         log.info(
             "job finished",
             job_id=job.id,
+            origin=job.origin,
             state="done",
             finish_reason=result.finish_reason,
             clamped=job.prepared.clamped,
@@ -275,6 +312,7 @@ class Engine:
         log.info(
             "job finished",
             job_id=job.id,
+            origin=job.origin,
             state=state.value,
             code=error.code,
             error=error.message,
@@ -316,4 +354,9 @@ class Engine:
             },
             prefix_cache=dataclasses.asdict(cache) if cache is not None else None,
             started_wall=self.started_wall,
+            structured_output=self._structured_output_status(),
         )
+
+    def _structured_output_status(self) -> dict[str, Any]:
+        able, reason = self.structured_output()
+        return {"available": able, "reason": reason, "schema_cache": schema_cache_stats()}

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edged.backends import Prompt, SamplingParams
+from edged.engine.constraints import Constraint
 from edged.engine.timings import Timings
 from edged.errors import BackendError, EdgedError
 
@@ -27,6 +28,41 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
     content: str = Field(description="What is said.")
     name: str | None = Field(None, description="Optional speaker name (accepted for OpenAI compatibility).")
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", max_length=64, description="The schema's name (OpenAI requires one).")
+    description: str | None = Field(None, description="Accepted for OpenAI compatibility.")
+    schema_: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"},
+        alias="schema",
+        description="A JSON schema the answer must match (llama.cpp's converter: objects, arrays, "
+        "strings with maxLength/pattern/format, numbers, enums, $ref/$defs, anyOf, ...).",
+    )
+    strict: bool | None = Field(None, description="Accepted; the answer always obeys the schema.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text: free; json_object: any JSON object; json_schema: an object of that schema."
+    )
+    json_schema: JsonSchemaFormat | None = Field(None, description="With type json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_with_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs 'json_schema': {\"name\", \"schema\"}")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"'json_schema' goes with type 'json_schema', not {self.type!r}")
+        return self
 
 
 class JobRequest(BaseModel):
@@ -47,6 +83,15 @@ class JobRequest(BaseModel):
     top_k: int | None = Field(None, ge=0, description="Top-k sampling; 0 = off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p sampling.")
     repeat_penalty: float | None = Field(None, ge=0.0, description="Repetition penalty; 1 = off.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Penalise tokens by how often they appeared (OpenAI's meaning)."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Penalise tokens that appeared at all (OpenAI's meaning)."
+    )
+    logit_bias: dict[int, float] | None = Field(
+        None, description="Token id -> bias added to its logit, -100 (ban) to 100 (force), OpenAI's meaning."
+    )
     seed: int | None = Field(None, ge=0, description="Sampling seed for reproducible output.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
     stream: bool = Field(False, description="Stream deltas as they are generated.")
@@ -59,6 +104,26 @@ class JobRequest(BaseModel):
         "a near-tie token at temperature 0; false computes the whole prompt.",
     )
 
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="OpenAI's response_format: the answer is a JSON object (of a schema). With a "
+        "thinking model the reasoning stays free and the answer after </think> obeys.",
+    )
+    grammar: str | None = Field(
+        None, max_length=65536, description="A raw GBNF grammar the answer obeys (llama.cpp's syntax)."
+    )
+    think: bool | None = Field(
+        None,
+        description="false: skip the reasoning of a thinking model (the <think> block is closed in the "
+        "prompt) for the fastest answer. Default: the model's template decides.",
+    )
+    reasoning_budget: int | None = Field(
+        None,
+        ge=0,
+        description="Most reasoning tokens; then edged closes the <think> block and the answer "
+        "follows (0 is think=false).",
+    )
+
     @model_validator(mode="after")
     def _one_input(self) -> JobRequest:
         if (self.messages is None) == (self.prompt is None):
@@ -68,6 +133,15 @@ class JobRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("'stop' takes at most 4 non-empty strings")
+        json_format = self.response_format is not None and self.response_format.type != "text"
+        if self.grammar is not None and json_format:
+            raise ValueError("give 'grammar' or a JSON 'response_format', not both")
+        if any(not -100 <= bias <= 100 for bias in (self.logit_bias or {}).values()):
+            raise ValueError("'logit_bias' values go from -100 to 100")
+        if len(self.logit_bias or {}) > 1024:
+            raise ValueError("'logit_bias' takes at most 1024 tokens")
+        if self.raw and (self.think is not None or self.reasoning_budget is not None):
+            raise ValueError("'think' and 'reasoning_budget' need the chat template ('raw' is true)")
         return self
 
     @property
@@ -98,6 +172,8 @@ class JobResult(BaseModel):
     finish_reason: Literal["stop", "length"]
     usage: Usage
     timings: Timings
+    parsed: Any = None
+    """The answer as a JSON value, for a job with a JSON response_format (validated)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +205,8 @@ class Prepared:
     """max_tokens was lowered to fit the context window."""
     in_think: bool
     """The chat template opened a ``<think>`` block: the output starts inside the reasoning."""
+    constraint: Constraint | None = None
+    """What the answer must be (JSON schema, GBNF), checked when the job ends."""
 
 
 class Job:
@@ -155,6 +233,8 @@ class Job:
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._finished = asyncio.Event()
         self.timer: asyncio.TimerHandle | None = None
+        self.origin = ""
+        """Where the job came from (``socket``, ``tcp:<key name>``, ``mqtt``), for the logs."""
 
     @property
     def prompt(self) -> Prompt:

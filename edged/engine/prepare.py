@@ -6,12 +6,17 @@ thread-safe tokenizer, never on the backend's own thread.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from edged.backends import Prompt, SamplingParams, Tokenizer
+from edged.engine.constraints import constraint_of
 from edged.engine.job import JobRequest, Prepared
-from edged.errors import ContextLengthExceeded
-from edged.streamtext import THINK_OPEN
+from edged.errors import ContextLengthExceeded, InvalidRequest
+from edged.streamtext import THINK_CLOSE, THINK_OPEN
+
+SKIP_THINKING = "\n" + THINK_CLOSE + "\n\n"
+"""Appended after the template's ``<think>\n`` for ``think: false`` (DeepSeek-R1's empty reasoning)."""
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
@@ -38,7 +43,13 @@ class Preparer:
             if given is not None:
                 values[key] = given
         return SamplingParams(
-            max_tokens=max_tokens, seed=request.seed, ignore_eos=request.ignore_eos, **values
+            max_tokens=max_tokens,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            presence_penalty=request.presence_penalty or 0.0,
+            logit_bias=tuple(sorted((request.logit_bias or {}).items())),
+            **values,
         )
 
     def prompt_text(self, request: JobRequest, tokenizer: Tokenizer) -> str:
@@ -54,8 +65,27 @@ class Preparer:
         return tokenizer.render_chat(messages)
 
     def prepare(self, request: JobRequest, tokenizer: Tokenizer, n_ctx: int) -> Prepared:
-        """Raises `ContextLengthExceeded` when the prompt leaves no room to generate."""
+        """Raises `ContextLengthExceeded` when the prompt leaves no room to generate, and
+        `InvalidRequest` for a schema or grammar the model's sampler cannot take."""
         text = self.prompt_text(request, tokenizer)
+        in_think = text.rstrip().endswith(THINK_OPEN) and not request.raw
+        if in_think and (request.think is False or request.reasoning_budget == 0):
+            text += SKIP_THINKING
+            in_think = False
+        constraint = constraint_of(request.response_format, request.grammar, after_think=in_think)
+        if constraint is not None:
+            problem = tokenizer.grammar_problem(constraint.grammar)
+            if problem is not None:
+                param = "grammar" if constraint.kind == "grammar" else "response_format"
+                raise InvalidRequest(f"{param}: {problem}", param=param)
+        n_vocab = getattr(tokenizer, "n_vocab", None)
+        if request.logit_bias and isinstance(n_vocab, int):
+            wrong = [t for t in request.logit_bias if not 0 <= t < n_vocab]
+            if wrong:
+                raise InvalidRequest(
+                    f"logit_bias: token ids {wrong[:5]} are not in the model's vocabulary (0..{n_vocab - 1})",
+                    param="logit_bias",
+                )
         tokens = tokenizer.tokenize(text, chat=not request.raw)
         if len(tokens) >= n_ctx:
             raise ContextLengthExceeded(
@@ -68,9 +98,16 @@ class Preparer:
         wanted = request.max_tokens or self.settings.jobs.default_max_tokens
         room = n_ctx - len(tokens)
         max_tokens = min(wanted, room)
+        params = dataclasses.replace(
+            self.sampling(request, max_tokens),
+            grammar=constraint.grammar if constraint is not None else None,
+            in_think=in_think,
+            reasoning_budget=request.reasoning_budget if in_think else None,
+        )
         return Prepared(
             prompt=Prompt(text=text, tokens=tokens, reuse=request.cache_prompt),
-            params=self.sampling(request, max_tokens),
+            params=params,
             clamped=wanted > room,
-            in_think=text.rstrip().endswith(THINK_OPEN) and not request.raw,
+            in_think=in_think,
+            constraint=constraint,
         )

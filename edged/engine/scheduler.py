@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -24,10 +25,11 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from edged.backends import Backend, BackendChoice, Capabilities, SeqOutput
+from edged.engine.constraints import check_answer
 from edged.engine.job import Delta, Job, JobResult, JobState, Usage
 from edged.engine.queue import JobQueue
 from edged.engine.timings import Clock, compute_timings
-from edged.errors import BackendError, Cancelled, EdgedError
+from edged.errors import BackendError, Cancelled, DeadlineExceeded, EdgedError, InvalidOutput
 from edged.streamtext import StopMatcher, ThinkSplitter
 
 if TYPE_CHECKING:
@@ -339,7 +341,17 @@ class Scheduler:
             if job is None:
                 break
             slot = next(s for s in range(self.slots) if s not in self._active)
-            if not self.backend.admit(slot, job.prepared.prompt, job.prepared.params):
+            try:
+                admitted = self.backend.admit(slot, job.prepared.prompt, job.prepared.params)
+            except Exception as exc:  # a backend bug or a job it cannot start fails that job, not the engine
+                log.exception("admitting a job failed", job_id=job.id)
+                with contextlib.suppress(Exception):
+                    self.backend.release(slot)
+                if self.queue.take(job):
+                    reason = exc.message if isinstance(exc, EdgedError) else f"{type(exc).__name__}: {exc}"
+                    self._send([Fail(job, BackendError(f"the backend could not start the job: {reason}"))])
+                continue
+            if not admitted:
                 break
             if not self.queue.take(job):  # cancelled or expired while being admitted
                 self.backend.release(slot)
@@ -358,6 +370,12 @@ class Scheduler:
             reason = run.job.stop_reason
             if reason is not None:
                 self._release(run)
+                if isinstance(reason, DeadlineExceeded) and run.job.prepared.constraint is not None:
+                    reason = InvalidOutput(
+                        f"{reason.message}, before the constrained answer was complete",
+                        content="".join(run.text.parts["content"]),
+                        finish_reason="length",
+                    )
                 outcomes.append(Fail(run.job, reason))
 
     def _release(self, run: Running) -> None:
@@ -384,6 +402,10 @@ class Scheduler:
                 run.cache_n = out.cache_n
             if out.perf is not None:
                 run.perf = out.perf
+            if out.error is not None:
+                self._release(run)
+                outcomes.append(Fail(run.job, BackendError(out.error)))
+                continue
             if out.end:
                 self._finish(run, "stop", now, outcomes)
                 continue
@@ -432,6 +454,25 @@ class Scheduler:
             ),
             timings=timings,
         )
+        constraint = job.prepared.constraint
+        if constraint is not None:
+            try:
+                if reason == "length":
+                    raise InvalidOutput(
+                        f"the answer was cut at max_tokens ({job.prepared.params.max_tokens}) before "
+                        f"the {'JSON' if constraint.schema is not None else 'grammar'} was complete; "
+                        "raise max_tokens (or lower reasoning_budget)",
+                        content=result.content,
+                    )
+                result.parsed = check_answer(constraint, result.content)
+            except InvalidOutput as exc:
+                exc.details.update(
+                    finish_reason=reason,
+                    reasoning_content=result.reasoning_content,
+                    usage=result.usage.model_dump(),
+                )
+                outcomes.append(Fail(job, exc))
+                return
         outcomes.append(Done(job, result))
 
     def _fail_all(self, error: EdgedError) -> None:

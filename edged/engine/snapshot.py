@@ -49,6 +49,8 @@ class EngineSnapshot:
     throughput: dict[str, dict[str, object]]
     prefix_cache: dict[str, Any] | None
     started_wall: float
+    structured_output: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``available`` (JSON schemas, grammars, reasoning budgets) and ``reason`` when not."""
 
     @property
     def ready(self) -> bool:
@@ -68,6 +70,7 @@ class EngineSnapshot:
             "totals": dict(self.totals),
             "thermal": self.thermal,
             "prefix_cache": self.prefix_cache,
+            "structured_output": self.structured_output,
             "last_job": self.last_job,
             "throughput": self.throughput,
         }

@@ -111,7 +111,7 @@ def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
 
 
 def done_message(result: JobResult, device_id: str) -> dict[str, Any]:
-    return {
+    message = {
         "id": result.id,
         "status": "done",
         "content": result.content,
@@ -122,6 +122,9 @@ def done_message(result: JobResult, device_id: str) -> dict[str, Any]:
         "model": result.model,
         "device_id": device_id,
     }
+    if result.parsed is not None:
+        message["parsed"] = result.parsed  # a JSON response_format: the answer, parsed and validated
+    return message
 
 
 def error_message(job_id: str | None, error: EdgedError, device_id: str) -> dict[str, Any]:
@@ -361,7 +364,7 @@ class MqttTransport:
             while True:
                 await self.engine.wait_for_room()
                 try:
-                    job = await self.engine.submit(request)
+                    job = await self.engine.submit(request, origin="mqtt")
                     break
                 except QueueFull:
                     continue  # a socket client took the room meanwhile: wait again, the message is not acked

@@ -19,14 +19,24 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from edged import __version__
 from edged.config import Settings
 from edged.engine import Delta, Engine, Failed, Finished, Job, JobRequest, JobResult
-from edged.errors import EdgedError, InvalidRequest, NotFound, PayloadTooLarge, TransportError, Unavailable
+from edged.errors import (
+    EdgedError,
+    InvalidRequest,
+    NotFound,
+    NotSupported,
+    PayloadTooLarge,
+    TransportError,
+    Unavailable,
+)
+from edged.transports.ollama import add_ollama_routes
+from edged.transports.tcp import origin_of
 
 log = structlog.get_logger(__name__)
 
@@ -73,9 +83,10 @@ class UnixServer(uvicorn.Server):
         yield
 
 
-def make_server(app: ASGIApp) -> UnixServer:
+def make_server(app: ASGIApp, **options: Any) -> UnixServer:
+    """A uvicorn server for ``app`` (``options``: TLS files for the TCP listener)."""
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5, **options
     )
     return UnixServer(config)
 
@@ -83,20 +94,117 @@ def make_server(app: ASGIApp) -> UnixServer:
 # -- request bodies --------------------------------------------------------------------------------
 
 
-class ChatCompletionRequest(JobRequest):
-    """OpenAI ``/v1/chat/completions`` body; edged's own job fields are accepted too."""
+class OpenAIMessage(BaseModel):
+    """A message as OpenAI's clients send it; turned into edged's plain text messages."""
 
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="developer counts as system; tool and function results are told to the model as text."
+    )
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or content parts of which edged reads the text ones."
+    )
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+
+    def to_message(self, index: int) -> dict[str, Any]:
+        where = f"messages[{index}].content"
+        if isinstance(self.content, list):
+            texts = []
+            for part in self.content:
+                kind = part.get("type")
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                else:
+                    raise NotSupported(
+                        f"{where}: '{kind}' parts are not supported: the model on this board reads text",
+                        param=where,
+                    )
+            text = "\n".join(texts)
+        else:
+            text = self.content or ""
+        if self.role == "developer":
+            return {"role": "system", "content": text}
+        if self.role in ("tool", "function"):
+            who = f" {self.name}" if self.name else ""
+            return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
+        message: dict[str, Any] = {"role": self.role, "content": text}
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(JobRequest):
+    """OpenAI ``/v1/chat/completions`` body: every documented field is accepted; edged applies what
+    it supports, ignores what cannot change the answer and refuses the rest with ``not_supported``
+    naming the field. Fields OpenAI does not define are ``invalid_request``."""
+
+    messages: list[OpenAIMessage] | None = Field(None, min_length=1, description="Chat messages.")  # type: ignore[assignment]
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
-    n: Literal[1] = Field(1, description="Number of choices; edged generates one.")
+    n: int = Field(1, ge=1, description="Number of choices; edged generates one (n > 1: not_supported).")
     stream_options: dict[str, Any] | None = Field(None, description="Accepted; usage is always sent.")
     user: str | None = Field(None, description="Accepted and ignored.")
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description="Accepted: with tool_choice absent, 'auto' or 'none' the model answers in text (no "
+        "tool calls); a forced tool_choice is not_supported.",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(None, description="none/auto: text answers.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tool calls).")
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated tools; as tools.")
+    function_call: str | dict[str, Any] | None = Field(None, description="Deprecated tool_choice.")
+    logprobs: bool | None = Field(None, description="true: not_supported.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: not_supported.")
+    metadata: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored (edged stores no completions).")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored (edged caches prefixes).")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prediction: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
+    verbosity: str | None = Field(None, description="Accepted and ignored.")
+    modalities: list[str] | None = Field(None, description="['text'] only.")
+    audio: dict[str, Any] | None = Field(None, description="Audio output: not_supported.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="none or minimal: think=false (no reasoning); others: the model's default."
+    )
+    web_search_options: dict[str, Any] | None = Field(None, description="not_supported.")
+
+    def _refuse_unsupported(self) -> None:
+        if self.n > 1:
+            raise NotSupported("n: edged generates one choice per request", param="n")
+        if self.logprobs or self.top_logprobs:
+            raise NotSupported("logprobs: edged does not return token log-probabilities", param="logprobs")
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if choice not in (None, "auto", "none"):
+            raise NotSupported(
+                "tool_choice: edged does not make tool calls; with tool_choice 'auto' or 'none' the model "
+                "answers in text",
+                param="tool_choice",
+            )
+        if self.modalities and set(self.modalities) != {"text"}:
+            raise NotSupported("modalities: edged answers in text only", param="modalities")
+        if self.audio is not None:
+            raise NotSupported("audio: edged answers in text only", param="audio")
+        if self.web_search_options is not None:
+            raise NotSupported("web_search_options: edged has no web search", param="web_search_options")
 
     def to_job(self) -> JobRequest:
-        data = self.model_dump(
-            exclude={"max_completion_tokens", "n", "stream_options", "user"}, exclude_unset=True
-        )
+        self._refuse_unsupported()
+        own = set(JobRequest.model_fields)
+        data = self.model_dump(include=own - {"messages"}, exclude_unset=True)
+        if self.messages is not None:
+            data["messages"] = [m.to_message(i) for i, m in enumerate(self.messages)]
         if self.max_completion_tokens and not self.max_tokens:
             data["max_tokens"] = self.max_completion_tokens
+        if self.reasoning_effort in ("none", "minimal") and self.think is None:
+            data["think"] = False
+        if self.tools or self.functions:
+            log.debug("tools accepted, answering in text", tools=len(self.tools or self.functions or []))
         return JobRequest.model_validate(data)
 
 
@@ -213,7 +321,7 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _events_while_connected(job: Job, request: Request, engine: Engine) -> AsyncIterator[Any]:
+async def events_while_connected(job: Job, request: Request, engine: Engine) -> AsyncIterator[Any]:
     """The job's events; if the client goes away first, the job is cancelled."""
     events = job.events().__aiter__()
     pending: asyncio.Task[Any] | None = None
@@ -274,10 +382,10 @@ def create_app(
         shape: Callable[[JobResult], dict[str, Any]],
         chunk_object: str,
     ) -> Any:
-        job = await engine.submit(job_request)
+        job = await engine.submit(job_request, origin=origin_of(request))
         headers = {"X-Edged-Job-Id": job.id}
         if not job_request.stream:
-            async for event in _events_while_connected(job, request, engine):
+            async for event in events_while_connected(job, request, engine):
                 if isinstance(event, Finished):
                     return JSONResponse(shape(event.result), headers=headers)
                 if isinstance(event, Failed):
@@ -310,7 +418,7 @@ def create_app(
 
         if chat:
             yield _sse(choice({"role": "assistant", "content": ""}))
-        async for event in _events_while_connected(job, request, engine):
+        async for event in events_while_connected(job, request, engine):
             if isinstance(event, Delta):
                 key = "reasoning_content" if event.kind == "reasoning" else "content"
                 if not chat and key != "content":
@@ -398,6 +506,7 @@ def create_app(
     async def cancel_job(job_id: str) -> dict[str, Any]:
         return engine.cancel(job_id).info()
 
+    add_ollama_routes(app, settings, engine, read_body, events_while_connected)
     _document_bodies(app, (ChatCompletionRequest, CompletionRequest))
     return app
 

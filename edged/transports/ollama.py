@@ -1,0 +1,440 @@
+"""Ollama-compatible routes (``/api/*``), for Home Assistant, Open WebUI and the ``ollama`` clients.
+
+A translation layer only: each request becomes the engine's one `JobRequest`, each answer Ollama's
+NDJSON stream or object (field names, durations in nanoseconds, ``{"error": "..."}`` bodies). What
+edged cannot do (pull, push, create, copy, delete, embeddings) answers 501 with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from edged.config import Settings
+from edged.engine import Delta, Engine, Failed, Finished, JobRequest, JobResult
+from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
+from edged.transports.tcp import origin_of
+
+log = structlog.get_logger(__name__)
+
+OLLAMA_API_VERSION = "0.12.6"
+"""The Ollama release whose API these routes follow (clients compare it to feature minimums)."""
+
+SUPPORTED_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "num_predict": "max_tokens",
+    "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "stop": "stop",
+}
+"""Ollama options edged applies per job, and the job field each one sets."""
+
+RUNTIME_OPTIONS = {
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_thread",
+    "num_keep",
+    "use_mmap",
+    "use_mlock",
+    "numa",
+    "low_vram",
+    "vocab_only",
+    "f16_kv",
+    "logits_all",
+    "embedding_only",
+    "repeat_last_n",
+    "typical_p",
+    "tfs_z",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+    "penalize_newline",
+}
+"""Options that configure Ollama's runner or samplers edged does not have: accepted and ignored (as
+Ollama itself ignores options it does not know); the daemon's configuration decides these."""
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    thinking: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # Ollama ignores fields it does not know; so do these routes
+
+    model: str
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    stream: bool = True
+    keep_alive: str | int | float | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.logprobs or self.top_logprobs:
+            raise NotSupported("logprobs: edged does not return token log-probabilities", param="logprobs")
+
+
+class ChatRequest(_Common):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateRequest(_Common):
+    prompt: str = ""
+    system: str | None = None
+    suffix: str | None = None
+    images: list[str] | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None  # older clients
+    verbose: bool = False
+
+
+def ollama_error(error: EdgedError) -> JSONResponse:
+    """Ollama's error shape, ``{"error": "..."}``, with the HTTP status of edged's code."""
+    headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else None
+    return JSONResponse({"error": error.message}, status_code=error.http_status, headers=headers)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(ms: float | None) -> int:
+    return int((ms or 0.0) * 1e6)
+
+
+def model_tag(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"
+
+
+def _local_name(requested: str, loaded: str) -> str:
+    """Ollama names carry a tag (``name:latest``); edged's model has none."""
+    if requested in (loaded, model_tag(loaded)):
+        return loaded
+    raise ModelNotFound(f"model '{requested}' not found (this board serves '{model_tag(loaded)}')")
+
+
+def _options(options: dict[str, Any] | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        if key in SUPPORTED_OPTIONS:
+            if value is not None:
+                fields[SUPPORTED_OPTIONS[key]] = value
+        elif key not in RUNTIME_OPTIONS:
+            log.info("ignoring an unknown Ollama option", option=key)
+    if fields.get("max_tokens") is not None and fields["max_tokens"] < 0:  # -1, -2: "until the context ends"
+        del fields["max_tokens"]
+    return fields
+
+
+def _format(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": value}}
+    raise InvalidRequest(f'format must be "json" or a JSON schema, not {value!r}', param="format")
+
+
+def _think(value: bool | str | None) -> dict[str, Any]:
+    if value is False:
+        return {"think": False}
+    return {}  # true or a level: the model's template decides (it thinks by default)
+
+
+def _content(message: OllamaMessage) -> dict[str, str]:
+    if message.images:
+        raise NotSupported("images: the model on this board reads text only", param="messages")
+    if message.role == "tool":  # a tool's result, told to the model as text
+        who = f" {message.tool_name}" if message.tool_name else ""
+        return {"role": "user", "content": f"[result of the tool{who}]\n{message.content}"}
+    return {"role": message.role, "content": message.content}
+
+
+def chat_job(body: ChatRequest, loaded: str) -> JobRequest:
+    body.refuse_unsupported()
+    if body.tools:
+        log.debug("tools accepted, answering in text", tools=len(body.tools))
+    fields: dict[str, Any] = {
+        "model": _local_name(body.model, loaded),
+        "messages": [_content(m) for m in body.messages],
+        "stream": body.stream,
+        **_options(body.options),
+        **_think(body.think),
+    }
+    response_format = _format(body.format)
+    if response_format is not None:
+        fields["response_format"] = response_format
+    return JobRequest.model_validate(fields)
+
+
+def generate_job(body: GenerateRequest, loaded: str) -> JobRequest:
+    body.refuse_unsupported()
+    if body.images:
+        raise NotSupported("images: the model on this board reads text only", param="images")
+    if body.suffix:
+        raise NotSupported("suffix (fill-in-the-middle) is not supported", param="suffix")
+    if body.context:
+        raise NotSupported("context (token state of an earlier answer) is not supported", param="context")
+    if body.template:
+        raise NotSupported("template: edged uses the model's own chat template", param="template")
+    fields: dict[str, Any] = {
+        "model": _local_name(body.model, loaded),
+        "stream": body.stream,
+        **_options(body.options),
+    }
+    if body.raw:
+        fields.update(prompt=body.prompt, raw=True)
+    else:
+        messages = [{"role": "system", "content": body.system}] if body.system else []
+        fields["messages"] = [*messages, {"role": "user", "content": body.prompt}]
+        fields.update(_think(body.think))
+    response_format = _format(body.format)
+    if response_format is not None:
+        fields["response_format"] = response_format
+    return JobRequest.model_validate(fields)
+
+
+def _durations(result: JobResult) -> dict[str, Any]:
+    t = result.timings
+    return {
+        "total_duration": _ns(t.total_ms),
+        "load_duration": 0,
+        "prompt_eval_count": result.usage.prompt_tokens,
+        "prompt_eval_duration": _ns(t.prompt_ms),
+        "eval_count": result.usage.completion_tokens,
+        "eval_duration": _ns(t.predicted_ms),
+    }
+
+
+def add_ollama_routes(
+    app: FastAPI,
+    settings: Settings,
+    engine: Engine,
+    read_body: Callable[..., Any],
+    events_while_connected: Callable[..., AsyncIterator[Any]],
+) -> None:
+    """Register ``/api/*`` on ``app`` (the same app serves the socket and the TCP listener)."""
+    limit = settings.jobs.max_payload_bytes
+
+    def details() -> dict[str, Any]:
+        snap = engine.snapshot()
+        desc = str(snap.backend_details.get("model_desc", ""))  # "qwen2 1.5B Q4_K - Medium"
+        family, size, quant = [*desc.split(" ", 2), "", "", ""][:3] if desc else ("", "", "")
+        return {
+            "parent_model": "",
+            "format": "gguf" if snap.backend == "llamacpp" else snap.backend,
+            "family": family,
+            "families": [family] if family else None,
+            "parameter_size": size,
+            "quantization_level": quant,
+        }
+
+    def model_entry() -> dict[str, Any]:
+        snap = engine.snapshot()
+        path = settings.model.path
+        size = int(snap.backend_details.get("model_bytes", 0) or 0)  # type: ignore[call-overload]
+        try:
+            size = size or (path.stat().st_size if path else 0)
+            modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) if path else None
+        except OSError:
+            modified = None
+        tag = model_tag(snap.model)
+        return {
+            "name": tag,
+            "model": tag,
+            "modified_at": (modified or datetime.now(timezone.utc)).isoformat().replace("+00:00", "Z"),
+            "size": size,
+            "digest": hashlib.sha256(f"{path}:{size}".encode()).hexdigest(),
+            "details": details(),
+        }
+
+    async def answer(
+        job_request: JobRequest, request: Request, shape: Callable[[str, str, bool], dict[str, Any]]
+    ) -> Any:
+        """Run the job; ``shape(content, thinking, done)`` makes one Ollama object."""
+        try:
+            job = await engine.submit(job_request, origin=origin_of(request))
+        except EdgedError as exc:
+            return ollama_error(exc)
+        headers = {"X-Edged-Job-Id": job.id}
+        if not job_request.stream:
+            async for event in events_while_connected(job, request, engine):
+                if isinstance(event, Finished):
+                    result = event.result
+                    body = shape(result.content, result.reasoning_content or "", True)
+                    body.update(done_reason=result.finish_reason, **_durations(result))
+                    return JSONResponse(body, headers=headers)
+                if isinstance(event, Failed):
+                    return ollama_error(event.error)
+            return ollama_error(EdgedError("the job ended without a result"))
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for event in events_while_connected(job, request, engine):
+                if isinstance(event, Delta):
+                    content, thinking = (event.text, "") if event.kind == "content" else ("", event.text)
+                    yield _line(shape(content, thinking, False))
+                elif isinstance(event, Finished):
+                    last = shape("", "", True)
+                    last.update(done_reason=event.result.finish_reason, **_durations(event.result))
+                    yield _line(last)
+                elif isinstance(event, Failed):
+                    yield _line({"error": event.error.message})
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+    @app.get("/api/version", summary="Ollama: the API version these routes follow")
+    async def version() -> dict[str, str]:
+        return {"version": OLLAMA_API_VERSION}
+
+    @app.get("/api/tags", summary="Ollama: the models (the one this board serves)")
+    async def tags() -> dict[str, Any]:
+        return {"models": [model_entry()]}
+
+    @app.get("/api/ps", summary="Ollama: the loaded models")
+    async def ps() -> dict[str, Any]:
+        snap = engine.snapshot()
+        if not snap.ready:
+            return {"models": []}
+        entry = model_entry()
+        entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0, context_length=snap.n_ctx)
+        return {"models": [entry]}
+
+    @app.post("/api/show", summary="Ollama: a model's details, template and capabilities")
+    async def show(request: Request) -> Any:
+        try:
+            body = await read_body(request, ShowRequest, limit)
+            snap = engine.snapshot()
+            _local_name(body.model or body.name or "", snap.model)
+        except EdgedError as exc:
+            return ollama_error(exc)
+        template = engine.chat_template() or ""
+        capabilities = ["completion"]
+        if "<think>" in template:
+            capabilities.append("thinking")
+        family = details()["family"]
+        return {
+            "modelfile": f"# served by edged\nFROM {settings.model.path}\n",
+            "parameters": "",
+            "template": template,
+            "details": details(),
+            "model_info": {
+                "general.architecture": family,
+                f"{family or 'model'}.context_length": snap.n_ctx,
+                "general.parameter_count": snap.backend_details.get("model_params", 0),
+            },
+            "capabilities": capabilities,
+            "modified_at": model_entry()["modified_at"],
+        }
+
+    @app.post("/api/chat", summary="Ollama: chat (NDJSON stream by default)")
+    async def chat(request: Request) -> Any:
+        try:
+            body = await read_body(request, ChatRequest, limit)
+            snap = engine.snapshot()
+            if not body.messages:  # Ollama's "load the model" call
+                _local_name(body.model, snap.model)
+                return {
+                    "model": body.model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": ""},
+                    "done_reason": "load",
+                    "done": True,
+                }
+            job_request = chat_job(body, snap.model)
+        except EdgedError as exc:
+            return ollama_error(exc)
+
+        def shape(content: str, thinking: str, done: bool) -> dict[str, Any]:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
+            return {"model": body.model, "created_at": _now(), "message": message, "done": done}
+
+        return await answer(job_request, request, shape)
+
+    @app.post("/api/generate", summary="Ollama: completion of one prompt (NDJSON stream by default)")
+    async def generate(request: Request) -> Any:
+        try:
+            body = await read_body(request, GenerateRequest, limit)
+            snap = engine.snapshot()
+            if not body.prompt and not body.system:  # Ollama's "load the model" call
+                _local_name(body.model, snap.model)
+                loaded = {"model": body.model, "created_at": _now(), "response": "", "done": True}
+                return {**loaded, "done_reason": "load"}
+            job_request = generate_job(body, snap.model)
+        except EdgedError as exc:
+            return ollama_error(exc)
+
+        def shape(content: str, thinking: str, done: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": body.model, "created_at": _now(), "response": content}
+            out["done"] = done
+            if thinking:
+                out["thinking"] = thinking
+            return out
+
+        return await answer(job_request, request, shape)
+
+    def unsupported(what: str) -> Callable[[], Any]:
+        async def handler() -> JSONResponse:
+            return ollama_error(
+                NotSupported(
+                    f"{what} is not supported: edged serves the one model of its configuration "
+                    f"(model.path = {settings.model.path}); install models with Ansible or by hand"
+                )
+            )
+
+        return handler
+
+    for route, methods, what in (
+        ("/api/pull", ["POST"], "pulling a model"),
+        ("/api/push", ["POST"], "pushing a model"),
+        ("/api/create", ["POST"], "creating a model"),
+        ("/api/copy", ["POST"], "copying a model"),
+        ("/api/delete", ["DELETE"], "deleting a model"),
+        ("/api/blobs/{digest}", ["HEAD", "POST"], "uploading a blob"),
+    ):
+        app.add_api_route(route, unsupported(what), methods=methods, include_in_schema=False)
+    for route in ("/api/embed", "/api/embeddings"):
+        app.add_api_route(
+            route,
+            unsupported("embeddings (the chat model on this board does not offer them)"),
+            methods=["POST"],
+            include_in_schema=False,
+        )
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()

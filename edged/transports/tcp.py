@@ -1,0 +1,263 @@
+"""The optional TCP listener (``http.listen``): the socket's very app, behind a key gate.
+
+One set of handlers, two listeners: the Unix socket is guarded by its file permissions, the TCP
+listener by API keys (``Authorization: Bearer <key>``, which both OpenAI and Ollama clients can send),
+a per-key rate limit, and optionally TLS. Keys may be stored as ``sha256:<hex>`` so the configuration
+holds no secret; jobs log the key's name, never the key. ``/metrics`` is not served here (the metrics
+port stays separate and loopback by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edged.config import HttpConfig, is_loopback
+from edged.errors import ConfigError, TransportError
+
+log = structlog.get_logger(__name__)
+
+HASH_PREFIX = "sha256:"
+NOT_ON_TCP = ("/metrics",)
+OPEN_ON_TCP = ("/health",)
+"""Served without a key (load balancers and Docker health checks): it tells only ready or not."""
+
+
+def hash_key(key: str) -> str:
+    return HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_keys(config: HttpConfig) -> dict[str, str]:
+    """Key name -> ``sha256:<hex>``, from ``api_keys`` and ``api_keys_file``; raises `ConfigError`."""
+    keys: dict[str, str] = {}
+    problems: list[str] = []
+
+    def add(name: str, value: str, where: str) -> None:
+        if value.startswith(HASH_PREFIX):
+            digest = value[len(HASH_PREFIX) :].lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                problems.append(f"{where}: key {name!r}: sha256 needs 64 hex digits")
+                return
+            keys[name] = HASH_PREFIX + digest
+        else:
+            keys[name] = hash_key(value)
+
+    for name, secret in config.api_keys.items():
+        add(name, secret.get_secret_value(), "http.api_keys")
+    if config.api_keys_file is not None:
+        path = config.api_keys_file
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError([f"http.api_keys_file: cannot read {path}: {exc.strerror or exc}"]) from exc
+        for number, line in enumerate(lines, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            parts = text.split()
+            if len(parts) != 2:
+                problems.append(f"{path}:{number}: expected 'NAME KEY' or 'NAME sha256:<hex>'")
+                continue
+            add(parts[0], parts[1], f"{path}:{number}")
+        if not keys and not problems:
+            problems.append(f"http.api_keys_file: {path} holds no keys")
+    if problems:
+        raise ConfigError(problems)
+    return keys
+
+
+class RateLimiter:
+    """A token bucket per client: ``per_min`` requests a minute, bursts up to the same number."""
+
+    def __init__(self, per_min: int) -> None:
+        self.per_min = per_min
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> float:
+        """0 when allowed, else the seconds until a request would be."""
+        if self.per_min <= 0:
+            return 0.0
+        rate = self.per_min / 60.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(who, (float(self.per_min), now))
+            tokens = min(float(self.per_min), tokens + (now - at) * rate)
+            if tokens >= 1.0:
+                self._buckets[who] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[who] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+@dataclass(frozen=True)
+class Caller:
+    key: str
+    """The key's name, or ``anonymous``."""
+    address: str
+
+
+class KeyGate:
+    """ASGI middleware in front of the app on the TCP listener."""
+
+    def __init__(self, app: ASGIApp, config: HttpConfig, keys: dict[str, str]) -> None:
+        self.app = app
+        self.keys = keys
+        self.anonymous = config.allow_anonymous or (not keys and _loopback_only(config))
+        self.limiter = RateLimiter(config.rate_limit_per_min)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        client = scope.get("client") or ("?", 0)
+        address = str(client[0])
+        if path in NOT_ON_TCP:
+            await _refuse(send, path, 404, "not_found", f"{path} is not served on the TCP listener")
+            return
+        if path in OPEN_ON_TCP:
+            await self.app(scope, receive, send)
+            return
+        presented = _bearer(scope)
+        name = self._identify(presented)
+        if name is None:
+            if presented is not None or not self.anonymous:
+                log.warning("tcp request refused", path=path, client=address, key_given=presented is not None)
+                message = "a wrong API key" if presented is not None else "no API key"
+                await _refuse(
+                    send,
+                    path,
+                    401,
+                    "unauthorized",
+                    f"{message}: send 'Authorization: Bearer <key>' (a key from http.api_keys)",
+                    {"www-authenticate": 'Bearer realm="edged"'},
+                )
+                return
+            name = "anonymous"
+        wait = self.limiter.take(name if name != "anonymous" else f"anonymous@{address}")
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            await _refuse(
+                send,
+                path,
+                429,
+                "rate_limited",
+                f"key {name!r} is over http.rate_limit_per_min ({self.limiter.per_min}); retry in {retry} s",
+                {"retry-after": str(retry)},
+            )
+            return
+        scope.setdefault("state", {})["edged_caller"] = Caller(key=name, address=address)
+        await self.app(scope, receive, send)
+
+    def _identify(self, presented: str | None) -> str | None:
+        if presented is None:
+            return None
+        digest = hash_key(presented)
+        found = None
+        for name, stored in self.keys.items():  # every key compared, in constant time each
+            if hmac.compare_digest(digest, stored):
+                found = name
+        return found
+
+
+def origin_of(request: Any) -> str:
+    """``tcp:<key name>`` on the TCP listener (its key gate says who), else ``socket``."""
+    caller = request.scope.get("state", {}).get("edged_caller")
+    return f"tcp:{caller.key}" if isinstance(caller, Caller) else "socket"
+
+
+def _loopback_only(config: HttpConfig) -> bool:
+    address = config.address
+    return address is not None and is_loopback(address[0])
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return ""  # present but not a bearer token: a wrong key, not anonymous
+        if name == b"x-api-key":  # what some clients send instead
+            return value.decode("latin-1").strip()
+    return None
+
+
+async def _refuse(
+    send: Send, path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """An error in the shape the route's clients read: Ollama's under /api/, OpenAI's elsewhere."""
+    body: dict[str, Any]
+    if path.startswith("/api/"):
+        body = {"error": message}
+    else:
+        body = {"error": {"code": code, "message": message, "type": "invalid_request_error", "param": None}}
+    data = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def bind_tcp(config: HttpConfig) -> socket.socket:
+    """Bind and listen on ``http.listen``; raises `TransportError` with the reason."""
+    address = config.address
+    assert address is not None
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise TransportError(f"http.listen {config.listen}: cannot resolve {host!r}: {exc.strerror}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # [::] takes IPv4 too
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def check_tls(config: HttpConfig) -> None:
+    """Load the certificate and key once at start, so a bad file is a clear error, not a dead listener."""
+    if config.tls.cert is None or config.tls.key is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"http.tls: cannot load {config.tls.cert} / {config.tls.key}: {exc}"]) from exc
+
+
+def tls_options(config: HttpConfig) -> dict[str, Any]:
+    if config.tls.cert is None or config.tls.key is None:
+        return {}
+    return {"ssl_certfile": str(config.tls.cert), "ssl_keyfile": str(config.tls.key)}
+
+
+def describe(config: HttpConfig, keys: dict[str, str]) -> dict[str, Any]:
+    """The listener for /status (key names only)."""
+    return {
+        "listen": config.listen,
+        "tls": config.tls.cert is not None,
+        "keys": sorted(keys),
+        "anonymous": config.allow_anonymous,
+        "rate_limit_per_min": config.rate_limit_per_min,
+    }
