@@ -132,7 +132,7 @@ SCHEMA_FORMAT = {
                     "items": {
                         "type": "object",
                         "properties": {
-                            "sensor": {"type": "string", "maxLength": 12},
+                            "sensor": {"type": "string", "pattern": "^[A-Za-z0-9 ._-]{1,12}$"},
                             "celsius": {"type": "integer"},
                             "ok": {"type": "boolean"},
                         },
@@ -146,7 +146,9 @@ SCHEMA_FORMAT = {
         },
     },
 }
-"""Every field bounded: any model (random weights too) completes it, in about 150-250 tokens."""
+"""Every field bounded: any model (random weights too) completes it, in about 150-350 tokens. Strings
+are printable ASCII: a model with random weights emits raw byte tokens that llama.cpp's grammar takes
+as characters but UTF-8 does not (edged then answers invalid_output, as it must)."""
 
 
 def _schema(tokenizer: ChatTokenizer, run: int, options: Options, tokens: int) -> list[Step]:
