@@ -173,12 +173,13 @@ def test_the_disk_tier_survives_a_restart_and_a_corrupt_entry_is_ignored(
     files = list(cache_dir.rglob("*.pfx"))
     assert len(files) == 1
 
-    # A restart: the instruction comes from disk, and the answer is the one it gave before.
+    # A restart: the instruction comes from disk (into KV as the model loads), and the answer is the
+    # one it gave before.
     d = start_daemon(**env)
     with d.client() as c:
         warm = ask(c, INSTRUCTION + QUESTIONS[1])
         cache = c.get("/status").json()["engine"]["prefix_cache"]
-    assert cache["disk_hits"] == 1
+    assert cache["disk_warmed"] == 1 and cache["hits"] == 1
     assert warm["timings"]["cache_n"] == shared["timings"]["cache_n"]
     assert text(warm) == text(shared)
     d.stop()
@@ -191,7 +192,7 @@ def test_the_disk_tier_survives_a_restart_and_a_corrupt_entry_is_ignored(
     with d.client() as c:
         cold = ask(c, INSTRUCTION + QUESTIONS[1])
         cache = c.get("/status").json()["engine"]["prefix_cache"]
-    assert cache["disk_hits"] == 0 and cache["disk_rejected"] == 1
+    assert cache["disk_hits"] == cache["disk_warmed"] == 0 and cache["disk_rejected"] == 1
     assert cold["timings"]["cache_n"] == 0
     assert text(cold) == text(computed)
     assert "discarding a bad disk entry" in d.log()

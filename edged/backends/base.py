@@ -101,6 +101,8 @@ class CacheStats:
     parked_tokens: int = 0
     evictions: int = 0
     disk_hits: int = 0
+    disk_warmed: int = 0
+    """Disk prefixes put into KV at load (the newest ones, into the empty streams)."""
     disk_entries: int = 0
     disk_bytes: int = 0
     disk_saves: int = 0

@@ -272,6 +272,8 @@ class LlamaCppBackend:
             )
             for entry in self._disk.scan():
                 self._disk_index.insert(("disk", entry.path.stem), entry.tokens)
+        self._warm_up()
+        warmed = self._warm_from_disk()
         log.info(
             "llama.cpp model loaded",
             model=str(path),
@@ -283,8 +285,59 @@ class LlamaCppBackend:
             park_streams=extra,
             chat_template=self._tokenizer.formatter is not None,
             disk_prefixes=len(self._disk_index),
+            disk_prefixes_in_kv=warmed,
         )
         return self._caps
+
+    def _warm_up(self) -> None:
+        """One single-token decode at load, as llama-server does, so the first job does not pay for
+        first use (compute buffers, page faults in the weights)."""
+        lc, tok = self._llama_cpp, self._tokenizer
+        assert tok is not None
+        bos = lc.llama_vocab_bos(tok.vocab)
+        batch = self._batch
+        batch.n_tokens = 1
+        batch.token[0], batch.pos[0], batch.n_seq_id[0] = bos if bos >= 0 else 0, 0, 1
+        batch.seq_id[0][0], batch.logits[0] = 0, True
+        rc = lc.llama_decode(self._ctx, batch)
+        lc.llama_memory_seq_rm(self._mem, 0, -1, -1)
+        if rc != 0:
+            log.warning("llama.cpp warm-up decode failed", rc=rc)
+
+    def _warm_from_disk(self) -> int:
+        """Put the most recently used disk prefixes into the empty streams at load (parked, as if just
+        released), so the first jobs after a restart find them in KV; returns how many."""
+        if self._disk is None or not self._disk.entries:
+            return 0
+
+        def mtime(entry: DiskEntry) -> float:
+            try:
+                return entry.path.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        newest = sorted(self._disk.entries.values(), key=mtime, reverse=True)[: self._streams]
+        lc, mem = self._llama_cpp, self._mem
+        warmed = 0
+        for stream, entry in enumerate(newest):
+            state = self._disk.load(entry)
+            if state is None:
+                with self._disk_lock:
+                    self._disk_index.remove(("disk", entry.path.stem))
+                continue
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            loaded = lc.llama_state_seq_set_data(self._ctx, buf, len(state), stream)
+            if loaded == 0 or lc.llama_memory_seq_pos_max(mem, stream) != len(entry.tokens) - 1:
+                lc.llama_memory_seq_rm(mem, stream, -1, -1)
+                self._disk.reject(entry.path, "llama.cpp refused the state, or it holds other tokens")
+                with self._disk_lock:
+                    self._disk_index.remove(("disk", entry.path.stem))
+                continue
+            self._index.insert(("kv", stream), list(entry.tokens))
+            self._parked[stream] = len(entry.tokens)
+            warmed += 1
+        self._stats.disk_warmed += warmed
+        return warmed
 
     def describe(self) -> dict[str, object]:
         caps = self._caps

@@ -201,7 +201,8 @@ def _cache_metrics(cache: dict[str, Any] | None) -> Iterator[Metric]:
         ("lookups", "edged_prefix_cache_lookups", "Prompts looked up in the prefix cache"),
         ("hits", "edged_prefix_cache_hits", "Prompts that reused a cached prefix"),
         ("hit_tokens", "edged_prefix_cache_hit_tokens", "Prompt tokens taken from the cache"),
-        ("disk_hits", "edged_prefix_cache_disk_hits", "Prefixes loaded from the disk tier"),
+        ("disk_hits", "edged_prefix_cache_disk_hits", "Prefixes loaded from the disk tier for a job"),
+        ("disk_warmed", "edged_prefix_cache_disk_warmed", "Disk prefixes put into KV when the model loaded"),
         ("evictions", "edged_prefix_cache_evictions", "Parked prefixes evicted for room"),
     ):
         family = CounterMetricFamily(name, doc)
