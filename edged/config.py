@@ -443,7 +443,14 @@ class RkllmConfig(_Section):
     )
     model: Path | None = Field(None, description="The .rkllm model (converted with rkllm-toolkit, W8A8).")
     runtime_version: str | None = Field(
-        None, description="Version of librkllmrt.so, e.g. '1.2.1'; picks the struct layout. Required."
+        None,
+        description="Override of the runtime version edged reads from librkllmrt.so (e.g. '1.2.1', "
+        "'1.2.1b1'); it must agree with the library's own. Unset: detected.",
+    )
+    trust_version: bool = Field(
+        False,
+        description="Use runtime_version for a library that does not say its version. A wrong "
+        "version crashes edged (the struct layouts differ between releases).",
     )
     core_mask: str = Field(
         "0_1_2",

@@ -18,15 +18,23 @@ import httpx
 import pytest
 from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, run_edged
 
+from edged.backends.rkllm_abi import abi_for
+
 STUB = Path(__file__).parent / "npu_stub"
-RELEASES = {"1.1.4": 110, "1.2.0": 120, "1.2.1": 121, "1.3.0": 130}
+RELEASES = {"1.1.4": "110", "1.2.0": "120", "1.2.1b1": "120b1", "1.2.1": "121", "1.3.0": "130"}
+"""Runtime release -> the stand-in's ABI build (rkllm_abi.h; 120b1 = 1.2.0 with 1.2.1's multimodal input)."""
 
 
-def build_stub(out: Path, abi: int, version: str) -> Path:
+def abi_flags(abi: str) -> list[str]:
+    return [f"-DRKLLM_ABI={abi[:3]}", *(["-DRKLLM_121B1"] if abi.endswith("b1") else [])]
+
+
+def build_stub(out: Path, abi: str, version: str) -> Path:
+    """The stand-in for one release; ``version`` "" builds a library that says no version at all."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.fail("gcc is required to build the RKLLM stand-in")
-    lib = out / f"librkllmrt-{abi}-{version or 'noversion'}.so"
+    lib = out / f"librkllmrt-{abi}-{version or 'silent'}.so"
     subprocess.run(
         [
             gcc,
@@ -35,8 +43,9 @@ def build_stub(out: Path, abi: int, version: str) -> Path:
             "-Werror",
             "-shared",
             "-fPIC",
-            f"-DRKLLM_ABI={abi}",
+            *abi_flags(abi),
             f'-DSTUB_VERSION="{version}"',
+            *([] if version else ["-DSTUB_SILENT"]),
             "-o",
             str(lib),
             str(STUB / "rkllm_stub.c"),
@@ -53,7 +62,7 @@ def build_stub(out: Path, abi: int, version: str) -> Path:
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("npu_stub")
     built = {version: build_stub(out, abi, version) for version, abi in RELEASES.items()}
-    built["1.3.0-silent"] = build_stub(out, 130, "")  # no version string inside
+    built["1.3.0-silent"] = build_stub(out, "130", "")  # no version string inside
     return built
 
 
@@ -74,12 +83,13 @@ def rk_model(tmp_path: Path) -> Path:
     return model
 
 
-def npu_env(root: Path, lib: Path, model: Path, version: str = "1.2.1", **extra: str) -> dict[str, str]:
+def npu_env(root: Path, lib: Path, model: Path, version: str | None = None, **extra: str) -> dict[str, str]:
+    """The daemon on the stand-in; ``version`` pins rkllm.runtime_version (default: detected)."""
     return {
         "EDGED_BOARD__ROOT": str(root),
         "EDGED_RKLLM__LIBRARY": str(lib),
         "EDGED_RKLLM__MODEL": str(model),
-        "EDGED_RKLLM__RUNTIME_VERSION": version,
+        **({"EDGED_RKLLM__RUNTIME_VERSION": version} if version else {}),
         "STUB_TOKEN_MS": "5",
         **extra,
     }
@@ -190,9 +200,11 @@ def test_init_failure_falls_back_to_llamacpp_with_the_reason(start_daemon, rk_ro
 
 
 def test_layout_mismatch_is_caught_by_the_runtime_check(start_daemon, rk_root, rk_model, stubs) -> None:
-    """A 1.3.0 library without a version string, configured as 1.2.1: the structs do not match, the
-    stand-in's sentinel check refuses them, and edged falls back instead of crashing."""
-    d = start_daemon(**npu_env(rk_root, stubs["1.3.0-silent"], rk_model, "1.2.1"))
+    """A 1.3.0 library without a version string, trusted as 1.2.1 on purpose: the structs do not match,
+    the stand-in's sentinel check refuses them, and edged falls back instead of crashing."""
+    d = start_daemon(
+        **npu_env(rk_root, stubs["1.3.0-silent"], rk_model, "1.2.1", EDGED_RKLLM__TRUST_VERSION="true")
+    )
     backend = status(d)["backend"]
     assert backend["name"] == "llamacpp"
     assert "rkllm_init failed with -2" in backend["fallback_reasons"][0]
@@ -216,6 +228,29 @@ def test_mid_job_failure_is_backend_failed_and_the_next_job_runs_on_the_cpu(
     assert "rkllm failed during a job" in now["backend"]["fallback_reasons"][0]
 
 
+@pytest.mark.parametrize("version", list(RELEASES))
+def test_the_release_is_read_from_the_library_itself(rk_root, rk_model, stubs, version: str) -> None:
+    """No pin: the stand-in carries its version the way the real release does (banner from 1.2.0,
+    the bare literal beside the log format string for 1.1.x), and edged picks that release's ABI."""
+    r = run_edged("board", "--json", env=clean_env(**npu_env(rk_root, stubs[version], rk_model)))
+    rkllm = json.loads(r.stdout)["backend"]["considered"][0]
+    assert rkllm["available"], rkllm
+    assert rkllm["reason"] == f"RKLLM runtime {version} (ABI {abi_for(version).name}) on /dev/rknpu"
+
+
+def test_a_library_that_says_no_version_needs_trust(rk_root, rk_model, stubs) -> None:
+    silent = stubs["1.3.0-silent"]
+    unpinned = run_edged("board", "--json", env=clean_env(**npu_env(rk_root, silent, rk_model)))
+    reason = json.loads(unpinned.stdout)["backend"]["considered"][0]["reason"]
+    assert "cannot tell which RKLLM runtime" in reason and "trust_version" in reason
+    pinned = run_edged("board", "--json", env=clean_env(**npu_env(rk_root, silent, rk_model, "1.3.0")))
+    reason = json.loads(pinned.stdout)["backend"]["considered"][0]["reason"]
+    assert "does not say which runtime it is" in reason and "crashes" in reason
+    trusted = clean_env(**npu_env(rk_root, silent, rk_model, "1.3.0", EDGED_RKLLM__TRUST_VERSION="true"))
+    rkllm = json.loads(run_edged("board", "--json", env=trusted).stdout)["backend"]["considered"][0]
+    assert rkllm["available"] and rkllm["reason"].startswith("RKLLM runtime 1.3.0 (ABI 1.3.0)")
+
+
 def test_versions_refused_with_clear_reasons(rk_root, rk_model, stubs) -> None:
     env = clean_env(**npu_env(rk_root, stubs["1.2.1"], rk_model, "1.4.0"))
     r = run_edged("board", "--json", env=env)
@@ -229,7 +264,12 @@ def test_versions_refused_with_clear_reasons(rk_root, rk_model, stubs) -> None:
         "board", "--json", env=clean_env(**npu_env(rk_root, stubs["1.2.1"], rk_model, "1.1.4"))
     )
     reason = json.loads(mismatch.stdout)["backend"]["considered"][0]["reason"]
-    assert "says it is runtime 1.2.1" in reason
+    assert "says it is runtime 1.2.1 (SDK banner" in reason and "rkllm.runtime_version is 1.1.4" in reason
+    b1_as_121 = clean_env(**npu_env(rk_root, stubs["1.2.1b1"], rk_model, "1.2.1"))
+    reason = json.loads(run_edged("board", "--json", env=b1_as_121).stdout)["backend"]["considered"][0][
+        "reason"
+    ]
+    assert "says it is runtime 1.2.1b1" in reason and "ABI 1.2.1b1 vs 1.2.1" in reason
 
 
 def test_drm_render_node_counts_as_the_npu(rk_root, rk_model, stubs) -> None:

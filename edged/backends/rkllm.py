@@ -13,9 +13,9 @@ import ctypes
 import io
 import os
 import queue
-import re
 import threading
 from ctypes import byref, c_char_p, c_int, c_void_p
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +34,7 @@ from edged.backends.rkllm_abi import (
     Callback130,
     abi_for,
 )
+from edged.backends.rkllm_version import detect_version
 from edged.board import HostFS
 from edged.config import RkllmConfig
 from edged.errors import BackendError
@@ -45,16 +46,44 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RK3588_SOCS = ("rockchip,rk3588", "rockchip,rk3588s")
-VERSION_IN_LIBRARY = re.compile(rb"rkllm-runtime version:? v?(\d+\.\d+\.\d+)")
 
 
-def library_version(path: Path) -> str | None:
-    """The version string a runtime library carries, if any (``rkllm-runtime version: 1.2.1``)."""
-    try:
-        match = VERSION_IN_LIBRARY.search(path.read_bytes())
-    except OSError:
-        return None
-    return match.group(1).decode() if match else None
+@dataclass(frozen=True)
+class Runtime:
+    """The runtime release edged will drive, and how it knows."""
+
+    version: str
+    abi: Abi
+    how: str
+
+
+def resolve_runtime(library: Path, options: RkllmConfig) -> Runtime:
+    """The library's release and ABI: detected from its bytes (`rkllm_version`), with
+    ``rkllm.runtime_version`` as an override that must agree with what the library says. Raises
+    ValueError with both versions named on a disagreement, and refuses a library that says nothing
+    recognisable unless ``rkllm.trust_version`` (a wrong layout crashes the process)."""
+    detected = detect_version(library)
+    pinned = options.runtime_version
+    if detected.version is not None:
+        found = abi_for(detected.version)  # ValueError: a release edged has no layout for
+        if pinned is not None and abi_for(pinned).name != found.name:
+            raise ValueError(
+                f"{library} says it is runtime {detected.version} ({detected.how}), but "
+                f"rkllm.runtime_version is {pinned}: their struct layouts differ (ABI {found.name} vs "
+                f"{abi_for(pinned).name}); remove the pin or install the matching library"
+            )
+        return Runtime(detected.version, found, detected.how)
+    if pinned is None:
+        raise ValueError(
+            f"cannot tell which RKLLM runtime {library} is ({detected.how}); set rkllm.runtime_version "
+            "and rkllm.trust_version = true if you are sure (a wrong version crashes edged)"
+        )
+    if not options.trust_version:
+        raise ValueError(
+            f"{library} does not say which runtime it is ({detected.how}); rkllm.runtime_version = "
+            f"{pinned} is used only with rkllm.trust_version = true (a wrong version crashes edged)"
+        )
+    return Runtime(pinned, abi_for(pinned), "rkllm.runtime_version, trusted (the library says nothing)")
 
 
 def npu_device(board: BoardInfo) -> str | None:
@@ -114,6 +143,7 @@ class RkllmBackend:
         self._lib: Any = None
         self._handle = c_void_p()
         self._abi: Abi | None = None
+        self._runtime: Runtime | None = None
         self._callback: Any = None
         self._callback_struct: Any = None
         self._events: queue.Queue[tuple[int, bytes | None, dict[str, float] | None]] = queue.Queue()
@@ -134,21 +164,18 @@ class RkllmBackend:
         device = npu_device(board)
         if device is None:
             return False, "no NPU device: neither /dev/rknpu nor a DRM render node driven by rknpu"
-        if options.runtime_version is None:
-            return False, "rkllm.runtime_version is not set (the struct layout depends on it)"
-        try:
-            abi = abi_for(options.runtime_version)
-        except ValueError as exc:
-            return False, str(exc)
+        if options.runtime_version is not None:
+            try:
+                abi_for(options.runtime_version)
+            except ValueError as exc:
+                return False, str(exc)
         library = _find_library(options.library)
         if library is None or not library.exists():
             return False, f"{options.library} not found (copy librkllmrt.so to /usr/lib)"
-        reported = library_version(library)
-        if reported is not None and abi_for(reported).name != abi.name:
-            return False, (
-                f"{library} says it is runtime {reported}, but rkllm.runtime_version is "
-                f"{options.runtime_version}"
-            )
+        try:
+            runtime = resolve_runtime(library, options)
+        except ValueError as exc:
+            return False, str(exc)
         try:
             ctypes.CDLL(str(library))
         except OSError as exc:
@@ -158,7 +185,7 @@ class RkllmBackend:
         problem = gguf_problem(settings.model.path)
         if problem:
             return False, f"{problem} (rkllm needs the GGUF of the same model for its tokenizer)"
-        return True, f"RKLLM runtime {reported or options.runtime_version} (ABI {abi.name}) on {device}"
+        return True, f"RKLLM runtime {runtime.version} (ABI {runtime.abi.name}) on {device}"
 
     @property
     def model_name(self) -> str:
@@ -176,8 +203,11 @@ class RkllmBackend:
     def load(self, slots: int) -> Capabilities:
         options = self._options
         try:
-            self._abi = abi_for(options.runtime_version or "")
             library = _find_library(options.library)
+            if library is None:
+                raise ValueError(f"{options.library} not found")
+            self._runtime = resolve_runtime(library, options)
+            self._abi = self._runtime.abi
             self._lib = ctypes.CDLL(str(library))
         except (ValueError, OSError) as exc:
             raise BackendError(f"RKLLM runtime unusable: {exc}") from exc
@@ -249,7 +279,8 @@ class RkllmBackend:
     def describe(self) -> dict[str, object]:
         return {
             "library": self._options.library,
-            "runtime_version": self._options.runtime_version,
+            "runtime_version": self._runtime.version if self._runtime else self._options.runtime_version,
+            "runtime_detected_by": self._runtime.how if self._runtime else None,
             "abi": self._abi.name if self._abi else None,
             "model": str(self._options.model),
             "core_mask": self._options.core_mask,

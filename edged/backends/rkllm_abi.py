@@ -22,6 +22,7 @@ The test ``tests/test_rkllm_abi.py`` compiles the same layouts in C with gcc and
 from __future__ import annotations
 
 import ctypes
+import re
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -235,6 +236,14 @@ class Result121(Structure):
     _fields_ = [*Result120._fields_, ("perf", PerfStat)]
 
 
+# -- 1.2.1b1: 1.2.0's layout with 1.2.1's larger multimodal input (no role, void callback) ---------
+
+
+class Input121b1(Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [("input_type", c_int), ("u", InputUnion121)]
+
+
 # -- 1.3.0 ----------------------------------------------------------------------------------------
 
 
@@ -375,6 +384,19 @@ ABIS: dict[str, Abi] = {
             False,
         ),
         Abi(
+            "1.2.1b1",
+            "1.2.1b1",
+            Param120,
+            ExtendParam120,
+            Input121b1,
+            InferParam120,
+            Result120,
+            VoidResultCallback,
+            False,
+            False,
+            False,
+        ),
+        Abi(
             "1.2.1",
             "1.2.1-1.2.3",
             Param121,
@@ -405,8 +427,15 @@ ABIS: dict[str, Abi] = {
 
 
 def abi_for(version: str) -> Abi:
-    """The layout for a runtime version such as ``1.2.3``; an unknown version is refused."""
-    parts = version.strip().lstrip("v").split(".")
+    """The layout for a runtime version such as ``1.2.3`` or ``1.2.1b1``; an unknown one is refused
+    (a pre-release has its own ABI: only the ones known here are accepted)."""
+    version = version.strip().lstrip("v")
+    if version == "1.2.1b1":
+        return ABIS["1.2.1b1"]
+    if not re.fullmatch(r"\d+(\.\d+){1,2}", version):
+        known = ", ".join(a.releases for a in ABIS.values())
+        raise ValueError(f"unsupported RKLLM runtime version {version!r}: edged knows the layouts of {known}")
+    parts = version.split(".")
     if len(parts) >= 2 and parts[0] == "1" and parts[1] == "1":
         return ABIS["1.1"]
     if len(parts) >= 2 and parts[:2] == ["1", "2"]:

@@ -1,6 +1,7 @@
 /*
  * The RKLLM runtime's C structs as each release's rkllm.h declares them (airockchip/rknn-llm),
- * selected with -DRKLLM_ABI=110 (1.1.x), 120 (1.2.0), 121 (1.2.1-1.2.3) or 130 (1.3.0).
+ * selected with -DRKLLM_ABI=110 (1.1.x), 120 (1.2.0), 121 (1.2.1-1.2.3) or 130 (1.3.0); 1.2.1b1 is
+ * -DRKLLM_ABI=120 -DRKLLM_121B1 (1.2.0's layout with 1.2.1's larger multimodal input).
  * Shared by the layout probe and the stand-in runtime library the tests build.
  */
 #ifndef EDGED_RKLLM_ABI_H
@@ -64,9 +65,9 @@ typedef struct {
     RKLLMExtendParam extend_param;
 } RKLLMParam;
 
-#if RKLLM_ABI <= 120
+#if RKLLM_ABI <= 120 && !defined(RKLLM_121B1)
 typedef struct { char *prompt; float *image_embed; size_t n_image_tokens; } RKLLMMultiModalInput;
-#elif RKLLM_ABI == 121
+#elif RKLLM_ABI == 121 || defined(RKLLM_121B1)  /* 1.2.1b1: 1.2.0 plus this larger input */
 typedef struct {
     char *prompt; float *image_embed; size_t n_image_tokens; size_t n_image; size_t image_width; size_t image_height;
 } RKLLMMultiModalInput;

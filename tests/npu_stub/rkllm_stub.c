@@ -23,8 +23,24 @@
 
 #define SENTINEL 0xA5
 
-/* Version string in the binary, where edged's library scan finds it. */
-__attribute__((used)) static const char version_string[] = "rkllm-runtime version: " STUB_VERSION;
+/*
+ * Version strings laid out as the real releases carry them (from the strings of the official 1.2.1b1
+ * aarch64 build, and the log lines of the others): no literal "rkllm-runtime version: X" anywhere;
+ * 1.2.0 and later have the SDK banner; every release keeps the bare version literal right before its
+ * log format string, beside the minimum driver version "0.9.7"; the embedded RKNN library's own version
+ * (2.3.3b0, not RKLLM's) is there too, as a decoy. -DSTUB_SILENT builds a library that says nothing.
+ */
+#ifndef STUB_SILENT
+#if RKLLM_ABI >= 120
+__attribute__((used)) static const char sdk_banner[] =
+    "RKLLM SDK (version: " STUB_VERSION " | target: Linux | build: 27637c95 2025-05-02 17:46:07)";
+#endif
+__attribute__((used)) static const char runtime_strings[] =
+    "0.9.7\0W rkllm: Warning: Your rknpu driver version is too low, please upgrade to %s\0" STUB_VERSION
+    "\0I rkllm: rkllm-runtime version: %s, rknpu driver version: %s, platform: %s\n";
+__attribute__((used)) static const char rknn_strings[] =
+    "rknn llm lib version: 2.3.3b0 (c54da5763@2025-04-18T15:37:10)";
+#endif
 
 typedef struct {
     RKLLMParam param;
