@@ -92,6 +92,25 @@ class SamplingConfig(_Section):
     repeat_penalty: float | None = Field(None, ge=0.0, description="Penalty for repeated tokens; 1 = off.")
 
 
+FALLBACK_SAMPLING: dict[str, float] = {
+    "temperature": 0.6,
+    "top_p": 0.9,
+    "top_k": 40,
+    "min_p": 0.0,
+    "repeat_penalty": 1.0,
+}
+"""Used only where neither the config nor the board profile sets a value (R1-distill advice)."""
+
+
+def sampling_defaults(profile: SamplingConfig, config: SamplingConfig) -> dict[str, Any]:
+    """The one layering of sampling defaults for every backend: fallback < board profile < config
+    (a job's own values go on top, per job where the backend can)."""
+    values: dict[str, Any] = dict(FALLBACK_SAMPLING)
+    for layer in (profile, config):
+        values.update({k: v for k, v in layer.model_dump().items() if v is not None})
+    return values
+
+
 class ModelConfig(_Section):
     path: Path | None = Field(
         default_factory=embedded_model_path,

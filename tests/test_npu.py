@@ -162,6 +162,62 @@ def test_every_supported_runtime_abi(start_daemon, rk_root, rk_model, stubs, ver
     assert final["timings"]["source"] == expected
 
 
+def test_a_job_s_sampling_reaches_the_1_3_0_runtime(start_daemon, rk_root, rk_model, stubs, tmp_path) -> None:
+    """1.3.0 takes sampling per run: the job's values arrive (top_k 0 stays 0: off); older releases
+    fix it at init from the same defaults as llama.cpp (profile < config), and /status says so."""
+    record = tmp_path / "runs.jsonl"
+    d = start_daemon(**npu_env(rk_root, stubs["1.3.0"], rk_model, STUB_RECORD=str(record)))
+    body = chat(
+        "hi", max_tokens=6, temperature=1.3, top_p=0.5, top_k=0, repeat_penalty=1.2, presence_penalty=0.5
+    )
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+    run = json.loads(record.read_text().splitlines()[-1])
+    assert run["sampling"] == {
+        "top_k": 0,
+        "top_p": 0.5,
+        "temperature": 1.3,
+        "repeat_penalty": 1.2,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.5,
+        "mirostat": 0,
+    }
+    assert run["max_new_tokens"] == 6 and run["role"] == "user"
+    assert run["init"]["enabled_cpus_num"] == 4 and run["init"]["enabled_cpus_mask"] == 0xF0
+    assert "temperature" in status(d)["backend"]["details"]["sampling"]["per_job"]
+    d.stop()
+
+    old_record = tmp_path / "old.jsonl"
+    d = start_daemon(
+        **npu_env(
+            rk_root, stubs["1.2.1"], rk_model, STUB_RECORD=str(old_record), EDGED_MODEL__SAMPLING__TOP_K="0"
+        )
+    )
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+    run = json.loads(old_record.read_text().splitlines()[-1])
+    assert "sampling" not in run and run["role"] == "user"
+    assert run["init"] == {
+        "top_k": 0,  # from the config, not turned into greedy
+        "top_p": 0.9,
+        "temperature": 0.6,
+        "repeat_penalty": 1.0,
+        "enabled_cpus_num": 4,
+        "enabled_cpus_mask": 0xF0,
+    }
+    sampling = status(d)["backend"]["details"]["sampling"]
+    assert "temperature" in sampling["ignored_per_job"] and sampling["at_init"]["top_k"] == 0
+
+
+def test_an_invalid_utf8_byte_does_not_stop_the_text(start_daemon, rk_root, rk_model, stubs) -> None:
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_BAD_UTF8_AT="2"))
+    with d.client() as c:
+        content = c.post("/v1/chat/completions", json=chat("hi", max_tokens=5)).json()["choices"][0][
+            "message"
+        ]
+    assert content["content"] == "tok0 tok1 \ufffdtok3 tok4 "
+
+
 def test_cancel_aborts_within_one_callback(start_daemon, rk_root, rk_model, stubs) -> None:
     d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_TOKEN_MS="20"))
     with (

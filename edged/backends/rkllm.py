@@ -32,11 +32,12 @@ from edged.backends.rkllm_abi import (
     RUN_WAITING,
     Abi,
     Callback130,
+    SamplingParam130,
     abi_for,
 )
 from edged.backends.rkllm_version import detect_version
 from edged.board import HostFS
-from edged.config import RkllmConfig
+from edged.config import RkllmConfig, sampling_defaults
 from edged.errors import BackendError
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RK3588_SOCS = ("rockchip,rk3588", "rockchip,rk3588s")
+RK3588_BIG_CORES = (4, 5, 6, 7)
+"""The Cortex-A76 cluster: the runtime's CPU work goes there when the profile names no cores."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class RkllmBackend:
         self._lib: Any = None
         self._handle = c_void_p()
         self._abi: Abi | None = None
+        self._init_sampling: dict[str, Any] = {}
         self._runtime: Runtime | None = None
         self._callback: Any = None
         self._callback_struct: Any = None
@@ -220,16 +224,17 @@ class RkllmBackend:
         param.max_new_tokens = self._settings.jobs.default_max_tokens
         param.skip_special_token = True
         param.is_async = False
-        sampling = self._board.profile.sampling
-        param.top_k = sampling.top_k or 1
-        param.top_p = sampling.top_p or 0.9
-        param.temperature = sampling.temperature if sampling.temperature is not None else 0.6
-        param.repeat_penalty = sampling.repeat_penalty or 1.0
+        # The same defaults as llama.cpp's (fallback < profile < config); top_k 0 is off, as there.
+        self._init_sampling = sampling_defaults(self._board.profile.sampling, self._settings.model.sampling)
+        param.top_k = int(self._init_sampling["top_k"])
+        param.top_p = self._init_sampling["top_p"]
+        param.temperature = self._init_sampling["temperature"]
+        param.repeat_penalty = self._init_sampling["repeat_penalty"]
         if hasattr(param, "n_keep"):
             param.n_keep = 0  # set every known field: a stale default would hide a layout mismatch
         param.extend_param.base_domain_id = options.base_domain_id
         if hasattr(param.extend_param, "enabled_cpus_mask"):
-            cpus = self._board.profile.cpu.affinity or []
+            cpus = self._board.profile.cpu.affinity or list(RK3588_BIG_CORES)  # never 0 cores / mask 0
             param.extend_param.enabled_cpus_mask = sum(1 << c for c in cpus)
             param.extend_param.enabled_cpus_num = len(cpus)
             param.extend_param.embed_flash = int(options.embed_flash)
@@ -285,6 +290,43 @@ class RkllmBackend:
             "model": str(self._options.model),
             "core_mask": self._options.core_mask,
             "rknn_toolkit_lite2": rknn_lite_info(),
+            "sampling": self.sampling_report(),
+        }
+
+    def sampling_report(self) -> dict[str, object]:
+        """Which sampling settings a job's own values reach, and which the runtime fixed at init."""
+        per_job = self._abi is not None and self._abi.name == "1.3.0"
+        return {
+            "per_job": (
+                [
+                    "temperature",
+                    "top_p",
+                    "top_k",
+                    "repeat_penalty",
+                    "frequency_penalty",
+                    "presence_penalty",
+                    "max_tokens",
+                ]
+                if per_job
+                else ["max_tokens (edged stops the run)"]
+            ),
+            "at_init": dict(self._init_sampling),
+            "ignored_per_job": (
+                ["seed", "min_p", "ignore_eos", "logit_bias"]
+                if per_job
+                else [
+                    "temperature",
+                    "top_p",
+                    "top_k",
+                    "min_p",
+                    "repeat_penalty",
+                    "frequency_penalty",
+                    "presence_penalty",
+                    "seed",
+                    "ignore_eos",
+                    "logit_bias",
+                ]
+            ),
         }
 
     def admit(self, slot: int, prompt: Prompt, params: SamplingParams) -> bool:
@@ -296,13 +338,29 @@ class RkllmBackend:
             self._events.get_nowait()
         self._slot, self._pending, self._aborted, self._perf = slot, b"", False, None
         rk_input = abi.input()
+        if hasattr(rk_input, "role"):
+            rk_input.role = b"user"  # 1.2.1+: as the official demos (the prompt is the whole templated chat)
         rk_input.input_type = INPUT_PROMPT
         rk_input.prompt_input = prompt.text.encode("utf-8")
         infer = abi.infer()
         infer.mode = INFER_GENERATE
+        run: dict[str, Any] = {"input": rk_input, "infer": infer}  # kept alive while the runtime runs
         if hasattr(infer, "max_new_tokens"):
             infer.max_new_tokens = params.max_tokens
-        run: dict[str, Any] = {"input": rk_input, "infer": infer}  # kept alive while the runtime runs
+        if hasattr(infer, "sampling_params"):  # 1.3.0: this job's own sampling, for this run
+            sampling = SamplingParam130(
+                top_k=params.top_k,
+                top_p=params.top_p,
+                temperature=params.temperature,
+                repeat_penalty=params.repeat_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                mirostat=0,
+                mirostat_tau=5.0,  # the official server demo's values (mirostat off)
+                mirostat_eta=0.1,
+            )
+            run["sampling"] = sampling
+            infer.sampling_params = ctypes.pointer(sampling)
         self._run = run
 
         def go() -> None:

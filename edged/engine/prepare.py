@@ -7,9 +7,10 @@ thread-safe tokenizer, never on the backend's own thread.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edged.backends import Prompt, SamplingParams, Tokenizer
+from edged.config import FALLBACK_SAMPLING, sampling_defaults
 from edged.engine.constraints import constraint_of
 from edged.engine.job import JobRequest, Prepared
 from edged.errors import ContextLengthExceeded, InvalidRequest
@@ -22,18 +23,12 @@ if TYPE_CHECKING:
     from edged.board import BoardInfo
     from edged.config import Settings
 
-FALLBACK_SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "min_p": 0.0, "repeat_penalty": 1.0}
-"""Used only where neither the config nor the board profile sets a value (R1-distill advice)."""
-
 
 class Preparer:
     def __init__(self, settings: Settings, board: BoardInfo) -> None:
         self.settings = settings
         self.board = board
-        base: dict[str, Any] = dict(FALLBACK_SAMPLING)
-        for layer in (board.profile.sampling, settings.model.sampling):
-            base.update({k: v for k, v in layer.model_dump().items() if v is not None})
-        self.base_sampling = base
+        self.base_sampling = sampling_defaults(board.profile.sampling, settings.model.sampling)
         """Profile < config layering, computed once; a job's own values go on top."""
 
     def sampling(self, request: JobRequest, max_tokens: int) -> SamplingParams:

@@ -10,6 +10,9 @@
  *   STUB_FAIL_AFTER=N       the run reports RKLLM_RUN_ERROR after N tokens
  *   STUB_HANG_AFTER=N       the run blocks forever after N tokens (ignores abort)
  *   STUB_TOKEN_MS=N         time per generated token (default 5 ms)
+ *   STUB_BAD_UTF8_AT=N      token N is the lone byte 0xFF (invalid UTF-8), then text goes on
+ *   STUB_RECORD=FILE        each run appends one JSON line: what the caller set (role, max_new_tokens,
+ *                           the per-run sampling of 1.3.0, the init-time sampling and CPUs)
  */
 #define _GNU_SOURCE
 #include <stdatomic.h>
@@ -48,8 +51,42 @@ typedef struct {
     void *callback_userdata;
     atomic_int abort_requested;
     atomic_int running;
-    int fail_after, hang_after, token_ms;
+    int fail_after, hang_after, token_ms, bad_utf8_at;
 } Stub;
+
+static void record(const Stub *stub, const RKLLMInput *input, const RKLLMInferParam *infer, int max_new) {
+    const char *path = getenv("STUB_RECORD");
+    if (!path || !*path) return;
+    FILE *f = fopen(path, "a");
+    if (!f) return;
+    const RKLLMParam *p = &stub->param;
+    fprintf(f, "{\"abi\": %d, \"max_new_tokens\": %d", RKLLM_ABI, max_new);
+#if RKLLM_ABI >= 121
+    fprintf(f, ", \"role\": \"%s\"", input->role ? input->role : "(null)");
+#else
+    (void)input;
+#endif
+#if RKLLM_ABI >= 130
+    const RKLLMSamplingParam *sp = infer->sampling_params;
+    if (sp)
+        fprintf(f, ", \"sampling\": {\"top_k\": %d, \"top_p\": %.3f, \"temperature\": %.3f, \"repeat_penalty\": %.3f, "
+                   "\"frequency_penalty\": %.3f, \"presence_penalty\": %.3f, \"mirostat\": %d}",
+                sp->top_k, sp->top_p, sp->temperature, sp->repeat_penalty, sp->frequency_penalty,
+                sp->presence_penalty, sp->mirostat);
+    else
+        fprintf(f, ", \"sampling\": null");
+#else
+    (void)infer;
+#endif
+    fprintf(f, ", \"init\": {\"top_k\": %d, \"top_p\": %.3f, \"temperature\": %.3f, \"repeat_penalty\": %.3f",
+            p->top_k, p->top_p, p->temperature, p->repeat_penalty);
+#if RKLLM_ABI >= 120
+    fprintf(f, ", \"enabled_cpus_num\": %d, \"enabled_cpus_mask\": %u", p->extend_param.enabled_cpus_num,
+            p->extend_param.enabled_cpus_mask);
+#endif
+    fprintf(f, "}}\n");
+    fclose(f);
+}
 
 static int env_int(const char *name, int fallback) {
     const char *value = getenv(name);
@@ -126,6 +163,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
     stub->fail_after = env_int("STUB_FAIL_AFTER", -1);
     stub->hang_after = env_int("STUB_HANG_AFTER", -1);
     stub->token_ms = env_int("STUB_TOKEN_MS", 5);
+    stub->bad_utf8_at = env_int("STUB_BAD_UTF8_AT", -1);
     *handle = stub;
     return 0;
 }
@@ -142,6 +180,7 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
     if (infer->max_new_tokens > 0) max_new = infer->max_new_tokens;
 #endif
     if (max_new <= 0) max_new = 64;
+    record(stub, input, infer, max_new);
     atomic_store(&stub->abort_requested, 0);
     atomic_store(&stub->running, 1);
     double start = now_ms();
@@ -164,7 +203,10 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
         }
         usleep(1000 * stub->token_ms);
         memset(&result, 0, sizeof result);
-        snprintf(text, sizeof text, "tok%d ", produced);
+        if (produced == stub->bad_utf8_at)
+            snprintf(text, sizeof text, "\xff");
+        else
+            snprintf(text, sizeof text, "tok%d ", produced);
         result.text = text;
         result.token_id = produced;
         emit(stub, &result, userdata, RKLLM_RUN_NORMAL);
