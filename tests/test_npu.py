@@ -207,6 +207,11 @@ def test_a_job_s_sampling_reaches_the_1_3_0_runtime(start_daemon, rk_root, rk_mo
     }
     sampling = status(d)["backend"]["details"]["sampling"]
     assert "temperature" in sampling["ignored_per_job"] and sampling["at_init"]["top_k"] == 0
+    with d.client() as c:
+        notes = c.post("/v1/chat/completions", json={**body, "seed": 3}).json()["notes"]
+    assert "temperature 1.3 not applied: runtime 1.2.1 fixes sampling at init (0.6)" in notes
+    assert "seed not applied: the RKLLM runtime takes no seed" in notes
+    assert not any(n.startswith("top_k") for n in notes)  # the job's 0 is the init value
 
 
 def test_an_invalid_utf8_byte_does_not_stop_the_text(start_daemon, rk_root, rk_model, stubs) -> None:
@@ -282,6 +287,39 @@ def test_mid_job_failure_is_backend_failed_and_the_next_job_runs_on_the_cpu(
         now = c.get("/status").json()
     assert now["backend"]["name"] == "llamacpp"
     assert "rkllm failed during a job" in now["backend"]["fallback_reasons"][0]
+
+
+def test_after_a_fallback_everything_names_the_cpu_backend(
+    start_daemon, rk_root, rk_model, stubs, tmp_path
+) -> None:
+    """The retained MQTT status (and its will), /status, telemetry and edged_info follow the switch."""
+    from mqtt_helpers import Broker, Probe
+    from test_mqtt import mqtt_env, wait_connected
+
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        d = start_daemon(
+            **npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_FAIL_AFTER="2"), **mqtt_env(broker, "npu2")
+        )
+        wait_connected(d)
+        with d.client() as c:
+            assert c.post("/v1/chat/completions", json=chat("hi", max_tokens=6)).status_code == 500
+            # The next job waits for the replacement backend, whose arrival republishes the presence.
+            assert c.post("/v1/chat/completions", json=chat("hi", max_tokens=2)).status_code == 200
+            metrics = c.get("/metrics").text
+        assert 'backend="llamacpp"' in metrics and 'backend="rkllm"' not in metrics
+        probe = Probe(broker.port)
+        try:
+            probe.subscribe("edged/npu2/status")
+            _, retained, _ = probe.next(10)
+            probe.subscribe("edged/npu2/telemetry")
+            _, telemetry, _ = probe.next(30)
+        finally:
+            probe.close()
+        assert retained["state"] == "online" and retained["backend"] == "llamacpp"
+        assert json.dumps(telemetry).count('"rkllm"') == 0 and "llamacpp" in json.dumps(telemetry)
+    finally:
+        broker.stop()
 
 
 @pytest.mark.parametrize("version", list(RELEASES))

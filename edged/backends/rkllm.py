@@ -293,6 +293,32 @@ class RkllmBackend:
             "sampling": self.sampling_report(),
         }
 
+    def job_notes(self, params: SamplingParams) -> list[str]:
+        """The job's settings this runtime did not apply, each with what it used instead (never
+        silently: the answer carries these)."""
+        abi = self._abi.name if self._abi else "?"
+        init = self._init_sampling
+        notes = []
+        if abi != "1.3.0":
+            for name in ("temperature", "top_p", "top_k", "repeat_penalty"):
+                value = getattr(params, name)
+                if name in init and value != init[name]:
+                    notes.append(
+                        f"{name} {value} not applied: runtime {abi} fixes sampling at init ({init[name]})"
+                    )
+            for name in ("frequency_penalty", "presence_penalty"):
+                if getattr(params, name):
+                    notes.append(f"{name} not applied: runtime {abi} fixes sampling at init")
+        if params.seed is not None:
+            notes.append("seed not applied: the RKLLM runtime takes no seed")
+        if params.min_p > 0:
+            notes.append("min_p not applied: the RKLLM runtime has no min-p sampling")
+        if params.logit_bias:
+            notes.append("logit_bias not applied: the RKLLM runtime has no logit bias")
+        if params.ignore_eos:
+            notes.append("ignore_eos not applied: the RKLLM runtime sets it at init")
+        return notes
+
     def sampling_report(self) -> dict[str, object]:
         """Which sampling settings a job's own values reach, and which the runtime fixed at init."""
         per_job = self._abi is not None and self._abi.name == "1.3.0"

@@ -174,6 +174,8 @@ class JobResult(BaseModel):
     timings: Timings
     parsed: Any = None
     """The answer as a JSON value, for a job with a JSON response_format (validated)."""
+    notes: list[str] | None = None
+    """What the backend could not apply of this job (e.g. sampling an NPU runtime fixes at init)."""
 
 
 @dataclass(frozen=True)

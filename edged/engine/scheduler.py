@@ -454,6 +454,9 @@ class Scheduler:
             ),
             timings=timings,
         )
+        job_notes = getattr(self.backend, "job_notes", None)
+        if job_notes is not None:
+            result.notes = job_notes(job.prepared.params) or None
         constraint = job.prepared.constraint
         if constraint is not None:
             try:

@@ -111,7 +111,7 @@ def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
 
 
 def done_message(result: JobResult, device_id: str) -> dict[str, Any]:
-    message = {
+    message: dict[str, Any] = {
         "id": result.id,
         "status": "done",
         "content": result.content,
@@ -122,6 +122,8 @@ def done_message(result: JobResult, device_id: str) -> dict[str, Any]:
         "model": result.model,
         "device_id": device_id,
     }
+    if result.notes:
+        message["notes"] = result.notes  # settings the backend could not apply to this job
     if result.parsed is not None:
         message["parsed"] = result.parsed  # a JSON response_format: the answer, parsed and validated
     return message

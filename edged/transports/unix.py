@@ -299,6 +299,7 @@ def _chat_body(result: JobResult) -> dict[str, Any]:
         "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
         "usage": result.usage.model_dump(),
         "timings": result.timings.model_dump(),
+        **({"notes": result.notes} if result.notes else {}),
     }
 
 
@@ -428,6 +429,8 @@ def create_app(
                 last = choice({}, event.result.finish_reason)
                 last["usage"] = event.result.usage.model_dump()
                 last["timings"] = event.result.timings.model_dump()
+                if event.result.notes:
+                    last["notes"] = event.result.notes
                 yield _sse(last)
                 yield _sse("[DONE]")
             elif isinstance(event, Failed):
