@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import structlog
 
 from edged.backends import register_backend
@@ -105,8 +107,10 @@ class _Seq:
     thinking: bool = False
     """Inside the ``<think>`` block (the output so far has not closed it)."""
     think_tokens: int = 0
+    grammar: Any = None
+    """The job's grammar sampler, checked against the chain's choice (see `_sample`)."""
     grammar_pending: bool = False
-    """The job's grammar waits for ``</think>`` (then the chain is rebuilt with it)."""
+    """The job's grammar waits for ``</think>`` (then it is built)."""
     forced: list[int] = field(default_factory=list)
     """Tokens the backend emits instead of sampling (closing the think block at the budget)."""
     tail: bytes = b""
@@ -136,6 +140,8 @@ class LlamaCppBackend:
         self._batch: Any = None
         self._tokenizer: GgufTokenizer | None = None
         self._think_close_token = -1
+        self._cand: Any = None
+        self._ids: Any = None
         self._model_facts: dict[str, object] = {}
         self._version = "?"
         self._log_callback: Any = None
@@ -250,6 +256,9 @@ class LlamaCppBackend:
             "model_params": int(llama_cpp.llama_model_n_params(self._model)),
             "model_bytes": int(llama_cpp.llama_model_size(self._model)),
         }
+        n_vocab = self._tokenizer.n_vocab
+        self._cand = np.empty(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+        self._ids = np.arange(n_vocab, dtype=np.int32)
         close = self._tokenizer.tokenize("</think>", chat=True)
         self._think_close_token = close[0] if len(close) == 1 else -1
         kv_cells = llama_cpp.llama_n_ctx(self._ctx)
@@ -363,7 +372,7 @@ class LlamaCppBackend:
         if self._disk is not None:
             self._disk.close()
         for seq in self._active.values():
-            llama_cpp.llama_sampler_free(seq.chain)
+            self._free_samplers(seq)
         self._active.clear()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
@@ -380,13 +389,24 @@ class LlamaCppBackend:
 
     # -- sequences -----------------------------------------------------------------------------
 
-    def _chain(self, params: SamplingParams, history: list[int], grammar: bool) -> tuple[Any, str | None]:
-        """The job's own sampler chain, in llama-cpp-python's order (penalties, the grammar, top-k,
-        top-p, min-p, temperature, then a seeded draw; temperature 0 is greedy), and why the grammar
-        could not be added (None: it was, or none was asked for)."""
+    def _grammar(self, params: SamplingParams) -> tuple[Any, str | None]:
+        """The job's grammar sampler (kept beside its chain, as llama.cpp's common sampler does), or
+        None and why it could not be built."""
+        if params.grammar is None:
+            return None, None
+        assert self._tokenizer is not None
+        sampler = self._llama_cpp.llama_sampler_init_grammar(
+            self._tokenizer.vocab, params.grammar.text.encode(), params.grammar.root.encode()
+        )
+        if not sampler:
+            return None, "llama.cpp could not build the job's grammar sampler"
+        return sampler, None
+
+    def _chain(self, params: SamplingParams, history: list[int]) -> Any:
+        """The job's own sampler chain, in llama-cpp-python's order (penalties, logit bias, top-k,
+        top-p, min-p, temperature, then a seeded draw; temperature 0 is greedy)."""
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        problem = None
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             assert self._tokenizer is not None
             lc.llama_sampler_chain_add(
@@ -410,15 +430,6 @@ class LlamaCppBackend:
                 chain,
                 lc.llama_sampler_init_logit_bias(self._tokenizer.n_vocab, len(params.logit_bias), biases),
             )
-        if grammar and params.grammar is not None:  # added after the history: it must not consume it
-            assert self._tokenizer is not None
-            sampler = lc.llama_sampler_init_grammar(
-                self._tokenizer.vocab, params.grammar.text.encode(), params.grammar.root.encode()
-            )
-            if sampler:
-                lc.llama_sampler_chain_add(chain, sampler)
-            else:
-                problem = "llama.cpp could not build the job's grammar sampler"
         if params.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         else:
@@ -430,7 +441,7 @@ class LlamaCppBackend:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
             seed = params.seed if params.seed is not None else lc.LLAMA_DEFAULT_SEED
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        return chain, problem
+        return chain
 
     def _free_streams(self) -> list[int]:
         owned = {seq.seq_id for seq in self._active.values()}
@@ -452,7 +463,8 @@ class LlamaCppBackend:
 
         stream = max(free, key=value)
         pending = params.grammar is not None and params.grammar.after_think and params.in_think
-        chain, problem = self._chain(params, prompt.tokens, grammar=not pending)
+        chain = self._chain(params, prompt.tokens)
+        grammar, problem = (None, None) if pending else self._grammar(params)
         self._active[slot] = _Seq(
             slot=slot,
             seq_id=stream,
@@ -460,6 +472,7 @@ class LlamaCppBackend:
             reuse=prompt.reuse,
             params=params,
             chain=chain,
+            grammar=grammar,
             thinking=params.in_think,
             grammar_pending=pending,
             error=problem,
@@ -473,7 +486,7 @@ class LlamaCppBackend:
             return None
         if slot in self._order:
             self._order.remove(slot)
-        self._llama_cpp.llama_sampler_free(seq.chain)
+        self._free_samplers(seq)
         self._index.remove(("kv", seq.seq_id))
         lc, mem = self._llama_cpp, self._mem
         if not self._caps.prefix_cache or not seq.started or seq.n_past == 0:
@@ -691,7 +704,18 @@ class LlamaCppBackend:
         assert tok is not None
         for seq, index in logits_at:
             forced = bool(seq.forced)
-            token = seq.forced.pop(0) if forced else lc.llama_sampler_sample(seq.chain, self._ctx, index)
+            if forced:
+                token = seq.forced.pop(0)
+            elif seq.grammar is None:
+                token = lc.llama_sampler_sample(seq.chain, self._ctx, index)
+            else:
+                sampled = self._sample_with_grammar(seq, index)
+                if sampled is None:
+                    seq.next_token = None
+                    error = "the job's grammar allows no token here (the answer cannot be completed)"
+                    outputs.append(SeqOutput(slot=seq.slot, end=True, error=error))
+                    continue
+                token = sampled
             cache_n = None if seq.reported else seq.cache_n
             seq.reported = True
             if tok.is_eog(token) and not seq.params.ignore_eos:
@@ -705,6 +729,47 @@ class LlamaCppBackend:
             outputs.append(SeqOutput(slot=seq.slot, piece=piece, cache_n=cache_n))
         return outputs
 
+    def _free_samplers(self, seq: _Seq) -> None:
+        self._llama_cpp.llama_sampler_free(seq.chain)
+        if seq.grammar is not None:
+            self._llama_cpp.llama_sampler_free(seq.grammar)
+            seq.grammar = None
+
+    def _candidates(self, index: int) -> Any:
+        """All tokens with the logits of batch position ``index``, as llama.cpp's samplers take them
+        (a numpy buffer reused every step; no Python loop over the vocabulary)."""
+        lc = self._llama_cpp
+        n_vocab = self._cand.shape[0]
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,))
+        self._cand["id"] = self._ids
+        self._cand["logit"] = logits
+        self._cand["p"] = 0.0
+        data = self._cand.ctypes.data_as(ctypes.POINTER(lc.llama_token_data))
+        return lc.llama_token_data_array(data=data, size=n_vocab, selected=-1, sorted=False)
+
+    def _sample_with_grammar(self, seq: _Seq, index: int) -> int | None:
+        """llama.cpp's common sampler: the chain picks a token over the whole vocabulary, the grammar
+        checks only that one; only if it is refused does the grammar filter the whole vocabulary and
+        the chain pick again. Both accept the token. None: the grammar allows nothing here."""
+        lc = self._llama_cpp
+        cur = self._candidates(index)
+        lc.llama_sampler_apply(seq.chain, ctypes.byref(cur))
+        token = int(cur.data[cur.selected].id)
+        single = lc.llama_token_data(id=token, logit=1.0, p=0.0)
+        check = lc.llama_token_data_array(data=ctypes.pointer(single), size=1, selected=-1, sorted=False)
+        lc.llama_sampler_apply(seq.grammar, ctypes.byref(check))
+        if math.isinf(single.logit) and single.logit < 0:  # refused: filter everything, pick again
+            cur = self._candidates(index)
+            lc.llama_sampler_apply(seq.grammar, ctypes.byref(cur))
+            lc.llama_sampler_apply(seq.chain, ctypes.byref(cur))
+            chosen = cur.data[cur.selected]
+            if cur.selected < 0 or (math.isinf(chosen.logit) and chosen.logit < 0):
+                return None
+            token = int(chosen.id)
+        lc.llama_sampler_accept(seq.grammar, token)
+        lc.llama_sampler_accept(seq.chain, token)
+        return token
+
     def _follow_thinking(self, seq: _Seq, token: int, piece: bytes, forced: bool) -> None:
         """Watch a sequence's reasoning: when ``</think>`` comes out (sampled or forced), the job's
         grammar takes over; at the reasoning budget the block is closed by forced tokens."""
@@ -714,8 +779,7 @@ class LlamaCppBackend:
             seq.forced.clear()
             if seq.grammar_pending:
                 seq.grammar_pending = False
-                self._llama_cpp.llama_sampler_free(seq.chain)
-                seq.chain, seq.error = self._chain(seq.params, [*seq.kv_tokens, token], grammar=True)
+                seq.grammar, seq.error = self._grammar(seq.params)
             return
         if not forced:
             seq.think_tokens += 1
