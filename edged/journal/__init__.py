@@ -1,0 +1,22 @@
+"""The durable job journal: "nothing accepted is ever lost".
+
+A job is journaled (``accepted``) before its client is told it was accepted, moves through
+``running`` to ``done`` / ``failed`` with its answer, and to ``answered`` once that answer was
+acknowledged. At start, ``pending()`` jobs are run again and ``unanswered()`` answers published again;
+the idempotency key makes a redelivery after a crash answered once, never generated twice.
+"""
+
+from edged.journal.records import AcceptResult, JobRecord, JobState, JournalEntry, idempotency_key
+from edged.journal.store import SCHEMA_VERSION, InvalidTransition, Journal, JournalUnavailable
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AcceptResult",
+    "InvalidTransition",
+    "JobRecord",
+    "JobState",
+    "Journal",
+    "JournalEntry",
+    "JournalUnavailable",
+    "idempotency_key",
+]
