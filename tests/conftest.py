@@ -58,6 +58,11 @@ def r1_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def rkllm_abi_flags(abi: str) -> list[str]:
+    """gcc flags of one RKLLM ABI build of tests/npu_stub (``120b1`` = 1.2.0 with 1.2.1b1's input)."""
+    return [f"-DRKLLM_ABI={abi[:3]}", *(["-DRKLLM_121B1"] if abi.endswith("b1") else [])]
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without any EDGED_* (a developer's own settings must not leak)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("EDGED_")}

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, run_edged
+from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, rkllm_abi_flags, run_edged
 
 from edged.backends.rkllm_abi import abi_for
 
 STUB = Path(__file__).parent / "npu_stub"
 RELEASES = {"1.1.4": "110", "1.2.0": "120", "1.2.1b1": "120b1", "1.2.1": "121", "1.3.0": "130"}
 """Runtime release -> the stand-in's ABI build (rkllm_abi.h; 120b1 = 1.2.0 with 1.2.1's multimodal input)."""
-
-
-def abi_flags(abi: str) -> list[str]:
-    return [f"-DRKLLM_ABI={abi[:3]}", *(["-DRKLLM_121B1"] if abi.endswith("b1") else [])]
 
 
 def build_stub(out: Path, abi: str, version: str) -> Path:
@@ -43,7 +39,7 @@ def build_stub(out: Path, abi: str, version: str) -> Path:
             "-Werror",
             "-shared",
             "-fPIC",
-            *abi_flags(abi),
+            *rkllm_abi_flags(abi),
             f'-DSTUB_VERSION="{version}"',
             *([] if version else ["-DSTUB_SILENT"]),
             "-o",

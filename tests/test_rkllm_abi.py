@@ -9,14 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import rkllm_abi_flags
 
 from edged.backends.rkllm_abi import ABIS, abi_for
 from edged.backends.rkllm_version import OFFICIAL_BLOBS, detect_in_bytes, git_blob_id
-
-
-def abi_flags(abi: str) -> list[str]:
-    return [f"-DRKLLM_ABI={abi[:3]}", *(["-DRKLLM_121B1"] if abi.endswith("b1") else [])]
-
 
 SOURCE = Path(__file__).parent / "npu_stub" / "layouts.c"
 C_ABI = {"1.1": "110", "1.2.0": "120", "1.2.1b1": "120b1", "1.2.1": "121", "1.3.0": "130"}
@@ -28,7 +24,7 @@ def c_layout(tmp_path: Path, abi: str) -> dict[str, int]:
         pytest.fail("gcc is required to build the RKLLM layout probe")
     exe = tmp_path / f"layouts-{abi}"
     subprocess.run(
-        [gcc, "-std=c11", "-Wall", "-Werror", *abi_flags(abi), "-o", str(exe), str(SOURCE)],
+        [gcc, "-std=c11", "-Wall", "-Werror", *rkllm_abi_flags(abi), "-o", str(exe), str(SOURCE)],
         check=True,
         capture_output=True,
     )

@@ -194,8 +194,9 @@ def test_derate_halves_the_slots_and_pause_admits_nothing(tmp_path: Path) -> Non
         assert max(ScriptedBackend.script.batch_sizes) == 2
         e.apply_thermal(paused=True, derate_s=0.001)
         paused = await e.submit(job("e", max_tokens=2))
-        await asyncio.sleep(0.1)  # a paused engine must not start it; nothing to poll for
-        assert paused.state is JobState.QUEUED
+        seen = e.scheduler.idle_checks
+        await until(lambda: e.scheduler.idle_checks > seen)  # the loop looked at the queued job ...
+        assert paused.state is JobState.QUEUED  # ... and a paused engine did not start it
         e.apply_thermal(paused=False, derate_s=0.0)
         assert (await paused.wait()).content == "ef"
         assert e.snapshot().slots.effective == 4

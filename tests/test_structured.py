@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 from conftest import Daemon, chat, run_edged, wait_until
-from mqtt_helpers import Broker
+from mqtt_helpers import Broker, Probe
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -73,7 +72,6 @@ PROMPTS = [
 ]
 
 
-SUB = ["mosquitto_sub", "-V", "mqttv5"]
 PUB = ["mosquitto_pub", "-V", "mqttv5"]
 REPLY_TO = ["-D", "publish", "response-topic", "lab/answers", "-D", "publish", "correlation-data", "t-7"]
 
@@ -256,22 +254,19 @@ def test_the_parsed_object_arrives_over_mqtt(start_daemon: Any, tmp_path: Path) 
         )
         with d.client() as c:
             wait_until(lambda: (c.get("/status").json()["mqtt"] or {}).get("connected"), 20, "connected")
-        sub = subprocess.Popen(
-            [*SUB, "-p", str(broker.port), "-t", "lab/answers", "-F", "%D|%p", "-C", "1", "-W", "60"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(0.5)  # mosquitto_sub has no "subscribed" signal; its -W bounds the wait
-        job = {"id": "t-1", "prompt": PROMPTS[0], "response_format": schema_format(), "max_tokens": 300}
-        subprocess.run(
-            [*PUB, "-p", str(broker.port), "-t", "edged/thermo/jobs", "-m", json.dumps(job), *REPLY_TO],
-            check=True,
-            timeout=10,
-        )
-        out, _ = sub.communicate(timeout=70)
-        correlation, payload = out.strip().split("|", 1)
-        answer = json.loads(payload)
-        assert correlation == "t-7"
+        probe = Probe(broker.port)  # subscribes and waits for the broker's SUBACK: no sleep needed
+        try:
+            probe.subscribe("lab/answers")
+            job = {"id": "t-1", "prompt": PROMPTS[0], "response_format": schema_format(), "max_tokens": 300}
+            subprocess.run(
+                [*PUB, "-p", str(broker.port), "-t", "edged/thermo/jobs", "-m", json.dumps(job), *REPLY_TO],
+                check=True,
+                timeout=10,
+            )
+            _, answer, props = probe.next(70)
+        finally:
+            probe.close()
+        assert props.CorrelationData == b"t-7"
         assert answer["status"] == "done", answer
         jsonschema.validate(answer["parsed"], SCHEMA)
         assert answer["parsed"] == json.loads(answer["content"], strict=False)

@@ -326,21 +326,9 @@ class LlamaCppBackend:
                 return 0.0
 
         newest = sorted(self._disk.entries.values(), key=mtime, reverse=True)[: self._streams]
-        lc, mem = self._llama_cpp, self._mem
         warmed = 0
         for stream, entry in enumerate(newest):
-            state = self._disk.load(entry)
-            if state is None:
-                with self._disk_lock:
-                    self._disk_index.remove(("disk", entry.path.stem))
-                continue
-            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-            loaded = lc.llama_state_seq_set_data(self._ctx, buf, len(state), stream)
-            if loaded == 0 or lc.llama_memory_seq_pos_max(mem, stream) != len(entry.tokens) - 1:
-                lc.llama_memory_seq_rm(mem, stream, -1, -1)
-                self._disk.reject(entry.path, "llama.cpp refused the state, or it holds other tokens")
-                with self._disk_lock:
-                    self._disk_index.remove(("disk", entry.path.stem))
+            if not self._load_disk_entry(entry, ("disk", entry.path.stem), stream):
                 continue
             self._index.insert(("kv", stream), list(entry.tokens))
             self._parked[stream] = len(entry.tokens)
@@ -576,25 +564,36 @@ class LlamaCppBackend:
         if holder is None or n < in_kv + DISK_MIN_GAIN:
             return 0
         entry = self._disk.entries.get(str(holder[1]))  # type: ignore[index]
-        state = self._disk.load(entry) if entry is not None else None
-        if entry is None or state is None:
-            with self._disk_lock:
-                self._disk_index.remove(holder)
+        if entry is None or not self._load_disk_entry(entry, holder, seq.seq_id):
+            if entry is None:
+                with self._disk_lock:
+                    self._disk_index.remove(holder)
             return 0
-        lc, mem = self._llama_cpp, self._mem
-        lc.llama_memory_seq_rm(mem, seq.seq_id, -1, -1)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        loaded = lc.llama_state_seq_set_data(self._ctx, buf, len(state), seq.seq_id)
-        if loaded == 0 or lc.llama_memory_seq_pos_max(mem, seq.seq_id) != len(entry.tokens) - 1:
-            lc.llama_memory_seq_rm(mem, seq.seq_id, -1, -1)
-            self._disk.reject(entry.path, "llama.cpp refused the state, or it holds other tokens")
-            with self._disk_lock:
-                self._disk_index.remove(holder)
-            return 0
-        lc.llama_memory_seq_rm(mem, seq.seq_id, n, -1)
+        self._llama_cpp.llama_memory_seq_rm(self._mem, seq.seq_id, n, -1)
         self._stats.disk_hits += 1
         log.info("prefix cache: loaded from disk", tokens=n, path=str(entry.path))
         return n
+
+    def _load_disk_entry(self, entry: DiskEntry, holder: Hashable, stream: int) -> bool:
+        """Put a disk entry's state into ``stream``. An unreadable entry leaves the disk index; one
+        llama.cpp refuses (or that holds other tokens) is also deleted from disk."""
+        assert self._disk is not None
+        state = self._disk.load(entry)
+        if state is None:
+            with self._disk_lock:
+                self._disk_index.remove(holder)
+            return False
+        lc, mem = self._llama_cpp, self._mem
+        lc.llama_memory_seq_rm(mem, stream, -1, -1)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        loaded = lc.llama_state_seq_set_data(self._ctx, buf, len(state), stream)
+        if loaded == 0 or lc.llama_memory_seq_pos_max(mem, stream) != len(entry.tokens) - 1:
+            lc.llama_memory_seq_rm(mem, stream, -1, -1)
+            self._disk.reject(entry.path, "llama.cpp refused the state, or it holds other tokens")
+            with self._disk_lock:
+                self._disk_index.remove(holder)
+            return False
+        return True
 
     def _save_to_disk(self, stream: int, tokens: tuple[int, ...]) -> None:
         """Write a shared prefix (all the stream holds) to the disk tier once, in the background."""

@@ -22,6 +22,7 @@ The test ``tests/test_rkllm_abi.py`` compiles the same layouts in C with gcc and
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 from ctypes import (
     CFUNCTYPE,
@@ -354,6 +355,20 @@ class Abi:
     has_perf: bool
 
 
+_ABI_120 = Abi(
+    "1.2.0",
+    "1.2.0",
+    Param120,
+    ExtendParam120,
+    Input11,
+    InferParam120,
+    Result120,
+    VoidResultCallback,
+    False,
+    False,
+    False,
+)
+
 ABIS: dict[str, Abi] = {
     abi.name: abi
     for abi in (
@@ -370,32 +385,9 @@ ABIS: dict[str, Abi] = {
             False,
             False,
         ),
-        Abi(
-            "1.2.0",
-            "1.2.0",
-            Param120,
-            ExtendParam120,
-            Input11,
-            InferParam120,
-            Result120,
-            VoidResultCallback,
-            False,
-            False,
-            False,
-        ),
-        Abi(
-            "1.2.1b1",
-            "1.2.1b1",
-            Param120,
-            ExtendParam120,
-            Input121b1,
-            InferParam120,
-            Result120,
-            VoidResultCallback,
-            False,
-            False,
-            False,
-        ),
+        _ABI_120,
+        # 1.2.1b1 is 1.2.0 in every struct but the input, whose multimodal member is 1.2.1's larger one.
+        dataclasses.replace(_ABI_120, name="1.2.1b1", releases="1.2.1b1", input=Input121b1),
         Abi(
             "1.2.1",
             "1.2.1-1.2.3",

@@ -147,6 +147,7 @@ class Scheduler:
         self.finished: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.last_progress = time.monotonic()
         self.steps = 0
+        self.idle_checks = 0
         self.busy_since: float | None = None
         """When the current backend call (step, admit, release) began; None between calls."""
 
@@ -283,6 +284,7 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stopping and not self._active and not self._could_admit():
+                    self.idle_checks += 1  # found nothing it may start (tests synchronise on this)
                     self._update_room()
                     self._cond.wait(IDLE_WAIT_S)
                 if self._stopping:

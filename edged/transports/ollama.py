@@ -174,12 +174,18 @@ def _think(value: bool | str | None) -> dict[str, Any]:
     return {}  # true or a level: the model's template decides (it thinks by default)
 
 
+def tool_result(name: str | None, text: str) -> dict[str, str]:
+    """A tool's (or function's) result, told to the model as text: edged makes no tool calls, and
+    chat templates differ in what they do with a ``tool`` role. Both APIs' translations use this."""
+    who = f" {name}" if name else ""
+    return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
+
+
 def _content(message: OllamaMessage) -> dict[str, str]:
     if message.images:
         raise NotSupported("images: the model on this board reads text only", param="messages")
-    if message.role == "tool":  # a tool's result, told to the model as text
-        who = f" {message.tool_name}" if message.tool_name else ""
-        return {"role": "user", "content": f"[result of the tool{who}]\n{message.content}"}
+    if message.role == "tool":
+        return tool_result(message.tool_name, message.content)
     return {"role": message.role, "content": message.content}
 
 

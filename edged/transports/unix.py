@@ -35,7 +35,7 @@ from edged.errors import (
     TransportError,
     Unavailable,
 )
-from edged.transports.ollama import add_ollama_routes
+from edged.transports.ollama import add_ollama_routes, tool_result
 from edged.transports.tcp import origin_of
 
 log = structlog.get_logger(__name__)
@@ -131,8 +131,7 @@ class OpenAIMessage(BaseModel):
         if self.role == "developer":
             return {"role": "system", "content": text}
         if self.role in ("tool", "function"):
-            who = f" {self.name}" if self.name else ""
-            return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
+            return tool_result(self.name, text)
         message: dict[str, Any] = {"role": self.role, "content": text}
         if self.name:
             message["name"] = self.name
