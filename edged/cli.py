@@ -421,6 +421,72 @@ def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt 
 
 
 @app.command()
+def jobs(
+    config: ConfigOpt = None,
+    socket: SocketOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Jobs to show (newest first).")] = 20,
+    before: Annotated[
+        int | None, typer.Option(min=1, help="Page on: the seq printed as 'next page' by the last call.")
+    ] = None,
+    origin: Annotated[
+        str | None, typer.Option(help="Only jobs from this transport: mqtt, socket or tcp:<key name>.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recent jobs from the daemon's journal: state, attempts, timings, errors.
+
+    Jobs survive restarts in the journal (journal.path), so a job cut by a crash shows up with
+    attempts 2 once it ran again. Prompts and answers are shown only when the daemon runs with
+    log.content = true. Example: edged jobs --origin mqtt --limit 50 --json
+    """
+    from urllib.parse import urlencode
+
+    from edged.client import DaemonError, DaemonUnreachable
+
+    query = {"limit": limit, "before": before, "origin": origin}
+    path = "/v1/jobs?" + urlencode({k: v for k, v in query.items() if v is not None})
+    with _client(config, socket) as client:
+        try:
+            doc = client.get(path)
+        except DaemonUnreachable as exc:
+            _fail(EXIT_UNREACHABLE, str(exc))
+        except DaemonError as exc:
+            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+    if as_json:
+        out.print_json(data=doc)
+        return
+    if not doc["journal"]:
+        err.print("edged: the journal is off (journal.enabled = false): jobs this process remembers")
+    table = Table(title="recent jobs, newest first")
+    for column in ("seq", "id", "origin", "state", "tries", "accepted", "took s", "tokens", "tok/s", "error"):
+        table.add_column(column, overflow="fold")
+    for job in doc["data"]:
+        timings, usage = job.get("timings") or {}, job.get("usage") or {}
+        accepted, finished = job.get("accepted_at"), job.get("finished_at")
+        table.add_row(
+            str(job.get("seq", "")),
+            str(job.get("id") or ""),
+            job.get("origin") or "",
+            job["state"],
+            str(job.get("attempts", "")),
+            time.strftime("%H:%M:%S", time.localtime(accepted)) if accepted else "",
+            f"{finished - accepted:.1f}" if accepted and finished else "",
+            str(usage.get("completion_tokens", job.get("completion_tokens", ""))),
+            f"{timings['predicted_per_second']:.1f}" if timings.get("predicted_per_second") else "",
+            (job.get("error") or {}).get("code", ""),
+        )
+    out.print(table)
+    for job in doc["data"]:  # log.content: the text, one job per line
+        if job.get("content") is not None or job.get("prompt") is not None:
+            prompt = job.get("prompt")
+            if isinstance(prompt, list):
+                prompt = " / ".join(str(m.get("content", "")) for m in prompt if isinstance(m, dict))
+            out.print(f"{job.get('seq')}: {str(prompt)[:120]!r} -> {str(job.get('content'))[:200]!r}")
+    if doc.get("next_before"):
+        out.print(f"next page: edged jobs --before {doc['next_before']}")
+
+
+@app.command()
 def board(
     config: ConfigOpt = None,
     root: Annotated[Path | None, typer.Option(help="Root for /proc and /sys (board.root).")] = None,

@@ -239,12 +239,44 @@ class JobsConfig(_Section):
     keep_results_s: float = Field(
         600.0, ge=0, description="How long a finished job's answer is kept to answer a duplicate delivery."
     )
+    drain_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM, how long running jobs may finish; the rest stay journaled and run at "
+        "the next start.",
+    )
 
     @model_validator(mode="after")
     def _timeouts(self) -> JobsConfig:
         if self.timeout_s > self.max_timeout_s:
             raise ValueError(f"timeout_s ({self.timeout_s}) exceeds max_timeout_s ({self.max_timeout_s})")
         return self
+
+
+class JournalConfig(_Section):
+    """The durable job journal: jobs accepted over MQTT (and the socket) survive a crash or power cut."""
+
+    enabled: bool = Field(
+        True,
+        description="Journal jobs on disk. false = memory only: nothing stored, but no crash recovery "
+        "(a job accepted before a kill -9 or power cut is lost).",
+    )
+    path: Path = Field(
+        default_factory=lambda: default_state_dir() / "journal.sqlite3",
+        description="The SQLite file (WAL mode); its directory is created 0700.",
+    )
+    sync: Literal["full", "normal"] = Field(
+        "full",
+        description="full = fsync at every commit (survives power loss); normal = survives a process "
+        "crash, may lose the last commits on power loss (cheaper on SD cards).",
+    )
+    keep_s: float = Field(
+        86400.0,
+        ge=0,
+        description="How long an acknowledged answer is kept (the dedup window for redeliveries).",
+    )
+    max_rows: int = Field(10_000, ge=100, description="Most jobs kept; only acknowledged ones are pruned.")
+    socket: bool = Field(True, description="Journal socket and TCP jobs too (for `edged jobs`).")
 
 
 class MqttTlsConfig(_Section):
@@ -287,11 +319,25 @@ class MqttConfig(_Section):
     )
     reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay.")
     reconnect_max_s: int = Field(30, ge=1, description="Longest reconnect delay (doubling backoff).")
+    require_tls: bool = Field(
+        False, description="Refuse to start unless MQTT uses TLS (mqtt.tls.ca / cert / enabled)."
+    )
+    rate_per_min: int = Field(
+        0,
+        ge=0,
+        description="Jobs a minute per MQTT client (bursts up to the same number); 0 = no limit. A client "
+        "is the v5 user property client_id, else the response topic, else the payload's reply_to.",
+    )
 
     @model_validator(mode="after")
     def _delays(self) -> MqttConfig:
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
+        if self.require_tls and self.host and not self.tls.active:
+            raise ValueError(
+                "require_tls is set but TLS is off: give mqtt.tls.ca (or tls.enabled = true for the "
+                "system's CAs) and use the broker's TLS port"
+            )
         return self
 
     @property
@@ -451,6 +497,11 @@ class LlamaCppConfig(_Section):
         "change with its batch neighbours; without it, rounding in the attention matmuls (which depends "
         "on where other sequences' cells are) can flip a near-tie token.",
     )
+    memory_check: bool = Field(
+        True,
+        description="Refuse to start when the model file plus its KV cache (engine.parallel slots of "
+        "model.ctx tokens, and engine.prefix_cache_mb) exceed MemAvailable; false = try anyway.",
+    )
 
 
 class RkllmConfig(_Section):
@@ -507,6 +558,7 @@ class Settings(BaseSettings):
     queue: QueueConfig = Field(default_factory=QueueConfig, description="The job queue.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Slots and the prefix cache.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Per-job limits and defaults.")
+    journal: JournalConfig = Field(default_factory=JournalConfig, description="The durable job journal.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The MQTT transport.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry and metrics.")

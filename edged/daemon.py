@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from edged.backends import BackendChoice, choose_backend
 from edged.board import BoardInfo, HostFS, ThermalLimits, detect_board
 from edged.config import Settings
 from edged.engine import Engine, EngineState
-from edged.errors import EdgedError
+from edged.errors import BackendUnavailable, EdgedError
+from edged.journal import Journal, JournalUnavailable
+from edged.journal.book import JobBook
 from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
@@ -107,7 +110,18 @@ async def _wait_mqtt(mqtt: MqttTransport, stop: asyncio.Task[Any], timeout: floa
         log.warning("ready without MQTT: the broker is not reachable yet; retrying in the background")
 
 
-def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
+def open_journal(settings: Settings) -> Journal | None:
+    """The job journal, or None with ``journal.enabled = false``; raises ``JournalUnavailable``."""
+    cfg = settings.journal
+    if not cfg.enabled:
+        log.warning("job journal disabled: accepted jobs are lost if edged is killed (journal.enabled)")
+        return None
+    journal = Journal.open(cfg.path, sync=cfg.sync, keep_s=cfg.keep_s, max_rows=cfg.max_rows)
+    log.info("job journal open", path=str(cfg.path), sync=cfg.sync, socket_jobs=cfg.socket)
+    return journal
+
+
+async def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
     settings = p.settings
     discovery = None
     if settings.telemetry.homeassistant:
@@ -119,9 +133,9 @@ def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
             topics.status,
             presence(p, engine),
         )
-    transport = MqttTransport(engine, settings, lambda: presence(p, engine), discovery)
+    transport = MqttTransport(engine, settings, lambda: presence(p, engine), discovery, engine.book)
     engine.on_backend_change(transport.publish_presence)
-    transport.start()
+    await transport.start()
     return transport
 
 
@@ -144,7 +158,15 @@ def presence(p: Plan, engine: Engine) -> dict[str, Any]:
 async def serve(p: Plan, started: float) -> int:
     """Run the daemon; returns the process exit code."""
     settings = p.settings
-    engine = Engine(settings, p.board, p.choice)
+    try:
+        journal = open_journal(settings)
+    except JournalUnavailable as exc:
+        log.error(
+            "cannot open the job journal", error=exc.message, hint="check journal.path, or journal.enabled"
+        )
+        return 78
+    book = JobBook(journal, content=settings.log.content) if journal is not None else None
+    engine = Engine(settings, p.board, p.choice, book)
     fs = HostFS(settings.board.root)
     derate_s = settings.thermal.derate_pause_ms / 1000
 
@@ -239,7 +261,7 @@ async def serve(p: Plan, started: float) -> int:
         done, _ = await asyncio.wait({load_task, stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
         if load_task in done and load_task.exception() is None:
             if settings.mqtt.host:
-                mqtt = start_mqtt(p, engine)
+                mqtt = await start_mqtt(p, engine)
                 transport = mqtt
                 background.append(
                     asyncio.create_task(
@@ -274,9 +296,12 @@ async def serve(p: Plan, started: float) -> int:
             )
             done, _ = await asyncio.wait({stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
         elif load_task in done:
-            exc = load_task.exception()
-            log.error("model failed to load", error=str(exc))
+            load_error = load_task.exception()
+            log.error("model failed to load", error=str(load_error))
             code = 1
+            if isinstance(load_error, BackendUnavailable):  # a bad model file (ModelFault): configuration
+                print(f"edged: {load_error.message}", file=sys.stderr)
+                code = 78  # EX_CONFIG, as cli.EXIT_CONFIG
         for task in servers & done:
             log.error(f"the {task.get_name()} server stopped unexpectedly", error=repr(task.exception()))
             code = 1
@@ -288,12 +313,19 @@ async def serve(p: Plan, started: float) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
         if mqtt is not None:
-            await mqtt.stop()
+            mqtt.pause_intake()
         if not load_task.done():
             load_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, EdgedError):
             await load_task
+        if engine.state is EngineState.READY:
+            # Running jobs may finish (and their answers go out); queued ones stay journaled.
+            await engine.drain(settings.jobs.drain_s)
+        if mqtt is not None:
+            await mqtt.stop()
         await engine.stop()
+        if journal is not None:
+            await asyncio.to_thread(journal.close)
         server.should_exit = True
         if tcp_server is not None:
             tcp_server.should_exit = True

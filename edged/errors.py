@@ -102,6 +102,14 @@ class NotReady(Unavailable):
     retry_after = 2
 
 
+class RateLimited(EdgedError):
+    """A client sent more jobs than its rate allows (``mqtt.rate_per_min``, ``http.rate_limit_per_min``)."""
+
+    code = "rate_limited"
+    http_status = 429
+    type = "rate_limit_error"
+
+
 class DeadlineExceeded(EdgedError):
     code = "deadline_exceeded"
     http_status = 504
@@ -111,6 +119,11 @@ class Cancelled(EdgedError):
     code = "cancelled"
     http_status = 499
     type = "invalid_request_error"
+
+
+class ShuttingDown(Cancelled):
+    """edged stopped before the job finished. A journaled MQTT job is not answered with this: it
+    stays in the journal and runs again at the next start."""
 
 
 class BackendError(EdgedError):

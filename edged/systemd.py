@@ -75,3 +75,10 @@ class Notifier:
 
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=stopping")
+
+    def close(self) -> None:
+        """Close the notification socket (sdnotify keeps it open for the process's life)."""
+        sock = getattr(self._notifier, "socket", None)
+        if sock is not None:
+            sock.close()
+        self._notifier = None

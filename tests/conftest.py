@@ -110,6 +110,7 @@ class Daemon:
             "EDGED_DEVICE_ID": "test-device",
             "EDGED_LOG__FORMAT": "json",
             "EDGED_ENGINE__PREFIX_CACHE_DIR": str(workdir / "prefix-cache"),
+            "EDGED_JOURNAL__PATH": str(workdir / "journal.sqlite3"),
         }
         self.env = clean_env(**{**defaults, **env})
         self.proc: subprocess.Popen[bytes] | None = None

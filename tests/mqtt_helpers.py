@@ -114,6 +114,7 @@ class Probe:
         self.client.connect_async("127.0.0.1", port, 30, clean_start=not persistent, properties=props)
         self.client.loop_start()
         if not self._connected.wait(10):
+            self.client.loop_stop()
             pytest.fail(f"probe could not connect to the broker on {port}")
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, reason_codes: list[Any], _p: Any) -> None:
@@ -124,7 +125,8 @@ class Probe:
     def subscribe(self, topic: str) -> list[Any]:
         _, mid = self.client.subscribe(topic, qos=1)
         with self._sub_event:
-            self._sub_event.wait_for(lambda: mid in self._subacks, timeout=10)
+            if not self._sub_event.wait_for(lambda: mid in self._subacks, timeout=10):
+                pytest.fail(f"no SUBACK for {topic!r} within 10 s")
         return self._subacks[mid]
 
     def publish(
@@ -153,13 +155,15 @@ class Probe:
         return topic, json.loads(payload), props
 
     def until_final(self, timeout: float = 60) -> tuple[list[dict], dict]:
-        """Chunks, then the final answer (done or error)."""
+        """Chunks, then the final answer (done or error), all within ``timeout`` seconds."""
         chunks = []
-        while True:
-            _, message, _ = self.next(timeout)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            _, message, _ = self.next(left)
             if "status" in message:
                 return chunks, message
             chunks.append(message)
+        pytest.fail(f"no final answer within {timeout} s, after {len(chunks)} chunks")
 
     def finals(self, count: int, timeout: float = 120) -> list[dict]:
         out: list[dict] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -120,13 +121,51 @@ def test_forced_profile_and_unknown_profile(tmp_path: Path) -> None:
         detect_board(BOARDS / "x86", "nope", None)
 
 
-def test_cpu_plan_uses_cores_that_exist() -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    rk = load_profiles(None)["rk3588"].profile
-    plan = plan_cpus(rk, None)
-    assert plan.threads == min(4, len([c for c in [4, 5, 6, 7] if c in allowed]) or len(allowed))
-    assert "4, 5, 6, 7" in plan.note
-    assert plan_cpus(rk, 3).threads == 3
+@pytest.mark.parametrize(
+    ("board", "cpus", "threads", "affinity", "note"),
+    [
+        # an RK3588 with all eight cores: the four Cortex-A76 (cpu4-7)
+        ("rock5b", range(8), 4, [4, 5, 6, 7], "cores [4, 5, 6, 7] from profile rk3588"),
+        # the same board in a cgroup/cpuset that allows cpu0-5: two A76 cores are left, and two threads
+        (
+            "orangepi5",
+            range(6),
+            2,
+            [4, 5],
+            "cores [4, 5] from profile rk3588 (profile asks [4, 5, 6, 7]; only [4, 5] exist here)"
+            "; threads 2 (profile asks 4, only 2 cores here)",
+        ),
+        # an RK3588 tree on a 2-core machine: none of cpu4-7 exist, so the affinity is left alone
+        (
+            "rock5b",
+            range(2),
+            2,
+            None,
+            "profile rk3588 asks cores [4, 5, 6, 7], none exist here ([0, 1]); affinity unchanged"
+            "; threads 2 (profile asks 4, only 2 cores here)",
+        ),
+        ("rpi5", range(4), 4, [0, 1, 2, 3], "cores [0, 1, 2, 3] from profile rpi5"),
+        ("rpi4-cpuinfo-only", range(4), 4, [0, 1, 2, 3], "cores [0, 1, 2, 3] from profile rpi4"),
+        # generic: no affinity, one thread per allowed core
+        ("x86", [0, 2, 5], 3, None, "all allowed cores"),
+    ],
+)
+def test_cpu_plan_uses_cores_that_exist(
+    monkeypatch: pytest.MonkeyPatch,
+    board: str,
+    cpus: Iterable[int],
+    threads: int,
+    affinity: list[int] | None,
+    note: str,
+) -> None:
+    """The real detection and CPU plan for a fixture board, on a machine whose allowed CPUs are ``cpus``."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    profile = detect_board(BOARDS / board, user_dir=None).profile
+    plan = plan_cpus(profile, None)
+    assert (plan.threads, plan.affinity, plan.note) == (threads, affinity, note)
+    forced = plan_cpus(profile, 3)
+    assert (forced.threads, forced.affinity) == (3, affinity), "model.threads wins, the cores stay"
+    assert forced.note == f"{note.split('; threads')[0]}; threads 3 from model.threads"
 
 
 def test_auto_choice_skips_backends_with_reasons(model_path: Path) -> None:

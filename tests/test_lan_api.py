@@ -165,6 +165,9 @@ def test_the_openai_client_needs_the_key(lan: tuple[Daemon, str], track: Callabl
         assert r.headers["www-authenticate"].startswith("Bearer")
         assert anonymous.get("/health").status_code == 200  # health checks need no key
         assert anonymous.get("/metrics").status_code == 404  # metrics stay off the LAN listener
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}) as keyed:
+        assert keyed.get("/v1/jobs").status_code == 404  # the job list too, even with a key
+        assert keyed.get("/v1/models").status_code == 200
 
 
 def test_open_webui_request_with_tools_and_other_openai_fields(lan: tuple[Daemon, str]) -> None:
@@ -302,6 +305,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
     return clean_env(
         EDGED_SOCKET__PATH=str(tmp_path / "s.sock"),
+        EDGED_JOURNAL__PATH=str(tmp_path / "journal.sqlite3"),
         EDGED_BOARD__ROOT=str(BOARDS / "x86"),
         EDGED_BOARD__PROFILES_DIR=str(tmp_path / "profiles"),
         **extra,

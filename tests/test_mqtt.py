@@ -7,10 +7,11 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, wait_until
 from mqtt_helpers import Broker, Probe
 
 
@@ -38,15 +39,20 @@ def mqtt_env(broker: Broker, device: str = "dev1", **extra: str) -> dict[str, st
     }
 
 
-def wait_connected(d: Daemon, timeout: float = 20) -> None:
+def wait_mqtt(d: Daemon, connected: bool = True, timeout: float = 20) -> None:
+    """Until /status says edged is (or is no longer) connected to its broker; fails after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with d.client() as c:
+    with d.client(timeout=5) as c:
+        while time.monotonic() < deadline:
             mqtt = c.get("/status").json()["mqtt"]
-            if mqtt and mqtt["connected"]:
+            if mqtt and mqtt["connected"] is connected:
                 return
-        time.sleep(0.05)
-    pytest.fail(f"edged did not connect to the broker:\n{d.log()}")
+            time.sleep(0.05)
+    pytest.fail(f"edged did not {'connect to' if connected else 'lose'} the broker:\n{d.log()}")
+
+
+def wait_connected(d: Daemon, timeout: float = 20) -> None:
+    wait_mqtt(d, True, timeout)
 
 
 @pytest.fixture
@@ -57,11 +63,14 @@ def device(start_daemon, broker: Broker) -> Daemon:
 
 
 def test_foreign_client_gets_its_answer_with_correlation_data(device: Daemon, broker: Broker) -> None:
+    client_id = f"foreign-{uuid.uuid4().hex[:8]}"
     sub = subprocess.Popen(
         [
             "mosquitto_sub",
             "-V",
             "mqttv5",
+            "-i",
+            client_id,
             "-p",
             str(broker.port),
             "-t",
@@ -76,7 +85,34 @@ def test_foreign_client_gets_its_answer_with_correlation_data(device: Daemon, br
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    try:
+        # mosquitto_sub block-buffers its output into a pipe, so the broker's own log says when it has
+        # answered the SUBSCRIBE (log_type all); publishing earlier would lose the answer
+        wait_until(
+            lambda: f"Sending SUBACK to {client_id}" in broker.text() or sub.poll() is not None,
+            timeout=10,
+            what="mosquitto_sub's subscription",
+        )
+        assert sub.poll() is None, f"mosquitto_sub exited with {sub.returncode}:\n{broker.text()}"
+        publish_foreign_job(broker)
+        out, _ = sub.communicate(timeout=70)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.communicate()
+    assert sub.returncode == 0, f"mosquitto_sub got no answer within its 60 s (-W):\n{device.log()}"
+    correlation, payload = out.strip().split("|", 1)
+    assert correlation == "req-42"
+    answer = json.loads(payload)
+    assert answer["id"] == "foreign-1"
+    assert answer["status"] == "done"
+    assert answer["content"]
+    assert answer["device_id"] == "dev1"
+    assert answer["usage"]["completion_tokens"] <= 8
+    assert answer["timings"]["predicted_n"] == answer["usage"]["completion_tokens"]
+
+
+def publish_foreign_job(broker: Broker) -> None:
     subprocess.run(
         [
             "mosquitto_pub",
@@ -100,16 +136,6 @@ def test_foreign_client_gets_its_answer_with_correlation_data(device: Daemon, br
         check=True,
         timeout=10,
     )
-    out, _ = sub.communicate(timeout=70)
-    correlation, payload = out.strip().split("|", 1)
-    assert correlation == "req-42"
-    answer = json.loads(payload)
-    assert answer["id"] == "foreign-1"
-    assert answer["status"] == "done"
-    assert answer["content"]
-    assert answer["device_id"] == "dev1"
-    assert answer["usage"]["completion_tokens"] <= 8
-    assert answer["timings"]["predicted_n"] == answer["usage"]["completion_tokens"]
 
 
 def test_bare_prompt_is_answered_on_the_results_topic(device: Daemon, probe: Probe) -> None:
@@ -225,7 +251,7 @@ def test_presence_online_offline_and_last_will(start_daemon, broker: Broker, pro
     wait_connected(d2)
     assert probe.next()[1]["state"] == "online"
     d2.proc.send_signal(signal.SIGKILL)
-    d2.proc.wait()
+    d2.proc.wait(10)
     will = probe.next(30)[1]
     assert will["state"] == "offline", "the broker publishes the last will when edged dies"
     retained = Probe(broker.port)
@@ -292,12 +318,16 @@ def test_broker_restart_during_a_run_loses_no_answer(start_daemon, broker: Broke
             )
         seen = {m["id"] for m in probe.finals(1)}
         broker.stop()
-        time.sleep(1.5)
+        # the broker stays down until edged has noticed (jobs keep running; their answers must wait)
+        wait_mqtt(d, connected=False)
         broker.start()
         # QoS 1 may deliver an answer twice across the restart; every job must be answered.
         deadline = time.monotonic() + 180
         while len(seen) < 8:
-            seen.update(m["id"] for m in probe.finals(1, timeout=max(1.0, deadline - time.monotonic())))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"only {sorted(seen)} answered within 180 s of the restart:\n{d.log()[-3000:]}")
+            seen.update(m["id"] for m in probe.finals(1, timeout=left))
     finally:
         probe.close()
     assert sorted(seen) == sorted(f"rb-{i}" for i in range(8))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, rkllm_abi_flags, run_edged
+from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, rkllm_abi_flags, run_edged, wait_until
 
 from edged.backends.rkllm_abi import abi_for
 
@@ -397,22 +397,27 @@ def test_watchdog_stops_when_the_npu_run_hangs(tmp_path: Path, rk_root, rk_model
     notify.bind(str(where / "notify"))
     notify.settimeout(0.5)
     api = where / "edged.sock"
-    log = (tmp_path / "edged.log").open("wb")
+    log_path = tmp_path / "edged.log"
+    log = log_path.open("wb")
     env = clean_env(
         NOTIFY_SOCKET=str(where / "notify"),
         WATCHDOG_USEC="400000",
         EDGED_SOCKET__PATH=str(api),
+        EDGED_JOURNAL__PATH=str(tmp_path / "journal.sqlite3"),
         EDGED_LOG__FORMAT="json",
         **npu_env(rk_root, stubs["1.2.1"], rk_model, STUB_HANG_AFTER="2"),
     )
     proc = subprocess.Popen([edged_exe(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + 60
         while True:
+            assert time.monotonic() < deadline, f"no READY=1 within 60 s:\n{log_path.read_text()}"
             try:
                 if "READY=1" in notify.recv(4096).decode():
                     break
             except TimeoutError:
-                assert proc.poll() is None, (tmp_path / "edged.log").read_text()
+                assert proc.poll() is None, log_path.read_text()
+        # one second of pings, counted (the window is the scenario, not a wait for an event)
         pings_before = 0
         t0 = time.monotonic()
         while time.monotonic() - t0 < 1.0:
@@ -421,22 +426,27 @@ def test_watchdog_stops_when_the_npu_run_hangs(tmp_path: Path, rk_root, rk_model
         assert pings_before >= 3
         client = httpx.Client(transport=httpx.HTTPTransport(uds=str(api)), base_url="http://edged", timeout=1)
         threading.Thread(target=lambda: _post_quietly(client), daemon=True).start()
-        time.sleep(1.0)  # two tokens, then the runtime hangs; the stall threshold is 0.4 s
+        # two tokens, then the runtime hangs; past the stall threshold (0.4 s) the ping is withheld
+        wait_until(
+            lambda: "engine unhealthy" in log_path.read_text(),
+            timeout=10,
+            what="the watchdog noticing the hung run",
+        )
         notify.setblocking(False)
         with contextlib.suppress(BlockingIOError):
-            while True:
+            for _ in range(1000):
                 notify.recv(4096)  # drop the pings sent before the hang was detected
         notify.settimeout(0.5)
+        # then 1.5 s (over three ping intervals) without a single ping: a window, not a wait
         later = []
         t1 = time.monotonic()
         while time.monotonic() - t1 < 1.5:
             with contextlib.suppress(TimeoutError):
                 later.append(notify.recv(4096).decode())
         assert "WATCHDOG=1" not in later, "a hung engine must stop the watchdog pings"
-        assert "engine unhealthy" in (tmp_path / "edged.log").read_text()
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.wait(10)
         log.close()
         notify.close()
 

@@ -4,14 +4,15 @@ sd_notify READY / STATUS / WATCHDOG / STOPPING on a datagram socket the test own
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,7 @@ def test_socket_activation_answers_a_job(tmp_path: Path, model_path: Path) -> No
             "EDGED_BOARD__ROOT": str(BOARDS / "x86"),
             "EDGED_BOARD__PROFILES_DIR": str(tmp_path / "none"),
             "EDGED_SOCKET__PATH": str(tmp_path / "not-this-one.sock"),
+            "EDGED_JOURNAL__PATH": str(tmp_path / "journal.sqlite3"),
             "PATH": env["PATH"],
         }.items()
     ]
@@ -110,11 +112,27 @@ def test_socket_activation_answers_a_job(tmp_path: Path, model_path: Path) -> No
         log.close()
 
 
+def recv_until(notify: socket.socket, needle: str, timeout: float, log: Path) -> list[tuple[float, str]]:
+    """sd_notify datagrams (arrival time, text) up to the first that contains ``needle``; fails the test
+    when none has arrived within ``timeout`` seconds (whatever else keeps arriving)."""
+    got: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        notify.settimeout(left)
+        try:
+            text = notify.recv(4096).decode()
+        except TimeoutError:
+            break
+        got.append((time.monotonic(), text))
+        if needle in text:
+            return got
+    pytest.fail(f"no {needle!r} within {timeout} s; got {[t for _, t in got]}\n{log.read_text()}")
+
+
 def test_sd_notify_ready_after_load_watchdog_and_stopping(tmp_path: Path, model_path: Path) -> None:
     where = short_dir()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(where / "notify"))
-    notify.settimeout(30)
     api = where / "edged.sock"
     log_path = tmp_path / "edged.log"
     log = log_path.open("wb")
@@ -123,43 +141,113 @@ def test_sd_notify_ready_after_load_watchdog_and_stopping(tmp_path: Path, model_
         WATCHDOG_USEC="400000",
         EDGED_LOG__FORMAT="json",
         EDGED_SOCKET__PATH=str(api),
+        EDGED_JOURNAL__PATH=str(tmp_path / "journal.sqlite3"),
         EDGED_BOARD__ROOT=str(BOARDS / "x86"),
         EDGED_BOARD__PROFILES_DIR=str(tmp_path / "none"),
     )
     proc = subprocess.Popen([edged_exe(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    messages: list[tuple[float, str]] = []
     try:
-        while not any("READY=1" in m for _, m in messages):
-            messages.append((time.monotonic(), notify.recv(4096).decode()))
+        messages = recv_until(notify, "READY=1", 60, log_path)
         ready_at = messages[-1][0]
         assert messages[0][1].startswith("STATUS=loading model SmolLM2"), messages
         assert "STATUS=serving" in messages[-1][1]
         assert '"model ready"' in log_path.read_text(), "READY=1 only after the model is loaded"
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(api)), base_url="http://edged") as c:
             assert c.get("/health").status_code == 200
+        # two seconds of pings, measured (the window is the scenario, not a wait for an event)
         pings = []
-        while time.monotonic() - ready_at < 2.0:
-            at, text = time.monotonic(), notify.recv(4096).decode()
+        while (left := ready_at + 2.0 - time.monotonic()) > 0:
+            notify.settimeout(left)
+            try:
+                text = notify.recv(4096).decode()
+            except TimeoutError:
+                break
             if text == "WATCHDOG=1":
-                pings.append(at)
+                pings.append(time.monotonic())
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert 6 <= len(pings) <= 14, pings  # every WATCHDOG_USEC/2 = 0.2 s
         assert max(gaps) < 0.4, gaps
         proc.send_signal(signal.SIGTERM)
-        while "STOPPING=1" not in notify.recv(4096).decode():
-            pass
+        recv_until(notify, "STOPPING=1", 30, log_path)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
         log.close()
         notify.close()
 
 
-def test_no_systemd_means_no_notify_and_a_bound_socket() -> None:
+SYSTEMD_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+@pytest.fixture
+def no_systemd(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This process as if started outside systemd (a CI job may itself run under a unit)."""
+    for name in SYSTEMD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_no_systemd_means_no_notify_and_a_bound_socket(no_systemd: pytest.MonkeyPatch) -> None:
     from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 
-    assert sys.platform.startswith("linux")
-    assert inherited_sockets() == []
+    assert inherited_sockets() == [], "no LISTEN_FDS: the daemon binds its own socket"
     assert watchdog_interval() is None
-    Notifier().ready("serving")  # a no-op without NOTIFY_SOCKET, not an error
+    notifier = Notifier()
+    assert notifier.enabled is False
+    notifier.ready("serving")  # a no-op without NOTIFY_SOCKET, not an error
+    notifier.watchdog()
+    notifier.stopping()
+    # the same functions do answer when systemd's variables are there
+    no_systemd.setenv("WATCHDOG_USEC", "400000")
+    assert watchdog_interval() == 0.2, "half of WATCHDOG_USEC, in seconds"
+    no_systemd.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 0.2
+    no_systemd.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert watchdog_interval() is None, "a watchdog meant for another process is not ours"
+
+
+def notify_socket(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(5)
+    return sock
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_notifier_sends_ready_status_watchdog_and_stopping(
+    no_systemd: pytest.MonkeyPatch, abstract: bool
+) -> None:
+    """Notifier against a datagram socket the test owns, as systemd's $NOTIFY_SOCKET ("@..." = abstract)."""
+    from edged.systemd import Notifier
+
+    if abstract:
+        name = f"edged-test-{uuid.uuid4().hex}"
+        sock, env = notify_socket("\0" + name), "@" + name
+    else:
+        path = short_dir() / "notify"
+        sock, env = notify_socket(str(path)), str(path)
+    no_systemd.setenv("NOTIFY_SOCKET", env)
+    notifier = Notifier()
+    try:
+        assert notifier.enabled is True
+        notifier.status("loading model")
+        notifier.status("loading model")  # unchanged: not sent again
+        notifier.ready("serving")
+        notifier.status("serving")  # ready() set it
+        notifier.watchdog()
+        notifier.stopping()
+        received = [sock.recv(4096).decode() for _ in range(4)]
+        assert received == [
+            "STATUS=loading model",
+            "READY=1\nSTATUS=serving",
+            "WATCHDOG=1",
+            "STOPPING=1\nSTATUS=stopping",
+        ]
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)  # nothing more was sent
+    finally:
+        notifier.close()
+        sock.close()

@@ -4,10 +4,12 @@ real Mosquitto, Home Assistant discovery and Prometheus /metrics."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
@@ -161,18 +163,33 @@ def test_state_machine_with_hysteresis() -> None:
 
 
 def write_temp(root: Path, zone: int, celsius: float) -> None:
-    (root / f"sys/devices/virtual/thermal/thermal_zone{zone}/temp").write_text(f"{int(celsius * 1000)}\n")
+    """Atomically, as the kernel's file never reads half-written (the governor polls every 0.1 s)."""
+    temp = root / f"sys/devices/virtual/thermal/thermal_zone{zone}/temp"
+    staged = temp.with_name("temp.new")
+    staged.write_text(f"{int(celsius * 1000)}\n")
+    os.replace(staged, temp)
+
+
+def wait_governor(d: Daemon, reached: Callable[[dict], bool], what: str, timeout: float = 10) -> dict:
+    """The governor's /status once ``reached`` holds for it; fails the test after ``timeout`` s."""
+    gov: dict = {}
+    deadline = time.monotonic() + timeout
+    with d.client(timeout=5) as c:
+        while time.monotonic() < deadline:
+            gov = c.get("/status").json()["thermals"]["governor"]
+            if reached(gov):
+                return gov
+            time.sleep(0.05)
+    pytest.fail(f"governor never {what}: {gov}\n{d.log()[-3000:]}")
 
 
 def wait_state(d: Daemon, state: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with d.client() as c:
-            gov = c.get("/status").json()["thermals"]["governor"]
-        if gov["state"] == state:
-            return gov
-        time.sleep(0.05)
-    pytest.fail(f"governor never reached {state}: {gov}\n{d.log()[-3000:]}")
+    return wait_governor(d, lambda gov: gov["state"] == state, f"reached {state}", timeout)
+
+
+def wait_reading(d: Daemon, celsius: float, timeout: float = 10) -> dict:
+    """The governor's status once its last poll read ``celsius`` as the hottest temperature."""
+    return wait_governor(d, lambda gov: gov["hottest_c"] == celsius, f"read {celsius} C", timeout)
 
 
 @pytest.fixture
@@ -225,8 +242,12 @@ def test_governor_derates_pauses_and_resumes_around_a_real_job(
             target=post, args=("running", chat("Tell a story.", id="run-1", max_tokens=200, ignore_eos=True))
         )
         running.start()
-        with d.client() as c:
-            wait_until(lambda: c.get("/status").json()["engine"]["running"], what="a running job")
+        with d.client(timeout=5) as c:
+            wait_until(
+                lambda: c.get("/status").json()["engine"]["running"] or not running.is_alive(),
+                what="a running job",
+            )
+        assert running.is_alive(), results["running"]
         write_temp(hot_board, 0, 90)
         wait_state(d, "paused")
         waiting = threading.Thread(target=post, args=("waiting", chat("hi", id="wait-1", max_tokens=4)))
@@ -242,9 +263,9 @@ def test_governor_derates_pauses_and_resumes_around_a_real_job(
         with d.client() as c:
             assert c.get("/v1/jobs/wait-1").json()["state"] == "queued"
         write_temp(hot_board, 0, 70)  # below pause, above resume: still paused (hysteresis)
-        time.sleep(0.6)
+        gov = wait_reading(d, 70.0)  # the governor has read 70 C and decided on it
+        assert gov["state"] == "paused", gov
         with d.client() as c:
-            assert c.get("/status").json()["thermals"]["governor"]["state"] == "paused"
             assert c.get("/v1/jobs/wait-1").json()["state"] == "queued"
         write_temp(hot_board, 0, 60)
         wait_state(d, "normal")
@@ -264,11 +285,14 @@ def test_governor_derates_pauses_and_resumes_around_a_real_job(
             for s in f.samples
         }
         assert samples[("edged_thermal_transitions_total", (("to", "paused"),))] == 1
-        events = []
-        while True:
+        events: list[dict] = []
+        deadline = time.monotonic() + 20
+        while not (
+            events and events[-1].get("summary", {}).get("thermal_state") == "normal" and len(events) >= 4
+        ):
+            if time.monotonic() > deadline:
+                pytest.fail(f"no telemetry back to normal within 20 s: {events}")
             events.append(probe.next(5)[1])
-            if events[-1].get("summary", {}).get("thermal_state") == "normal" and len(events) >= 4:
-                break
         states = [e["summary"]["thermal_state"] for e in events if e.get("event") == "thermal_transition"]
         assert "derate" in states and "paused" in states
     finally:
@@ -300,10 +324,11 @@ def test_telemetry_and_home_assistant_discovery_on_a_real_broker(
         try:
             probe.subscribe("edged/tele/telemetry")
             deadline = time.monotonic() + 10
-            while True:
+            message = probe.next(5)[1]
+            while message["jobs"]["done"] < 1:  # a report from before the job may come first
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no telemetry counting the job within 10 s: {message}")
                 message = probe.next(5)[1]
-                if message["jobs"]["done"] >= 1 or time.monotonic() > deadline:
-                    break
             assert message["schema"] == 1 and message["device_id"] == "tele"
             one = message["throughput"]["1m"]
             assert one["jobs_done"] == 1 and one["decode_tokens_per_s_p50"] > 0
@@ -319,7 +344,10 @@ def test_telemetry_and_home_assistant_discovery_on_a_real_broker(
             try:
                 found.subscribe("homeassistant/sensor/edged_tele/+/config")
                 configs = {}
+                deadline = time.monotonic() + 10
                 while len(configs) < 5:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"only {sorted(configs)} discovery configs within 10 s")
                     topic, config, _ = found.next(5)
                     configs[topic.split("/")[3]] = config
             finally:

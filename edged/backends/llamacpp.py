@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,7 +41,8 @@ import structlog
 
 from edged.backends import register_backend
 from edged.backends.base import CacheStats, Capabilities, Prompt, SamplingParams, SeqOutput
-from edged.backends.gguf_prompt import GgufTokenizer, gguf_problem, load_model, model_fingerprint
+from edged.backends.gguf_prompt import GgufTokenizer, load_model, model_fingerprint
+from edged.backends.model_check import ModelFault, check_model, first_native_error, requested_slots
 from edged.backends.prefix_disk import DiskEntry, PrefixDisk
 from edged.backends.prefix_index import PrefixIndex
 from edged.board import plan_cpus
@@ -56,6 +57,7 @@ log = structlog.get_logger(__name__)
 # ggml_log_level in the llama.cpp this wheel builds: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
 # Its INFO is load-time chatter, so it goes to debug with the rest.
 NATIVE_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+NATIVE_ERROR = 4
 PENALTY_LAST_N = 64
 CLOSE_THINKING = "\n</think>\n\n"
 """What closes a reasoning block at the job's reasoning budget (DeepSeek-R1's own layout)."""
@@ -64,8 +66,9 @@ DISK_MIN_GAIN = 16
 """A disk entry is loaded only when it covers this many more prompt tokens than the KV cache does."""
 
 
-def _native_log_callback(llama_cpp: Any) -> Any:
-    """llama.cpp's log callback, routed to the ``llama.cpp`` logger (INFO chatter at debug level)."""
+def _native_log_callback(llama_cpp: Any, errors: deque[str] | None = None) -> Any:
+    """llama.cpp's log callback, routed to the ``llama.cpp`` logger (INFO chatter at debug level);
+    its ERROR lines are also kept in ``errors``, to say why a load returned NULL."""
     native = logging.getLogger("llama.cpp")
 
     @llama_cpp.llama_log_callback
@@ -73,6 +76,8 @@ def _native_log_callback(llama_cpp: Any) -> Any:
         message = text.decode("utf-8", errors="replace").rstrip()
         if message:
             native.log(NATIVE_LEVELS.get(level, logging.DEBUG), message)
+            if level == NATIVE_ERROR and errors is not None:
+                errors.append(message)
 
     return callback
 
@@ -145,6 +150,8 @@ class LlamaCppBackend:
         self._model_facts: dict[str, object] = {}
         self._version = "?"
         self._log_callback: Any = None
+        self._native_errors: deque[str] = deque(maxlen=32)
+        """llama.cpp's last ERROR log lines (the reason of a NULL from a load)."""
         self._abort_callback: Any = None
         self._interrupt = threading.Event()
         self._caps = Capabilities(max_sequences=1, prefix_cache=False)
@@ -174,9 +181,10 @@ class LlamaCppBackend:
             import llama_cpp
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             return False, f"llama-cpp-python cannot be imported: {exc}"
-        problem = gguf_problem(settings.model.path)
-        if problem:
-            return False, problem
+        try:  # the file, its architecture, and the memory it needs with the slots the engine will ask
+            check_model(board, settings, requested_slots(board, settings), llama_cpp.__version__)
+        except ModelFault as exc:
+            return False, exc.message
         return True, f"llama-cpp-python {llama_cpp.__version__} on CPU"
 
     @property
@@ -201,16 +209,24 @@ class LlamaCppBackend:
             raise BackendError(f"llama-cpp-python cannot be imported: {exc}") from exc
         self._llama_cpp = llama_cpp
         self._version = llama_cpp.__version__
-        path = self._settings.model.path
-        problem = gguf_problem(path)
-        if problem or path is None:
-            raise BackendError(problem or "model.path is not set")
+        # Again with the real slot count (and the file may have changed since `available`).
+        path = check_model(self._board, self._settings, slots, self._version).path
         if self._cpus.affinity:
             os.sched_setaffinity(0, self._cpus.affinity)
-        self._log_callback = _native_log_callback(llama_cpp)  # kept: llama.cpp holds only a C pointer
+        # kept: llama.cpp holds only a C pointer
+        self._log_callback = _native_log_callback(llama_cpp, self._native_errors)
         llama_cpp.llama_log_set(self._log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        self._model = load_model(path, use_mmap=self._options.mmap)
+        self._native_errors.clear()
+        try:
+            self._model = load_model(path, use_mmap=self._options.mmap)
+        except BackendError as exc:  # something the pre-load check does not look at: llama.cpp says what
+            reason = first_native_error(list(self._native_errors)) or "it logged no reason"
+            raise ModelFault(
+                path,
+                f"llama.cpp could not load it: {reason}",
+                "check that it is a complete GGUF of a model llama.cpp supports (the llama.cpp log has more)",
+            ) from exc
         n_layer = llama_cpp.llama_model_n_layer(self._model)
         n_head = max(1, llama_cpp.llama_model_n_head(self._model))
         head_dim = llama_cpp.llama_model_n_embd(self._model) // n_head
@@ -241,11 +257,19 @@ class LlamaCppBackend:
 
         self._abort_callback = should_abort
         params.abort_callback = self._abort_callback
+        self._native_errors.clear()
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._ctx:
+        if not self._ctx:  # its KV cache or compute buffers could not be allocated, most likely
             llama_cpp.llama_model_free(self._model)
             self._model = None
-            raise BackendError(f"llama.cpp could not create a context for {path} ({slots} slots)")
+            reason = first_native_error(list(self._native_errors)) or "it logged no reason"
+            raise ModelFault(
+                path,
+                f"llama.cpp could not create a context of {n_seq} streams x {self.n_ctx} tokens "
+                f"({slots} slots): {reason}",
+                "use fewer slots (engine.parallel), a smaller model.ctx or engine.prefix_cache_mb, "
+                "or a smaller model",
+            )
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._tokenizer = GgufTokenizer(self._model)

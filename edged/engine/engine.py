@@ -4,6 +4,7 @@ here, on the event loop; the scheduler's thread runs the backend; `snapshot` is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import OrderedDict
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edged.backends import BackendChoice
+from edged.engine.answer import done_message, error_message
 from edged.engine.constraints import schema_cache_stats
-from edged.engine.job import Job, JobRequest, JobState, Prepared, new_job_id
+from edged.engine.job import Job, JobRequest, JobResult, JobState, Prepared, new_job_id
 from edged.engine.prepare import Preparer
 from edged.engine.queue import JobQueue
 from edged.engine.scheduler import Done, Emit, Fail, Outcome, Scheduler
@@ -30,7 +32,10 @@ from edged.errors import (
     NotReady,
     NotSupported,
     QueueFull,
+    ShuttingDown,
 )
+from edged.journal import JournalEntry
+from edged.journal.book import JobBook
 from edged.telemetry.throughput import window_label
 
 if TYPE_CHECKING:
@@ -45,8 +50,12 @@ FINISHED_JOBS_KEPT = 1024
 class Engine:
     """Queues jobs, hands them to the scheduler's slots, and settles them on the event loop."""
 
-    def __init__(self, settings: Settings, board: BoardInfo, choice: BackendChoice) -> None:
+    def __init__(
+        self, settings: Settings, board: BoardInfo, choice: BackendChoice, book: JobBook | None = None
+    ) -> None:
         self.settings = settings
+        self.book = book
+        """The job journal (None with ``journal.enabled = false``)."""
         self.board = board
         self.state = EngineState.LOADING
         self.started_wall = time.time()
@@ -60,6 +69,8 @@ class Engine:
         self._backend_ready = asyncio.Event()  # cleared while a failed backend is being replaced
         self._backend_ready.set()
         self._backend_listeners: list[Callable[[], None]] = []
+        self._loaded = asyncio.Event()  # set once loading ended, ready or failed
+        self._settled = asyncio.Event()  # pulsed whenever results arrive (drain waits on it)
 
     def on_backend_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (on the loop) after a failed backend was replaced by the next one."""
@@ -75,6 +86,7 @@ class Engine:
             caps = await asyncio.wrap_future(self.scheduler.loaded)
         except EdgedError:
             self.state = EngineState.FAILED
+            self._loaded.set()
             raise
         log.info(
             "model ready",
@@ -84,14 +96,36 @@ class Engine:
             load_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         self.state = EngineState.READY
+        self._loaded.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new work and start no queued job; wait up to ``timeout`` for the running ones to
+        finish. Returns how many were still running (``stop`` ends them with ``ShuttingDown``)."""
+        if self.state is EngineState.READY:
+            self.state = EngineState.STOPPING
+        self.scheduler.hold()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def running() -> int:  # started and not yet settled on the loop
+            return sum(1 for job in self._jobs.values() if job.state is JobState.RUNNING and not job.finished)
+
+        while running() and loop.time() < deadline:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), max(0.0, deadline - loop.time()))
+        left = running()
+        log.info("drained", unfinished=left, queued=len(self.queue), timeout_s=timeout)
+        return left
 
     async def stop(self) -> None:
-        """Refuse new work, cancel waiting and running jobs, and release the model."""
+        """Refuse new work, end waiting and running jobs with ``ShuttingDown``, release the model."""
         self.state = EngineState.STOPPING
+        self._loaded.set()
         for job in self.queue.drain():
-            self._settle_failed(job, Cancelled("edged is shutting down"))
+            self._settle_failed(job, ShuttingDown("edged is shutting down"))
         for job in self.scheduler.running():
-            job.stop_reason = job.stop_reason or Cancelled("edged is shutting down")
+            job.stop_reason = job.stop_reason or ShuttingDown("edged is shutting down")
         if self.scheduler.alive:
             self.scheduler.stop()
             await asyncio.wait_for(asyncio.wrap_future(self.scheduler.finished), timeout=60)
@@ -120,9 +154,36 @@ class Engine:
                 f"model {name!r} is not loaded here; this edged serves {served!r}", param="model"
             )
 
-    async def submit(self, request: JobRequest, origin: str = "") -> Job:
+    async def submit(
+        self,
+        request: JobRequest,
+        origin: str = "",
+        *,
+        journal_key: str | None = None,
+        peer: str | None = None,
+    ) -> Job:
         """Validate, count the prompt against the cap and queue the job; raises `EdgedError`.
-        ``origin`` says where it came from for the logs (``socket``, ``tcp:<key name>``, ``mqtt``)."""
+        ``origin`` says where it came from for the logs (``socket``, ``tcp:<key name>``, ``mqtt``).
+
+        ``journal_key``: the transport journaled the job itself (MQTT: before its PUBACK) and
+        publishes and records its answer. Without one, a socket job is journaled here (with
+        ``journal.socket``) and its row closed when it settles: its client gets the answer directly.
+        A job that arrives while the model loads waits for it within its own timeout.
+        """
+        timeout = request.timeout_s or self.settings.jobs.timeout_s
+        if timeout > self.settings.jobs.max_timeout_s:
+            raise InvalidRequest(
+                f"timeout_s {timeout} exceeds jobs.max_timeout_s ({self.settings.jobs.max_timeout_s})",
+                param="timeout_s",
+            )
+        arrived = time.perf_counter()
+        if self.state is EngineState.LOADING:
+            try:
+                await asyncio.wait_for(self._loaded.wait(), timeout)
+            except TimeoutError:
+                raise NotReady(
+                    f"the model was still loading when the job's timeout ({timeout:g} s) passed"
+                ) from None
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         self._check_model(request.model)
@@ -130,12 +191,6 @@ class Engine:
         existing = self._jobs.get(job_id)
         if existing is not None and not existing.finished:
             raise InvalidRequest(f"job {job_id!r} is already {existing.state.value}", param="id")
-        timeout = request.timeout_s or self.settings.jobs.timeout_s
-        if timeout > self.settings.jobs.max_timeout_s:
-            raise InvalidRequest(
-                f"timeout_s {timeout} exceeds jobs.max_timeout_s ({self.settings.jobs.max_timeout_s})",
-                param="timeout_s",
-            )
         self._refuse_when_full()
         await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
         backend = self.scheduler.backend
@@ -143,18 +198,58 @@ class Engine:
         self._check_constrained(prepared)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
-        job = Job(job_id, request, prepared, time.perf_counter() + timeout)
+        job = Job(job_id, request, prepared, arrived + timeout)
         job.origin = origin
+        job.peer = peer
+        if (
+            journal_key is None
+            and self.book is not None
+            and self.settings.journal.socket
+            and origin != "mqtt"
+        ):
+            journal_key = await self._journal_socket_job(request, job_id, origin)
+            job.closes_journal = True
+        job.journal_key = journal_key
         try:
             self.queue.push(job)  # checks the room again: it may have filled while we tokenized
-        except QueueFull:
+        except QueueFull as exc:
             self.stats.rejected()
+            self._close_journal(job, None, exc)
             raise
-        job.timer = asyncio.get_running_loop().call_later(timeout, self._expire, job)
+        if journal_key is not None and self.book is not None:
+            self.book.running(journal_key)
+        remaining = max(0.0, job.deadline - time.perf_counter())
+        job.timer = asyncio.get_running_loop().call_later(remaining, self._expire, job)
         self._remember(job)
         self._update_room()
         self.scheduler.wake()
         return job
+
+    async def _journal_socket_job(self, request: JobRequest, job_id: str, origin: str) -> str:
+        """Journal a socket job before it is queued; its request is kept only with ``log.content``."""
+        assert self.book is not None
+        payload = request.model_dump_json(exclude_none=True).encode() if self.book.content else b""
+        accepted = await self.book.accept(JournalEntry(origin=origin, payload=payload, job_id=job_id))
+        if not accepted.new:
+            raise InvalidRequest(
+                f"job id {job_id!r} was already used (that job is {accepted.state.value});"
+                " job ids must be unique",
+                param="id",
+            )
+        return accepted.record.key
+
+    def _close_journal(self, job: Job, result: JobResult | None, error: EdgedError | None) -> None:
+        """A socket job's row is closed when it settles (``answered``: its client was told directly)."""
+        if not job.closes_journal or job.journal_key is None or self.book is None:
+            return
+        device = self.settings.device_id
+        if result is not None:
+            self.book.close_later(
+                job.journal_key, done_message(result, device, content=self.book.content), None
+            )
+        else:
+            failure = error or EdgedError("the job ended without a result")
+            self.book.close_later(job.journal_key, None, error_message(job.id, failure, device))
 
     def chat_template(self) -> str | None:
         """The loaded model's chat template (Jinja), if it has one."""
@@ -240,6 +335,10 @@ class Engine:
 
     # -- cancel and deadlines -------------------------------------------------------------------
 
+    def jobs(self) -> list[Job]:
+        """The jobs this process remembers (queued, running, and the last finished), oldest first."""
+        return list(self._jobs.values())
+
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
@@ -277,11 +376,13 @@ class Engine:
             elif isinstance(outcome, Fail):
                 self._settle_failed(outcome.job, outcome.error)
         self._update_room()
+        self._settled.set()
 
     def _settle_done(self, outcome: Done) -> None:
         job, result = outcome.job, outcome.result
         if not job.finish(JobState.DONE, result=result):
             return
+        self._close_journal(job, result, None)
         self.stats.done(result)
         fields: dict[str, Any] = (
             {
@@ -296,6 +397,7 @@ class Engine:
             "job finished",
             job_id=job.id,
             origin=job.origin,
+            peer=job.peer,
             state="done",
             finish_reason=result.finish_reason,
             clamped=job.prepared.clamped,
@@ -308,11 +410,13 @@ class Engine:
         state = JobState.CANCELLED if isinstance(error, Cancelled) else JobState.FAILED
         if not job.finish(state, error=error):
             return
+        self._close_journal(job, None, error)
         self.stats.failed(job, state)
         log.info(
             "job finished",
             job_id=job.id,
             origin=job.origin,
+            peer=job.peer,
             state=state.value,
             code=error.code,
             error=error.message,

@@ -237,6 +237,12 @@ class Job:
         self.timer: asyncio.TimerHandle | None = None
         self.origin = ""
         """Where the job came from (``socket``, ``tcp:<key name>``, ``mqtt``), for the logs."""
+        self.peer: str | None = None
+        """The client: ``pid=.. uid=.. gid=..`` on the Unix socket, the address on TCP."""
+        self.journal_key: str | None = None
+        """Its row in the job journal, if journaled."""
+        self.closes_journal = False
+        """The engine closes the row when the job settles (socket jobs); else the transport does."""
 
     @property
     def prompt(self) -> Prompt:
@@ -283,6 +289,7 @@ class Job:
         return {
             "id": self.id,
             "state": self.state.value,
+            "origin": self.origin,
             "completion_tokens": self.completion_tokens,
             "error": self.error.to_dict()["error"] if self.error else None,
         }

@@ -29,7 +29,13 @@ from edged.engine.constraints import check_answer
 from edged.engine.job import Delta, Job, JobResult, JobState, Usage
 from edged.engine.queue import JobQueue
 from edged.engine.timings import Clock, compute_timings
-from edged.errors import BackendError, Cancelled, DeadlineExceeded, EdgedError, InvalidOutput
+from edged.errors import (
+    BackendError,
+    DeadlineExceeded,
+    EdgedError,
+    InvalidOutput,
+    ShuttingDown,
+)
 from edged.streamtext import StopMatcher, ThinkSplitter
 
 if TYPE_CHECKING:
@@ -141,6 +147,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thermal = Thermal()
+        self._holding = False
         self._active: dict[int, Running] = {}
         self._thread: threading.Thread | None = None
         self.loaded: concurrent.futures.Future[Capabilities] = concurrent.futures.Future()
@@ -167,6 +174,12 @@ class Scheduler:
             self._stopping = True
             self._cond.notify()
         self.backend.interrupt()
+
+    def hold(self) -> None:
+        """Start no more jobs (shutting down: the running ones may finish, queued ones wait)."""
+        with self._cond:
+            self._holding = True
+            self._cond.notify()
 
     def apply_thermal(self, paused: bool, derate_s: float) -> None:
         with self._cond:
@@ -325,10 +338,10 @@ class Scheduler:
             derate = self._thermal.derate_s
             if derate:
                 time.sleep(derate)  # derated: a pause between steps cools the cores
-        self._fail_all(Cancelled("edged is shutting down"))
+        self._fail_all(ShuttingDown("edged is shutting down"))
 
     def _could_admit(self) -> bool:
-        return len(self.queue) > 0 and len(self._active) < self.effective_slots
+        return not self._holding and len(self.queue) > 0 and len(self._active) < self.effective_slots
 
     def _update_room(self) -> None:
         self.queue.free_slots = max(0, self.effective_slots - len(self._active))
@@ -338,7 +351,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Fill free slots with waiting jobs, oldest first; stop at the first the backend cannot take
         yet (KV cells short), so later jobs never overtake it."""
-        while len(self._active) < self.effective_slots:
+        while not self._holding and len(self._active) < self.effective_slots:
             job = self.queue.peek()
             if job is None:
                 break

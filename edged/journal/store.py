@@ -333,6 +333,19 @@ class Journal:
         with self._reader() as conn:
             return _get(conn, key)
 
+    def find(self, job_id: str) -> JobRecord | None:
+        """The job a client knows by this id: its own id, or the ``job-<16 hex>`` name edged gives
+        a job without one (the start of its payload-derived key)."""
+        record = self.get(f"id:{job_id}")
+        suffix = job_id.removeprefix("job-")
+        if record is None and len(suffix) == 16 and all(c in "0123456789abcdef" for c in suffix):
+            rows = self._select(
+                "WHERE key >= ?1 AND key < ?2 AND job_id IS NULL LIMIT 1",
+                (f"sha256:{suffix}", f"sha256:{suffix}g"),
+            )
+            record = rows[0] if rows else None
+        return record
+
     def pending(self) -> list[JobRecord]:
         """Jobs accepted or running when the daemon stopped: to run again, oldest first."""
         return self._select("WHERE state IN ('accepted', 'running') ORDER BY seq", ())

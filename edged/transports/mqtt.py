@@ -1,17 +1,23 @@
 """MQTT transport: IoT devices publish prompts, edged publishes answers (paho-mqtt 2.x).
 
-It only translates between MQTT messages and the engine's `JobRequest` / job events. Delivery is at
-least once: jobs arrive at QoS 1 on a persistent session and are acknowledged to the broker only
-after the engine has taken them; MQTT v5 Receive Maximum keeps the broker from pushing more
-unacknowledged jobs than the queue can hold.
+It translates between MQTT messages and the engine's `JobRequest` / job events, and keeps the
+promise "accepted means answered": jobs arrive at QoS 1 on a persistent session; each is written to
+the job journal (state ``accepted``) before its PUBACK; its answer is recorded (``done``/``failed``)
+before it is published, and marked ``answered`` when the answer's own PUBACK comes back. At start,
+before any new delivery is taken, jobs the journal holds as accepted or running run again and
+answers never acknowledged are published again. A redelivery is recognised by its idempotency key
+and answered from the journal, never generated twice. MQTT v5 Receive Maximum keeps the broker from
+pushing more unacknowledged jobs than the queue can hold; a journal that cannot be written leaves
+messages unacknowledged (the broker keeps them) and is retried until it can.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import ssl
-import uuid
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,8 +29,21 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from edged.engine import Delta, Engine, Failed, Finished, Job, JobRequest, JobResult
-from edged.errors import EdgedError, InvalidRequest, PayloadTooLarge, QueueFull, TransportError
+from edged.engine import Delta, Engine, EngineState, Failed, Finished, Job, JobRequest
+from edged.engine.answer import done_message, error_message
+from edged.errors import (
+    EdgedError,
+    InvalidRequest,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+    RateLimited,
+    ShuttingDown,
+    TransportError,
+)
+from edged.journal import InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
+from edged.journal.book import JobBook
+from edged.transports.tcp import RateLimiter
 
 if TYPE_CHECKING:
     from edged.config import MqttConfig, Settings
@@ -32,6 +51,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 QOS = 1
+STORAGE_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+"""Back-off while the journal cannot be written; the message stays unacknowledged meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -110,27 +131,23 @@ def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
         raise InvalidRequest(f"invalid job: {problems}") from exc
 
 
-def done_message(result: JobResult, device_id: str) -> dict[str, Any]:
-    message: dict[str, Any] = {
-        "id": result.id,
-        "status": "done",
-        "content": result.content,
-        "reasoning_content": result.reasoning_content,
-        "finish_reason": result.finish_reason,
-        "usage": result.usage.model_dump(),
-        "timings": result.timings.model_dump(),
-        "model": result.model,
-        "device_id": device_id,
-    }
-    if result.notes:
-        message["notes"] = result.notes  # settings the backend could not apply to this job
-    if result.parsed is not None:
-        message["parsed"] = result.parsed  # a JSON response_format: the answer, parsed and validated
-    return message
+def _client_of(message: paho.MQTTMessage, reply_to: str | None) -> str:
+    """Who sent a job, for the rate limit: MQTT does not tell a subscriber the publisher's client
+    id, so a v5 user property ``client_id`` names it, else its response topic or ``reply_to``."""
+    props = getattr(message, "properties", None)
+    for name, value in getattr(props, "UserProperty", None) or []:
+        if name == "client_id" and value:
+            return f"client:{value}"
+    topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    if topic or reply_to:
+        return f"topic:{topic or reply_to}"
+    return "anonymous"
 
 
-def error_message(job_id: str | None, error: EdgedError, device_id: str) -> dict[str, Any]:
-    return {"id": job_id, "status": "error", "error": error.to_dict()["error"], "device_id": device_id}
+def derived_job_id(key: str) -> str:
+    """A job without a client id is named after its idempotency key, so a redelivery of the same
+    message (after a crash) gets the same id and the same results topic."""
+    return "job-" + key.split(":", 1)[1][:16]
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -146,8 +163,11 @@ class MqttTransport:
         settings: Settings,
         presence: Callable[[], dict[str, Any]],
         discovery: dict[str, dict[str, Any]] | None = None,
+        book: JobBook | None = None,
     ) -> None:
         self.engine = engine
+        self.book = book
+        """The job journal; None with ``journal.enabled = false`` (jobs then live only in memory)."""
         self.settings = settings
         self.config: MqttConfig = settings.mqtt
         self.device_id = settings.device_id
@@ -160,6 +180,24 @@ class MqttTransport:
         self._tasks: set[asyncio.Task[None]] = set()
         self._submit_lock = asyncio.Lock()
         self._v5 = self.config.protocol == "5"
+        self._closing = False
+        # Answers handed to paho, by message id, until their PUBACK: the journal key to mark answered
+        # (None for messages that need no mark). paho may report the PUBACK before publish() returns
+        # to us, hence `_acked_early`. Never call paho while holding `_acks_lock` (paho calls
+        # on_publish with its own lock held).
+        self._acks_lock = threading.Lock()
+        self._awaiting: dict[int, str | None] = {}
+        self._acked_early: set[int] = set()
+        self._unacked_answers = 0
+        self._relays: dict[asyncio.Task[None], Job] = {}
+        self.counters = {
+            "duplicates": 0,
+            "recovered": 0,
+            "republished": 0,
+            "storage_waits": 0,
+            "rate_limited": 0,
+        }
+        self._limiter = RateLimiter(self.config.rate_per_min)
         self._client = self._make_client()
 
     # -- connection -----------------------------------------------------------------------------
@@ -194,6 +232,7 @@ class MqttTransport:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -205,7 +244,22 @@ class MqttTransport:
         props.ReceiveMaximum = max(1, min(65535, self.engine.receive_maximum))
         return props
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Recover first, then connect: jobs the journal holds are queued before any new delivery
+        (the submit lock is taken here, before the connection, and released when recovery has
+        handed every held job to the engine)."""
+        if self.book is not None:
+            await self._submit_lock.acquire()
+            try:
+                pending = await self.book.pending()
+                unanswered = await self.book.unanswered()
+            except BaseException:
+                self._submit_lock.release()
+                raise
+            self._spawn_task(self._recover(pending, unanswered))
+        self._connect()
+
+    def _connect(self) -> None:
         cfg = self.config
         log.info(
             "mqtt connecting",
@@ -221,13 +275,28 @@ class MqttTransport:
         self._client.connect_async(str(cfg.host), cfg.effective_port, cfg.keepalive_s, **kwargs)
         self._client.loop_start()
 
+    def pause_intake(self) -> None:
+        """Take no new job: later deliveries are left unacknowledged, so the broker keeps them for
+        the next start (a job already journaled is acknowledged and runs at the next start)."""
+        self._closing = True
+
     async def stop(self, timeout: float = 5.0) -> None:
-        """Publish ``offline`` ourselves (the will is only for crashes), then disconnect."""
+        """Wait (bounded) for the PUBACKs of answers already sent, publish ``offline`` ourselves (the
+        will is only for crashes), then disconnect. An answer not acknowledged by then stays ``done``
+        in the journal and is published again at the next start."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        finished = [task for task, job in self._relays.items() if job.finished]
+        if finished:  # answers of jobs that finished while draining: recorded and handed to paho
+            await asyncio.wait(finished, timeout=timeout)
+        while self._unacked_answers and self._client.is_connected() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         if self._client.is_connected():
-            info = self._client.publish(
-                self.topics.status, _encode({**self.presence(), "state": "offline"}), qos=QOS, retain=True
+            info = self._send(
+                self.topics.status, {**self.presence(), "state": "offline"}, qos=QOS, retain=True
             )
-            await asyncio.to_thread(info.wait_for_publish, timeout)
+            await asyncio.to_thread(info.wait_for_publish, max(0.1, deadline - loop.time()))
         for task in list(self._tasks):
             task.cancel()
         self._client.disconnect()
@@ -252,7 +321,7 @@ class MqttTransport:
         client.subscribe(subscriptions)
         self.publish_presence(client)
         for topic, config in self.discovery.items():
-            client.publish(topic, _encode(config), qos=QOS, retain=True)
+            self._send(topic, config, qos=QOS, retain=True)
         log.info(
             "mqtt connected",
             session_present=getattr(flags, "session_present", None),
@@ -266,7 +335,7 @@ class MqttTransport:
         client = client or self._client
         presence = self.presence()
         client.will_set(self.topics.status, _encode({**presence, "state": "offline"}), qos=QOS, retain=True)
-        client.publish(self.topics.status, _encode({**presence, "state": "online"}), qos=QOS, retain=True)
+        self._send(self.topics.status, {**presence, "state": "online"}, qos=QOS, retain=True)
 
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
         log.error(
@@ -289,7 +358,10 @@ class MqttTransport:
         self._loop.call_soon_threadsafe(self._spawn, message)
 
     def _spawn(self, message: paho.MQTTMessage) -> None:
-        task = self._loop.create_task(self._handle(message))
+        self._spawn_task(self._handle(message))
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -304,19 +376,20 @@ class MqttTransport:
         return Reply(topic, bytes(correlation) if correlation is not None else None)
 
     async def _handle(self, message: paho.MQTTMessage) -> None:
-        """Every message is answered or acted on, then acknowledged; nothing here may raise."""
+        """Every message is answered, acted on or left for the broker to deliver again; nothing
+        here may raise."""
+        ack = True
         try:
             if message.topic == self.topics.cancel:
                 self._cancel(bytes(message.payload))
             else:
-                await self._take_job(message)
+                ack = await self._take_job(message)
         except asyncio.CancelledError:
-            # Shutting down before the engine took the job: no ack, so the broker delivers it again.
+            # Shutting down before the job was journaled: no ack, so the broker delivers it again.
             raise
         except Exception:  # a bug here must not lose the broker's message silently
             log.exception("mqtt message handling failed", topic=message.topic)
-            self._client.ack(message.mid, message.qos)
-        else:
+        if ack:
             self._client.ack(message.mid, message.qos)
 
     def _cancel(self, payload: bytes) -> None:
@@ -335,90 +408,285 @@ class MqttTransport:
         except EdgedError as exc:
             self._publish(Reply(self.topics.errors), error_message(None, exc, self.device_id))
 
-    async def _take_job(self, message: paho.MQTTMessage) -> None:
+    def _reply_for(self, reply: Reply | None, reply_to: str | None, job_id: str) -> Reply:
+        """The v5 response topic, else the payload's ``reply_to``, else ``<prefix>/<id>/results/<job>``."""
+        if reply is not None:
+            return reply
+        return Reply(reply_to or f"{self.topics.results}/{job_id}")
+
+    async def _take_job(self, message: paho.MQTTMessage) -> bool:
+        """Journal, queue and relay one job; returns whether to acknowledge the message."""
+        if self._closing:
+            return False
         reply = self._reply_of(message)
+        payload = bytes(message.payload)
         try:
-            request, reply_to = parse_job(bytes(message.payload), self.settings.jobs.max_payload_bytes)
+            request, reply_to = parse_job(payload, self.settings.jobs.max_payload_bytes)
         except EdgedError as exc:
             hint = None
             if not isinstance(exc, PayloadTooLarge):
                 try:
-                    hint = _id_hint(json.loads(message.payload))
+                    hint = _id_hint(json.loads(payload))
                 except (ValueError, UnicodeDecodeError):
                     hint = None
             self._publish(reply or Reply(self.topics.errors), error_message(hint, exc, self.device_id))
-            return
-        job_id = request.id or f"job-{uuid.uuid4().hex[:16]}"
+            return True
+        entry = JournalEntry(
+            origin="mqtt",
+            payload=payload,
+            job_id=request.id,
+            response_topic=reply.topic if reply else None,
+            correlation=reply.correlation if reply else None,
+            qos=message.qos,
+        )
+        job_id = request.id or derived_job_id(entry.key)
         request = request.model_copy(update={"id": job_id})
-        if reply is None:
-            reply = Reply(reply_to or f"{self.topics.results}/{job_id}")
+        who = _client_of(message, reply_to)
+        reply = self._reply_for(reply, reply_to, job_id)
+        wait = self._limiter.take(who)
+        if wait > 0:
+            self.counters["rate_limited"] += 1
+            retry = max(1, math.ceil(wait))
+            limit = self.config.rate_per_min
+            error = RateLimited(
+                f"client {who!r} is over mqtt.rate_per_min ({limit}); retry in {retry} s", retry_after=retry
+            )
+            log.warning("mqtt job rate limited", client=who, job_id=job_id)
+            self._publish(reply, error_message(job_id, error, self.device_id))
+            return True
 
-        known = self.engine.recent(job_id)
-        if known is not None:
-            if known.finished:
-                log.info("mqtt duplicate job answered from the stored result", job_id=job_id)
-                self._publish(reply, self._final(known, duplicate=True))
-            else:
-                log.info("mqtt duplicate delivery of a job in progress ignored", job_id=job_id)
-            return
-
+        if self.book is None:
+            known = self.engine.recent(job_id)
+            if known is not None:
+                self._answer_known(known, reply)
+                return True
         async with self._submit_lock:  # one at a time, in arrival order, so room is not raced for
-            while True:
-                await self.engine.wait_for_room()
-                try:
-                    job = await self.engine.submit(request, origin="mqtt")
-                    break
-                except QueueFull:
-                    continue  # a socket client took the room meanwhile: wait again, the message is not acked
-                except EdgedError as exc:
-                    self._publish(reply, error_message(job_id, exc, self.device_id))
-                    return
-        task = self._loop.create_task(self._relay(job, reply))
+            await self.engine.wait_for_room()
+            if self.book is not None:
+                accepted = await self._journal(entry)
+                if accepted is None:
+                    return False  # shutting down while the journal could not be written: not taken
+                if not accepted.new:
+                    self._answer_duplicate(accepted.record, reply)
+                    return True
+            await self._submit(request, reply, entry.key if self.book is not None else None)
+        return True
+
+    async def _journal(self, entry: JournalEntry) -> Any:
+        """Commit the entry, retrying while the journal cannot be written (disk full, read-only):
+        the message stays unacknowledged meanwhile, so nothing is lost if edged dies waiting."""
+        assert self.book is not None
+        attempt = 0
+        while True:
+            try:
+                return await self.book.accept(entry)
+            except JournalUnavailable as exc:
+                if self._closing:
+                    return None
+                delay = STORAGE_RETRY_S[min(attempt, len(STORAGE_RETRY_S) - 1)]
+                if attempt == 0:
+                    self.counters["storage_waits"] += 1
+                    log.error(
+                        "job journal cannot be written: new MQTT jobs wait unacknowledged at the broker",
+                        error=exc.message,
+                        retry_in_s=delay,
+                    )
+                    self._publish(Reply(self.topics.errors), error_message(entry.job_id, exc, self.device_id))
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _submit(self, request: JobRequest, reply: Reply, key: str | None) -> None:
+        """Hand a (journaled) job to the engine and relay its events; a job refused for good is
+        answered with its error. Called with the submit lock held."""
+        while True:
+            await self.engine.wait_for_room()
+            try:
+                job = await self.engine.submit(request, origin="mqtt", journal_key=key)
+                break
+            except QueueFull:
+                continue  # a socket client took the room meanwhile: wait again
+            except NotReady:
+                if key is not None and self.engine.state is EngineState.STOPPING:
+                    return  # journaled: it runs at the next start
+                raise
+            except EdgedError as exc:
+                await self._answer(key, reply, error_message(request.id, exc, self.device_id))
+                return
+        task = self._loop.create_task(self._relay(job, reply, key))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._relays[task] = job
+        task.add_done_callback(self._relay_done)
+
+    def _relay_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._relays.pop(task, None)
+
+    async def _recover(self, pending: list[JobRecord], unanswered: list[JobRecord]) -> None:
+        """Publish again the answers never acknowledged, run again the jobs never finished (the
+        submit lock, taken in `start`, is held until every one is queued)."""
+        assert self.book is not None
+        try:
+            for record in unanswered:
+                if record.origin != "mqtt":  # a socket client got (or lost) its answer directly
+                    self.book.answered(record.key)
+                    continue
+                message = record.answer or record.error or {}
+                _, reply = self._restore(record)
+                self.counters["republished"] += 1
+                self._publish(reply, message, key=record.key)
+            for record in pending:
+                if record.origin != "mqtt":
+                    failure = ShuttingDown("edged restarted before the job finished; its client had gone")
+                    self.book.close_later(
+                        record.key, None, error_message(record.job_id, failure, self.device_id)
+                    )
+                    continue
+                request, reply = self._restore(record)
+                self.counters["recovered"] += 1
+                if request is None:
+                    error = InvalidRequest("the journaled job can no longer be read")
+                    await self._answer(record.key, reply, error_message(record.job_id, error, self.device_id))
+                    continue
+                await self._submit(request, reply, record.key)
+            if pending or unanswered:
+                log.info(
+                    "journal recovered",
+                    rerun=sum(r.origin == "mqtt" for r in pending),
+                    republished=sum(r.origin == "mqtt" for r in unanswered),
+                    closed=sum(r.origin != "mqtt" for r in (*pending, *unanswered)),
+                )
+        except Exception:
+            log.exception("journal recovery failed; the rest runs at the next start")
+        finally:
+            self._submit_lock.release()
+
+    def _restore(self, record: JobRecord) -> tuple[JobRequest | None, Reply]:
+        """A journaled job as it was received: its request (None if it no longer parses) and reply."""
+        job_id = record.job_id or derived_job_id(record.key)
+        correlation = Reply(record.response_topic, record.correlation) if record.response_topic else None
+        try:
+            request, reply_to = parse_job(record.payload, max(len(record.payload), 1))
+        except EdgedError:
+            return None, self._reply_for(correlation, None, job_id)
+        return request.model_copy(update={"id": job_id}), self._reply_for(correlation, reply_to, job_id)
 
     # -- outbound -------------------------------------------------------------------------------
 
-    def _final(self, job: Job, duplicate: bool = False) -> dict[str, Any]:
-        if job.result is not None:
-            message = done_message(job.result, self.device_id)
-        else:
-            message = error_message(job.id, job.error or EdgedError("no result"), self.device_id)
-        if duplicate:
+    def _answer_known(self, job: Job, reply: Reply) -> None:
+        """Journal off: a duplicate delivery of a job this process still remembers."""
+        self.counters["duplicates"] += 1
+        if job.finished:
+            log.info("mqtt duplicate job answered from the stored result", job_id=job.id)
+            message = self._final(job)
             message["duplicate"] = True
-        return message
+            self._publish(reply, message)
+        else:
+            log.info("mqtt duplicate delivery of a job in progress ignored", job_id=job.id)
 
-    async def _relay(self, job: Job, reply: Reply) -> None:
+    def _answer_duplicate(self, record: JobRecord, reply: Reply) -> None:
+        """A redelivery of a journaled job: answered from the journal, never generated again."""
+        self.counters["duplicates"] += 1
+        stored = record.answer or record.error
+        if stored is None:
+            log.info("mqtt duplicate delivery of a job in progress ignored", key=record.key)
+            return
+        log.info("mqtt duplicate job answered from the journal", key=record.key, state=record.state.value)
+        self._publish(reply, {**stored, "duplicate": True})
+
+    def _final(self, job: Job) -> dict[str, Any]:
+        if job.result is not None:
+            return done_message(job.result, self.device_id)
+        return error_message(job.id, job.error or EdgedError("no result"), self.device_id)
+
+    async def _relay(self, job: Job, reply: Reply, key: str | None) -> None:
         seq = 0
         async for event in job.events():
             if isinstance(event, Delta):
                 self._publish(reply, {"id": job.id, "seq": seq, "delta": event.text, "kind": event.kind})
                 seq += 1
+            elif isinstance(event, Failed) and isinstance(event.error, ShuttingDown) and key is not None:
+                log.info("job left in the journal for the next start", job_id=job.id)
             elif isinstance(event, (Finished, Failed)):
-                self._publish(reply, self._final(job))
+                await self._answer(key, reply, self._final(job))
 
-    def _publish(self, reply: Reply, message: dict[str, Any]) -> None:
-        """QoS 1; while disconnected paho keeps the message and sends it after reconnecting."""
+    async def _answer(self, key: str | None, reply: Reply, message: dict[str, Any]) -> None:
+        """Record the answer, then publish it: a crash in between publishes it again at the next
+        start (once recorded it is never generated again)."""
+        if key is not None and self.book is not None:
+            try:
+                if message.get("status") == "done":
+                    await self.book.done(key, message)
+                else:
+                    await self.book.failed(key, message)
+            except (JournalUnavailable, InvalidTransition) as exc:
+                log.error("could not record the answer; publishing it anyway", key=key, error=str(exc))
+        self._publish(reply, message, key=key)
+
+    def _publish(self, reply: Reply, message: dict[str, Any], key: str | None = None) -> None:
+        """QoS 1; while disconnected paho keeps the message and sends it after reconnecting.
+        ``key``: the journal row marked ``answered`` when this message's PUBACK comes back."""
         props = None
         if self._v5:
             props = Properties(PacketTypes.PUBLISH)
             props.ContentType = "application/json"
             if reply.correlation is not None:
                 props.CorrelationData = reply.correlation
-        info = self._client.publish(reply.topic, _encode(message), qos=QOS, properties=props)
+        self._send(reply.topic, message, qos=QOS, properties=props, key=key)
+
+    def _send(
+        self,
+        topic: str,
+        message: dict[str, Any],
+        *,
+        qos: int,
+        retain: bool = False,
+        properties: Properties | None = None,
+        key: str | None = None,
+    ) -> paho.MQTTMessageInfo:
+        """Every publish goes through here, so each PUBACK finds what it acknowledges."""
+        info = self._client.publish(topic, _encode(message), qos=qos, retain=retain, properties=properties)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            log.error("mqtt publish failed", topic=reply.topic, rc=paho.error_string(info.rc))
+            log.error("mqtt publish failed", topic=topic, rc=paho.error_string(info.rc))
+        with self._acks_lock:
+            early = info.mid in self._acked_early
+            if early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._awaiting[info.mid] = key
+                if key is not None:
+                    self._unacked_answers += 1
+        if early and key is not None and self.book is not None:
+            self.book.answered(key)
+        return info
+
+    def _on_publish(
+        self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any
+    ) -> None:
+        with self._acks_lock:
+            if mid not in self._awaiting:
+                self._acked_early.add(mid)
+                return
+            key = self._awaiting.pop(mid)
+            if key is not None:
+                self._unacked_answers -= 1
+        if key is None or self.book is None:
+            return
+        if reason.is_failure:
+            log.error("the broker refused an answer; not sent again", key=key, reason=str(reason))
+        self.book.answered(key)
 
     def publish_telemetry(self, report: dict[str, Any]) -> None:
         """QoS 0 and not queued while offline: a stale reading is worth less than the next one."""
         if self._client.is_connected():
-            self._client.publish(self.topics.telemetry, _encode(report), qos=0)
+            self._send(self.topics.telemetry, report, qos=0)
 
     def status(self) -> dict[str, Any]:
         return {
             "host": self.config.host,
             "port": self.config.effective_port,
             "connected": self._client.is_connected(),
+            "journal": self.book is not None,
+            "counters": dict(self.counters),
             "topics": {
                 "jobs": self.topics.jobs,
                 "fleet": self.topics.fleet_subscription if self.config.fleet else None,

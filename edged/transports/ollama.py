@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edged.config import Settings
 from edged.engine import Delta, Engine, Failed, Finished, JobRequest, JobResult
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
-from edged.transports.tcp import origin_of
+from edged.transports.tcp import origin_of, peer_of
 
 log = structlog.get_logger(__name__)
 
@@ -292,7 +292,7 @@ def add_ollama_routes(
     ) -> Any:
         """Run the job; ``shape(content, thinking, done)`` makes one Ollama object."""
         try:
-            job = await engine.submit(job_request, origin=origin_of(request))
+            job = await engine.submit(job_request, origin=origin_of(request), peer=peer_of(request))
         except EdgedError as exc:
             return ollama_error(exc)
         headers = {"X-Edged-Job-Id": job.id}

@@ -29,7 +29,8 @@ from edged.errors import ConfigError, TransportError
 log = structlog.get_logger(__name__)
 
 HASH_PREFIX = "sha256:"
-NOT_ON_TCP = ("/metrics",)
+NOT_ON_TCP = ("/metrics", "/v1/jobs")
+"""Local only: the metrics, and the job list (every client's jobs; one job by its id stays reachable)."""
 OPEN_ON_TCP = ("/health",)
 """Served without a key (load balancers and Docker health checks): it tells only ready or not."""
 
@@ -80,10 +81,14 @@ def load_keys(config: HttpConfig) -> dict[str, str]:
 class RateLimiter:
     """A token bucket per client: ``per_min`` requests a minute, bursts up to the same number."""
 
+    MAX_CLIENTS = 10_000
+    """Buckets kept at most; beyond that, buckets idle for a minute (full again) are forgotten."""
+
     def __init__(self, per_min: int) -> None:
         self.per_min = per_min
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+        self.refused = 0
 
     def take(self, who: str) -> float:
         """0 when allowed, else the seconds until a request would be."""
@@ -92,12 +97,15 @@ class RateLimiter:
         rate = self.per_min / 60.0
         now = time.monotonic()
         with self._lock:
+            if who not in self._buckets and len(self._buckets) >= self.MAX_CLIENTS:
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
             tokens, at = self._buckets.get(who, (float(self.per_min), now))
             tokens = min(float(self.per_min), tokens + (now - at) * rate)
             if tokens >= 1.0:
                 self._buckets[who] = (tokens - 1.0, now)
                 return 0.0
             self._buckets[who] = (tokens, now)
+            self.refused += 1
             return (1.0 - tokens) / rate
 
 
@@ -176,6 +184,13 @@ def origin_of(request: Any) -> str:
     """``tcp:<key name>`` on the TCP listener (its key gate says who), else ``socket``."""
     caller = request.scope.get("state", {}).get("edged_caller")
     return f"tcp:{caller.key}" if isinstance(caller, Caller) else "socket"
+
+
+def peer_of(request: Any) -> str | None:
+    """Who is on the other end: ``pid=.. uid=.. gid=..`` on the Unix socket (SO_PEERCRED), the
+    address on TCP."""
+    client = request.scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _loopback_only(config: HttpConfig) -> bool:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from edged import __version__
 from edged.config import Settings
@@ -35,8 +37,9 @@ from edged.errors import (
     TransportError,
     Unavailable,
 )
+from edged.transports.jobs_api import add_job_routes
 from edged.transports.ollama import add_ollama_routes, tool_result
-from edged.transports.tcp import origin_of
+from edged.transports.tcp import origin_of, peer_of
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +78,24 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
     return sock
 
 
+class PeerCredProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol, plus who is on the other end of a Unix socket connection: the
+    peer's pid, uid and gid from the kernel (SO_PEERCRED) as the request's ``client`` host, so each
+    job's log line says which local process sent it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return
+        pid, uid, gid = struct.unpack("3i", creds)
+        self.client = (f"pid={pid} uid={uid} gid={gid}", 0)
+
+
 class UnixServer(uvicorn.Server):
     """uvicorn without its own signal handling: the daemon decides how shutdown proceeds."""
 
@@ -86,7 +107,13 @@ class UnixServer(uvicorn.Server):
 def make_server(app: ASGIApp, **options: Any) -> UnixServer:
     """A uvicorn server for ``app`` (``options``: TLS files for the TCP listener)."""
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5, **options
+        app,
+        http=PeerCredProtocol,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        **options,
     )
     return UnixServer(config)
 
@@ -382,7 +409,7 @@ def create_app(
         shape: Callable[[JobResult], dict[str, Any]],
         chunk_object: str,
     ) -> Any:
-        job = await engine.submit(job_request, origin=origin_of(request))
+        job = await engine.submit(job_request, origin=origin_of(request), peer=peer_of(request))
         headers = {"X-Edged-Job-Id": job.id}
         if not job_request.stream:
             async for event in events_while_connected(job, request, engine):
@@ -500,14 +527,7 @@ def create_app(
             raise NotFound("metrics are not enabled")
         return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/jobs/{job_id}", summary="State of a job")
-    async def get_job(job_id: str) -> dict[str, Any]:
-        return engine.get(job_id).info()
-
-    @app.post("/v1/jobs/{job_id}/cancel", summary="Cancel a queued or running job")
-    async def cancel_job(job_id: str) -> dict[str, Any]:
-        return engine.cancel(job_id).info()
-
+    add_job_routes(app, settings, engine)
     add_ollama_routes(app, settings, engine, read_body, events_while_connected)
     _document_bodies(app, (ChatCompletionRequest, CompletionRequest))
     return app
