@@ -310,6 +310,7 @@ class CuttableLink:
         self.upstream_port = upstream_port
         self.port = free_port()
         self._conns: list[socket.socket] = []
+        self._every: list[socket.socket] = []  # all sockets ever opened, closed at the end
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -321,6 +322,7 @@ class CuttableLink:
         listener.bind(("127.0.0.1", self.port))
         listener.listen(8)
         self._listener = listener
+        self._every.append(listener)
         thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
         thread.start()
         self._threads.append(thread)
@@ -331,8 +333,11 @@ class CuttableLink:
                 client, _ = listener.accept()
             except OSError:
                 return
+            with self._lock:
+                self._every.append(client)
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             with self._lock:
+                self._every.append(upstream)
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 pump = threading.Thread(target=self._pump, args=(a, b), daemon=True)
@@ -365,6 +370,8 @@ class CuttableLink:
         self.cut()
         for thread in self._threads:
             thread.join(timeout=5)
+        for s in self._every:
+            s.close()
 
 
 def test_network_cut_while_streaming_every_job_answered(start_daemon, tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from edged.errors import Unavailable
+
 
 class JobState(str, enum.Enum):
     """A journaled job's state. ``accepted`` and ``running`` are run again after a restart;
@@ -108,3 +110,25 @@ class AcceptResult:
     @property
     def answer(self) -> dict[str, Any] | None:
         return self.record.answer
+
+
+class JournalUnavailable(Unavailable):
+    """The job journal cannot be opened or written (disk full, read-only, I/O error, closed).
+
+    A job whose ``accept`` fails this way was not recorded, so it must not be acknowledged: the
+    client (or the broker, by not getting its PUBACK) retries later.
+    """
+
+    code = "storage_unavailable"
+
+
+class InvalidTransition(ValueError):
+    """A state change the journal refuses (unknown key, or e.g. ``done`` for an answered job).
+    A bug in the caller, not a storage failure: nothing else in the same commit is undone."""
+
+    def __init__(self, key: str, state: JobState | None, wanted: JobState) -> None:
+        where = "is not in the journal" if state is None else f"is {state.value}"
+        super().__init__(f"job {key!r} {where}; cannot mark it {wanted.value}")
+        self.key = key
+        self.state = state
+        self.wanted = wanted

@@ -17,7 +17,6 @@ that transaction back; what was committed before stays committed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import sqlite3
@@ -32,84 +31,27 @@ from urllib.parse import quote
 
 import structlog
 
-from edged.errors import Unavailable
-from edged.journal.records import AcceptResult, JobRecord, JobState, JournalEntry
+from edged.journal.records import (
+    AcceptResult,
+    InvalidTransition,
+    JobRecord,
+    JobState,
+    JournalEntry,
+    JournalUnavailable,
+)
+from edged.journal.schema import COLUMNS, SCHEMA_VERSION, connect, dumps, get_record, record_of
+
+__all__ = ["SCHEMA_VERSION", "InvalidTransition", "Journal", "JournalUnavailable", "Sync"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Sync = Literal["full", "normal"]
 
-SCHEMA_VERSION = 1
 _MAX_BATCH = 256
 """Writes committed together at most: bounds how long one commit holds the write lock."""
 _PRUNE_EVERY = 256
 """New jobs between automatic prunes, so the file stays bounded even if nobody calls prune()."""
-_BUSY_TIMEOUT_MS = 5000
-
-_COLUMNS = (
-    "seq, key, origin, state, payload, job_id, response_topic, correlation, qos, attempts,"
-    " accepted_at, started_at, finished_at, answered_at, answer, error"
-)
-
-
-class JournalUnavailable(Unavailable):
-    """The job journal cannot be opened or written (disk full, read-only, I/O error, closed).
-
-    A job whose ``accept`` fails this way was not recorded, so it must not be acknowledged: the
-    client (or the broker, by not getting its PUBACK) retries later.
-    """
-
-    code = "storage_unavailable"
-
-
-class InvalidTransition(ValueError):
-    """A state change the journal refuses (unknown key, or e.g. ``done`` for an answered job).
-    A bug in the caller, not a storage failure: nothing else in the same commit is undone."""
-
-    def __init__(self, key: str, state: JobState | None, wanted: JobState) -> None:
-        where = "is not in the journal" if state is None else f"is {state.value}"
-        super().__init__(f"job {key!r} {where}; cannot mark it {wanted.value}")
-        self.key = key
-        self.state = state
-        self.wanted = wanted
-
-
-def _v1(conn: sqlite3.Connection) -> None:
-    # AUTOINCREMENT: a seq is never reused after prune, so a paging cursor never skips or repeats.
-    conn.execute(
-        """CREATE TABLE jobs (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            key TEXT NOT NULL UNIQUE,
-            origin TEXT NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ('accepted', 'running', 'done', 'failed', 'answered')),
-            payload BLOB NOT NULL,
-            job_id TEXT,
-            response_topic TEXT,
-            correlation BLOB,
-            qos INTEGER NOT NULL DEFAULT 0,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            accepted_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            answered_at REAL,
-            answer TEXT,
-            error TEXT
-        )"""
-    )
-    # The start-up scans and the max_rows prune read by state; the age prune only answered rows.
-    conn.execute("CREATE INDEX jobs_state ON jobs (state, seq)")
-    conn.execute("CREATE INDEX jobs_answered ON jobs (answered_at) WHERE state = 'answered'")
-    conn.execute("CREATE INDEX jobs_origin ON jobs (origin, seq)")
-
-
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
-"""``_MIGRATIONS[n]`` takes a journal from ``user_version`` n to n + 1."""
-assert len(_MIGRATIONS) == SCHEMA_VERSION
-
-
-class _Corrupt(Exception):
-    """The file is not a journal this version can use; it is moved aside."""
 
 
 @dataclass
@@ -120,36 +62,6 @@ class _Write:
 
 
 _STOP = object()
-
-
-def _record(row: tuple[Any, ...]) -> JobRecord:
-    return JobRecord(
-        seq=row[0],
-        key=row[1],
-        origin=row[2],
-        state=JobState(row[3]),
-        payload=bytes(row[4]),
-        job_id=row[5],
-        response_topic=row[6],
-        correlation=bytes(row[7]) if row[7] is not None else None,
-        qos=row[8],
-        attempts=row[9],
-        accepted_at=row[10],
-        started_at=row[11],
-        finished_at=row[12],
-        answered_at=row[13],
-        answer=json.loads(row[14]) if row[14] is not None else None,
-        error=json.loads(row[15]) if row[15] is not None else None,
-    )
-
-
-def _get(conn: sqlite3.Connection, key: str) -> JobRecord | None:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
-    return _record(row) if row is not None else None
-
-
-def _dumps(document: Mapping[str, Any]) -> str:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
 class Journal:
@@ -227,7 +139,7 @@ class Journal:
                     time.time(),
                 ),
             ).rowcount
-            record = _get(conn, entry.key)
+            record = get_record(conn, entry.key)
             assert record is not None
             if inserted:
                 self._since_prune += 1
@@ -248,12 +160,12 @@ class Journal:
     def mark_done(self, key: str, answer: Mapping[str, Any], *, answered: bool = False) -> Future[None]:
         """Store the answer; it is published again after a restart until ``mark_answered``.
         ``answered=True`` (a socket job, whose answer has no acknowledgement) does both in one commit."""
-        return self._finish(key, JobState.DONE, "answer", _dumps(answer), answered)
+        return self._finish(key, JobState.DONE, "answer", dumps(answer), answered)
 
     def mark_failed(self, key: str, error: Mapping[str, Any], *, answered: bool = False) -> Future[None]:
         """Store the error body; like ``mark_done``. ``answered=True`` also closes a job nobody can
         be told about (a socket job found pending at start: its client has gone)."""
-        return self._finish(key, JobState.FAILED, "error", _dumps(error), answered)
+        return self._finish(key, JobState.FAILED, "error", dumps(error), answered)
 
     def mark_answered(self, key: str) -> Future[None]:
         """The answer's own PUBACK came back: keep the row only for the dedup window. Idempotent,
@@ -331,7 +243,7 @@ class Journal:
     def get(self, key: str) -> JobRecord | None:
         """The journaled job with this key, if any."""
         with self._reader() as conn:
-            return _get(conn, key)
+            return get_record(conn, key)
 
     def find(self, job_id: str) -> JobRecord | None:
         """The job a client knows by this id: its own id, or the ``job-<16 hex>`` name edged gives
@@ -366,7 +278,7 @@ class Journal:
 
     def _select(self, where: str, params: tuple[Any, ...]) -> list[JobRecord]:
         with self._reader() as conn:
-            return [_record(row) for row in conn.execute(f"SELECT {_COLUMNS} FROM jobs {where}", params)]
+            return [record_of(row) for row in conn.execute(f"SELECT {COLUMNS} FROM jobs {where}", params)]
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -405,7 +317,7 @@ class Journal:
 
     def _run(self) -> None:
         try:
-            conn = self._connect()
+            conn = connect(self.path, self.sync)
             self._commit([_Write(self._prune, Future(), "prune at open")], conn)
         except BaseException as exc:
             self._ready.set_exception(exc)
@@ -476,72 +388,3 @@ class Journal:
                 write.future.set_exception(error)
             else:
                 write.future.set_result(value)
-
-    def _connect(self) -> sqlite3.Connection:
-        """Open the write connection, moving a corrupt file aside once."""
-        for _ in range(2):
-            try:
-                conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
-            except sqlite3.Error as exc:
-                raise JournalUnavailable(f"cannot open the job journal {self.path}: {exc}") from exc
-            try:
-                self._prepare(conn)
-                return conn
-            except (_Corrupt, sqlite3.DatabaseError) as exc:
-                conn.close()
-                if isinstance(exc, sqlite3.OperationalError):
-                    # Locked, read-only, I/O error, out of space: the file may be fine; keep it.
-                    raise JournalUnavailable(f"cannot open the job journal {self.path}: {exc}") from exc
-                self._move_aside(str(exc))
-            except BaseException:
-                conn.close()
-                raise
-        raise JournalUnavailable(f"the job journal {self.path} is still unusable after moving it aside")
-
-    def _prepare(self, conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            log.warning(
-                "job journal is not in WAL mode; writes will block reads", path=str(self.path), mode=mode
-            )
-        conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
-        problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-        if problems != ["ok"]:
-            raise _Corrupt("integrity_check: " + "; ".join(problems[:5]))
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise _Corrupt(f"schema version {version} is newer than this edged's {SCHEMA_VERSION}")
-        for step in range(version, SCHEMA_VERSION):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                _MIGRATIONS[step](conn)
-                conn.execute(f"PRAGMA user_version = {step + 1}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
-    def _move_aside(self, reason: str) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
-            n += 1
-        try:
-            os.replace(self.path, target)
-            # The WAL goes with it (SQLite pairs "X" with "X-wal"); the -shm index is rebuilt.
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(f"{self.path}-wal", f"{target}-wal")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(f"{self.path}-shm")
-        except OSError as exc:
-            raise JournalUnavailable(
-                f"the job journal {self.path} is corrupt and cannot be moved aside: {exc}"
-            ) from exc
-        log.error(
-            "job journal corrupt: moved aside, starting a fresh one; jobs in it are not run again",
-            path=str(self.path),
-            moved_to=str(target),
-            reason=reason,
-        )
