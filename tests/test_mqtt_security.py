@@ -209,3 +209,44 @@ def test_edged_ask_over_mqtt(start_daemon, tmp_path: Path) -> None:
         "ask", "--mqtt", f"127.0.0.1:{broker.port}", "--device", "remote1", "hi", env=clean_env(), timeout=60
     )
     assert r.returncode == 3
+
+
+def test_require_tls_refuses_to_start_without_tls(tmp_path: Path) -> None:
+    env = clean_env(
+        EDGED_MQTT__HOST="127.0.0.1",
+        EDGED_MQTT__REQUIRE_TLS="true",
+        EDGED_SOCKET__PATH=str(tmp_path / "s.sock"),
+        EDGED_JOURNAL__PATH=str(tmp_path / "journal.sqlite3"),
+    )
+    r = run_edged("serve", env=env, timeout=60)
+    assert r.returncode == 78, r.stderr
+    assert "require_tls is set but TLS is off" in r.stderr
+    assert not (tmp_path / "s.sock").exists(), "refused before serving anything"
+
+
+def test_rate_limit_per_mqtt_client(start_daemon, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker").start()
+    probe = Probe(broker.port)
+    try:
+        d = start_daemon(**mqtt_env(broker, "rl", EDGED_MQTT__RATE_PER_MIN="2"))
+        wait_connected(d)
+        probe.subscribe("rl/#")
+        for i in range(4):  # one client (its response topic): two pass, two are over the limit
+            probe.publish(
+                "edged/rl/jobs", {"id": f"a-{i}", "prompt": "hi", "max_tokens": 1}, response_topic="rl/a"
+            )
+        probe.publish("edged/rl/jobs", {"id": "b-0", "prompt": "hi", "max_tokens": 1}, response_topic="rl/b")
+        finals = {m["id"]: m for m in probe.finals(5)}
+        with d.client() as c:
+            counters = c.get("/status").json()["mqtt"]["counters"]
+    finally:
+        probe.close()
+        broker.stop()
+    limited = sorted(i for i, m in finals.items() if m["status"] == "error")
+    assert limited == ["a-2", "a-3"], finals
+    for job_id in limited:
+        error = finals[job_id]["error"]
+        assert error["code"] == "rate_limited" and error["retry_after"] >= 1, error
+        assert "mqtt.rate_per_min (2)" in error["message"]
+    assert finals["b-0"]["status"] == "done", "another client has its own bucket"
+    assert counters["rate_limited"] == 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import stat
 import time
 
-from conftest import Daemon
+from conftest import Daemon, wait_until
 
 
 def test_default_mode_is_0660_and_shutdown_removes_the_socket(daemon: Daemon) -> None:
@@ -70,3 +72,21 @@ def test_a_regular_file_in_the_way_is_not_deleted(start_daemon, tmp_path) -> Non
     assert "is not a socket" in again.log()
     assert d.socket.read_text() == "precious"
     again.stop()
+
+
+def test_each_job_logs_the_peer_process(daemon: Daemon) -> None:
+    """SO_PEERCRED: the job's log line names the local process that sent it (this test's)."""
+    with daemon.client() as c:
+        r = c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        )
+    assert r.status_code == 200
+    job_id = r.headers["x-edged-job-id"]
+
+    def finished() -> list[dict]:
+        lines = [json.loads(line) for line in daemon.log().splitlines() if job_id in line]
+        return [e for e in lines if e.get("event") == "job finished"]
+
+    wait_until(lambda: finished(), 10, "the job's log line")
+    assert finished()[0]["peer"] == f"pid={os.getpid()} uid={os.getuid()} gid={os.getgid()}"
+    assert finished()[0]["origin"] == "socket"
