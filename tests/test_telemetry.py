@@ -397,7 +397,9 @@ def test_prometheus_metrics_on_the_socket_and_tcp(start_daemon, hot_board: Path)
         "edged_queue_depth",
         "edged_decode_tokens_per_second",
         "edged_seconds_per_1k_tokens",
-        "edged_ttft_p50_seconds",
+        "edged_ttft_seconds",
+        "edged_queue_wait_seconds",
+        "edged_prefill_tokens_per_second",
         "edged_thermal_zone_celsius",
         "edged_cpu_frequency_hertz",
         "edged_npu_load_ratio",
@@ -410,6 +412,16 @@ def test_prometheus_metrics_on_the_socket_and_tcp(start_daemon, hot_board: Path)
     assert jobs["done"] == 1
     tokens = {s.labels["kind"]: s.value for s in families["edged_tokens"].samples}
     assert tokens["completion"] >= 1 and tokens["prompt"] > 5
+    for name in ("edged_ttft_seconds", "edged_decode_tokens_per_second", "edged_queue_wait_seconds"):
+        family = families[name]
+        assert family.type == "histogram", name
+        count = [s.value for s in family.samples if s.name == f"{name}_count"]
+        inf = [s.value for s in family.samples if s.name == f"{name}_bucket" and s.labels["le"] == "+Inf"]
+        assert count == [1] and inf == [1], (name, family.samples)  # the one job, in some bucket
+    ttft = {
+        s.labels["le"]: s.value for s in families["edged_ttft_seconds"].samples if s.name.endswith("_bucket")
+    }
+    assert list(ttft.values()) == sorted(ttft.values()), "buckets are cumulative"
     zones = {s.labels["type"]: s.value for s in families["edged_thermal_zone_celsius"].samples}
     assert zones["npu-thermal"] == pytest.approx(47.23)
     tcp = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

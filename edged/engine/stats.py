@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from edged.engine.job import Job, JobResult, JobState
+from edged.telemetry.histogram import job_histograms
 from edged.telemetry.throughput import JobSample, ThroughputWindow
 
 
@@ -24,6 +25,7 @@ class EngineStats:
             "queue_wait_ms": 0.0,
         }
         self.last_job: dict[str, Any] | None = None
+        self.histograms = job_histograms()
 
     def rejected(self) -> None:
         self.counters["rejected"] += 1
@@ -50,6 +52,11 @@ class EngineStats:
         self.totals["completion_tokens"] += result.usage.completion_tokens
         self.totals["cached_prompt_tokens"] += timings.cache_n
         self.totals["queue_wait_ms"] += timings.queue_ms
+        h = self.histograms
+        h["ttft"].observe(timings.ttft_ms / 1000 if timings.ttft_ms is not None else None)
+        h["decode"].observe(timings.predicted_per_second)
+        h["prefill"].observe(timings.prompt_per_second)
+        h["queue"].observe(timings.queue_ms / 1000)
         self.throughput.add(
             JobSample(
                 finished=time.monotonic(),

@@ -133,9 +133,11 @@ class TelemetryCollector(Collector):
         window = min(settings.telemetry.windows_s)
         summary = snap.throughput[window_label(window)]
         label = {"window": window_label(window)}
+        # Per-job distributions as histograms (aggregatable across a fleet); the window's figures
+        # that are true gauges (rates over the window) stay gauges.
+        for histogram in t.engine.stats.histograms.values():
+            yield histogram.family()
         for key, name, doc, scale in (
-            ("decode_tokens_per_s_p50", "edged_decode_tokens_per_second", "Median decode speed", 1.0),
-            ("prefill_tokens_per_s_p50", "edged_prefill_tokens_per_second", "Median prefill speed", 1.0),
             ("s_per_1k_tokens", "edged_seconds_per_1k_tokens", "Seconds 1000 generated tokens take", 1.0),
             (
                 "tokens_per_s",
@@ -143,8 +145,6 @@ class TelemetryCollector(Collector):
                 "Generated tokens/s, all jobs together",
                 1.0,
             ),
-            ("ttft_ms_p50", "edged_ttft_p50_seconds", "Median time to first token", 0.001),
-            ("ttft_ms_p95", "edged_ttft_p95_seconds", "95th percentile time to first token", 0.001),
         ):
             value = summary[key]
             yield _g(name, doc, float(value) * scale if isinstance(value, (int, float)) else None, label)
