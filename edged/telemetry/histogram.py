@@ -32,14 +32,24 @@ class Histogram:
             self._counts[bisect.bisect_left(self.bounds, value)] += 1
             self._sum += value
 
-    def family(self) -> HistogramMetricFamily:
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """``[(le, count of observations <= le)...]`` ending with ``+Inf``, and the sum."""
         with self._lock:
             counts, total = list(self._counts), self._sum
-        cumulative, running = [], 0
+        buckets, running = [], 0
         for bound, count in zip((*map(_le, self.bounds), "+Inf"), counts, strict=True):
             running += count
-            cumulative.append((bound, running))
-        return HistogramMetricFamily(self.name, self.doc, buckets=cumulative, sum_value=total)
+            buckets.append((bound, running))
+        return buckets, total
+
+    def family(self) -> HistogramMetricFamily:
+        buckets, total = self.cumulative()
+        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=total)
+
+    def snapshot(self) -> dict[str, object]:
+        """The JSON form carried in MQTT telemetry."""
+        buckets, total = self.cumulative()
+        return {"buckets": [list(b) for b in buckets], "sum": round(total, 6), "count": buckets[-1][1]}
 
 
 def _le(bound: float) -> str:

@@ -60,6 +60,7 @@ class Telemetry:
             "schema": SCHEMA,
             "device_id": self.settings.device_id,
             "ts": round(time.time(), 3),
+            "interval_s": self.settings.telemetry.interval_s,
             "version": __version__,
             "backend": snap.backend,
             "model": snap.model,
@@ -77,6 +78,9 @@ class Telemetry:
             "summary": summary,
             "last_job": snap.last_job,
             "thermals": thermals,
+            # Cumulative per-job histograms since start, so a fleet aggregator can expose them to
+            # Prometheus for boards it cannot scrape: {name: {"buckets": [[le, count]...], "sum", "count"}}.
+            "histograms": {h.name: h.snapshot() for h in self.engine.stats.histograms.values()},
         }
 
 
