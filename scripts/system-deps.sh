@@ -1,6 +1,6 @@
 #!/bin/sh
 # System packages the tests need (Debian): a real Mosquitto broker and its clients, openssl for TLS
-# certificates, systemd's analyze and socket-activate tools.
+# certificates, systemd's analyze and socket-activate tools, Prometheus and Chromium for the fleet page.
 set -eu
 need=""
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need="$need mosquitto"
@@ -11,6 +11,9 @@ command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
 command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
 command -v ssh >/dev/null 2>&1 || need="$need openssh-client"
+# the fleet dashboard tests: a real Prometheus (and promtool) and a headless browser
+command -v promtool >/dev/null 2>&1 || need="$need prometheus"
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
 [ -z "$need" ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
