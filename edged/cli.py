@@ -19,6 +19,17 @@ from rich.table import Table
 
 from edged import __version__
 from edged.errors import BackendUnavailable, ConfigError, EdgedError
+from edged.fleet.cli import (  # paho, the aggregator and rich.live load only when fleet runs
+    PasswordOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsOpt,
+    TlsVerifyOpt,
+    UsernameOpt,
+    broker_options,
+    fleet_app,
+)
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CONFIG = 0, 1, 2, 3, 78
 
@@ -231,11 +242,20 @@ def ask(
     fleet: Annotated[
         bool, typer.Option("--fleet", help="With --mqtt: ask whichever device of the fleet.")
     ] = False,
+    username: UsernameOpt = None,
+    password: PasswordOpt = None,
+    tls: TlsOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Send one prompt to the daemon and stream the answer (reasoning dimmed), then a stats line.
 
-    With --mqtt it goes through a broker to a device (--device ID) or the fleet (--fleet), using
-    mqtt.username / mqtt.password / mqtt.tls.ca from the configuration.
+    With --mqtt it goes through a broker to a device (--device ID) or the fleet (--fleet); the
+    broker options (--username, --password, --tls-ca, ...) default to the mqtt.* settings, as for
+    `edged fleet`. Examples: edged ask --mqtt broker.lan --device box-17 "Hello";
+    edged ask --mqtt [fd00::5]:8883 --tls-ca ca.crt --fleet --json "Hello"
     """
     from edged.client import DaemonError, DaemonUnreachable
 
@@ -273,7 +293,13 @@ def ask(
     if mqtt is not None:
         if bool(device) == fleet:
             _fail(EXIT_USAGE, "with --mqtt give exactly one of --device ID or --fleet")
-        _ask_mqtt(config, mqtt, device, body, as_json)
+        try:
+            options = broker_options(
+                _settings(config).mqtt, mqtt, username, password, tls, tls_ca, tls_cert, tls_key, tls_verify
+            )
+        except ValueError as exc:  # BrokerSetupError: a malformed address, a missing TLS file
+            _fail(EXIT_USAGE, str(exc))
+        _ask_mqtt(config, options, device, body, as_json)
         return
     if device or fleet:
         _fail(EXIT_USAGE, "--device and --fleet need --mqtt HOST[:PORT]")
@@ -313,23 +339,15 @@ def _print_delta(kind: str, text: str, in_reasoning: bool) -> bool:
 
 
 def _ask_mqtt(
-    config: Path | None, broker: str, device: str | None, body: dict[str, Any], as_json: bool
+    config: Path | None, options: Any, device: str | None, body: dict[str, Any], as_json: bool
 ) -> None:
-    from edged.fleet.ask import BrokerUnreachable, NoAnswer, Target, ask_over_mqtt
+    from edged.fleet.ask import BrokerUnreachable, NoAnswer, ask_over_mqtt
 
     cfg = _settings(config).mqtt
     final: dict[str, Any] = {}
     in_reasoning = False
     try:
-        for message in ask_over_mqtt(
-            Target.parse(broker),
-            body,
-            device=device,
-            prefix=cfg.topic_prefix,
-            username=cfg.username,
-            password=cfg.password.get_secret_value() if cfg.password else None,
-            ca=cfg.tls.ca,
-        ):
+        for message in ask_over_mqtt(options, body, device=device, prefix=cfg.topic_prefix):
             if "status" in message:
                 final = message
             elif not as_json:
@@ -562,6 +580,8 @@ def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 from edged.bench.cli import bench_app  # noqa: E402  (after `app`; the bench's modules import lazily)
 
 app.add_typer(bench_app, name="bench")
+
+app.add_typer(fleet_app, name="fleet")
 
 
 def main() -> None:

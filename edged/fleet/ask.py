@@ -1,17 +1,18 @@
 """`edged ask --mqtt`: send one job to a device (or the fleet) over MQTT and stream the answer back.
 
 This is a requester, like any IoT device would be: it uses the MQTT v5 Response Topic and
-Correlation Data, so it is also a worked example of the wire protocol.
+Correlation Data, so it is also a worked example of the wire protocol. The client comes from the
+shared factory (`edged.fleet.client`), so the broker options are those of the daemon and of
+`edged fleet`.
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import ssl
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,16 @@ from paho.mqtt import client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edged.fleet.client import (
+    TLS_PORT,
+    BrokerOptions,
+    BrokerSetupError,
+    BrokerUnreachable,
+    Connection,
+    parse_address,
+)
 
-class BrokerUnreachable(Exception):
-    """The broker did not accept the connection or the subscription."""
+__all__ = ["BrokerOptions", "BrokerUnreachable", "NoAnswer", "Target", "ask_over_mqtt"]
 
 
 class NoAnswer(Exception):
@@ -30,19 +38,31 @@ class NoAnswer(Exception):
 
 @dataclass(frozen=True)
 class Target:
+    """``HOST[:PORT]`` as given to ``--mqtt`` (``[::1]:1883`` for IPv6). Kept for callers that pass
+    the options one by one; new code passes a `BrokerOptions` to `ask_over_mqtt` instead."""
+
     host: str
     port: int | None
 
     @classmethod
     def parse(cls, text: str) -> Target:
-        host, sep, port = text.rpartition(":")
-        if sep and port.isdigit() and host:
-            return cls(host, int(port))
-        return cls(text, None)
+        try:
+            return cls(*parse_address(text))
+        except BrokerSetupError:
+            return cls(text, None)  # the connection attempt reports it (exit 3), as before
+
+
+def _legacy_options(
+    target: Target, username: str | None, password: str | None, ca: Path | None
+) -> BrokerOptions:
+    """The options of the older call (`Target` plus user name, password and CA). It keeps that
+    call's one guess, TLS on port 8883 without a CA, until edged/cli.py passes `BrokerOptions`."""
+    tls = True if (ca is not None or target.port == TLS_PORT) else None
+    return BrokerOptions(target.host, target.port, username=username, password=password, tls=tls, ca=ca)
 
 
 def ask_over_mqtt(
-    target: Target,
+    target: Target | BrokerOptions,
     job: dict[str, Any],
     *,
     device: str | None,
@@ -52,60 +72,42 @@ def ask_over_mqtt(
     ca: Path | None = None,
     timeout: float = 300.0,
 ) -> Iterator[dict[str, Any]]:
-    """Yield the answer's chunks and, last, the final message (``status`` done or error)."""
+    """Yield the answer's chunks and, last, the final message (``status`` done or error).
+
+    ``target`` is a `BrokerOptions` (then ``username``/``password``/``ca`` are ignored) or, for the
+    older call, a `Target`. The job always goes over MQTT 5 (it needs the Response Topic)."""
+    if isinstance(target, Target):
+        target = _legacy_options(target, username, password, ca)
+    options = replace(target, protocol="5")
     topic = f"{prefix}/{device}/jobs" if device else f"{prefix}/fleet/jobs"
     correlation = uuid.uuid4().hex
-    reply = f"replies/{username or 'anonymous'}/{correlation}"
+    reply = f"replies/{options.username or 'anonymous'}/{correlation}"
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
 
-    client = paho.Client(
-        paho.CallbackAPIVersion.VERSION2, client_id=f"edged-ask-{correlation[:12]}", protocol=paho.MQTTv5
-    )
-    if username:
-        client.username_pw_set(username, password)
-    if ca is not None or (target.port == 8883):
-        client.tls_set_context(ssl.create_default_context(cafile=str(ca) if ca else None))
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            inbox.put(("refused", str(reason)))
-        else:
-            c.subscribe(reply, qos=1)
-
-    def on_subscribe(_c: paho.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
-        if codes and codes[0].is_failure:
-            inbox.put(("refused", f"subscription to {reply} refused: {codes[0]}"))
-        else:
-            inbox.put(("subscribed", None))
-
-    def on_message(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+    def on_message(message: paho.MQTTMessage) -> None:
         props = getattr(message, "properties", None)
         echoed = getattr(props, "CorrelationData", None)
         if echoed is not None and bytes(echoed) != correlation.encode():
             return
         inbox.put(("message", message.payload))
 
-    client.on_connect = on_connect
-    client.on_connect_fail = lambda _c, _u: inbox.put(("refused", "cannot connect"))
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    port = target.port or (8883 if ca else 1883)
-    # connect_async + loop_start (connect() before loop_start() leaks paho's wake-up socket pair)
-    client.connect_async(target.host, port, keepalive=30)
-    client.loop_start()
     try:
-        try:
-            kind, value = inbox.get(timeout=10)
-        except queue.Empty:
-            raise BrokerUnreachable(f"no answer from MQTT broker {target.host}:{port}") from None
-        if kind == "refused":
-            raise BrokerUnreachable(f"MQTT broker {target.host}:{port} refused: {value}")
+        connection = Connection(
+            options,
+            client_id=f"edged-ask-{correlation[:12]}",
+            subscriptions=[(reply, 1)],
+            on_message=on_message,
+            on_failure=lambda reason: inbox.put(("refused", reason)),
+        )
+    except BrokerSetupError as exc:
+        raise BrokerUnreachable(str(exc)) from exc
+    with connection.open(timeout=10):
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = reply
         props.CorrelationData = correlation.encode()
-        client.publish(topic, json.dumps({**job, "stream": True}), qos=1, properties=props).wait_for_publish(
-            10
-        )
+        connection.client.publish(
+            topic, json.dumps({**job, "stream": True}), qos=1, properties=props
+        ).wait_for_publish(10)
         while True:
             try:
                 kind, value = inbox.get(timeout=timeout)
@@ -114,11 +116,8 @@ def ask_over_mqtt(
                     f"no answer on {reply} within {timeout:.0f} s (is a device on {topic}?)"
                 ) from None
             if kind == "refused":
-                raise BrokerUnreachable(str(value))
+                raise BrokerUnreachable(f"MQTT broker {options.address}: {value}")
             message = json.loads(value)
             yield message
             if "status" in message:
                 return
-    finally:
-        client.disconnect()
-        client.loop_stop()

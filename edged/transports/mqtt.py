@@ -41,6 +41,8 @@ from edged.errors import (
     ShuttingDown,
     TransportError,
 )
+from edged.fleet.client import BrokerOptions, BrokerSetupError, make_client
+from edged.fleet.client import start as start_client
 from edged.journal import InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
 from edged.journal.book import JobBook
 from edged.transports.tcp import RateLimiter
@@ -111,17 +113,34 @@ def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
         return JobRequest(prompt=text), None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        # a string with a lone surrogate (\ud800) is no text: it cannot be tokenized or published
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError, UnicodeEncodeError) as exc:  # also too deep, too many digits
         raise InvalidRequest(f"malformed JSON: {exc}") from exc
     if isinstance(data, str):
         return JobRequest(prompt=data), None
     if not isinstance(data, dict):
         raise InvalidRequest("a job must be a JSON object or a plain-text prompt")
     reply_to = data.pop("reply_to", None)
+    # A topic the broker takes: it disconnects a client that publishes control characters or
+    # non-characters (the answer, kept for the retry, would do it again after every reconnect), and
+    # a $ topic is the broker's own, where no client would see the answer.
     if reply_to is not None and (
-        not isinstance(reply_to, str) or not reply_to or "+" in reply_to or "#" in reply_to
+        not isinstance(reply_to, str)
+        or not reply_to
+        or reply_to.startswith("$")
+        or "+" in reply_to
+        or "#" in reply_to
+        or len(reply_to.encode("utf-8")) > 65535
+        or any(
+            ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or 0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE
+            for c in reply_to
+        )
     ):
-        raise InvalidRequest("reply_to must be a topic name without wildcards", param="reply_to")
+        raise InvalidRequest(
+            "reply_to must be a topic name: no wildcards (+ #), control characters or leading $",
+            param="reply_to",
+        )
     try:
         return JobRequest.model_validate(data), reply_to
     except ValidationError as exc:
@@ -203,31 +222,16 @@ class MqttTransport:
     # -- connection -----------------------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        cfg = self.config
-        client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=f"edged-{self.device_id}",
-            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-            clean_session=None if self._v5 else False,
-            manual_ack=True,
-        )
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
-        if cfg.tls.active:
-            try:
-                context = ssl.create_default_context(cafile=str(cfg.tls.ca) if cfg.tls.ca else None)
-                if cfg.tls.cert and cfg.tls.key:
-                    context.load_cert_chain(str(cfg.tls.cert), str(cfg.tls.key))
-            except (OSError, ssl.SSLError) as exc:
-                raise TransportError(f"cannot set up TLS for MQTT: {exc}") from exc
-            if not cfg.tls.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            client.tls_set_context(context)
+        """The shared client factory (`edged.fleet.client`): the same broker address forms (IPv6 in
+        brackets), credentials and TLS as `edged ask --mqtt` and `edged fleet`."""
+        try:
+            self.broker = BrokerOptions.from_config(self.config)
+            client = make_client(self.broker, f"edged-{self.device_id}", persistent=True, manual_ack=True)
+        except (BrokerSetupError, OSError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot set up the MQTT client: {exc}") from exc
         client.will_set(
             self.topics.status, _encode({**self.presence(), "state": "offline"}), qos=QOS, retain=True
         )
-        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -260,20 +264,14 @@ class MqttTransport:
         self._connect()
 
     def _connect(self) -> None:
-        cfg = self.config
         log.info(
             "mqtt connecting",
-            host=cfg.host,
-            port=cfg.effective_port,
-            protocol=cfg.protocol,
-            tls=cfg.tls.active,
+            broker=self.broker.address,
+            protocol=self.broker.protocol,
+            tls=self.broker.tls_active,
             client_id=f"edged-{self.device_id}",
         )
-        kwargs: dict[str, Any] = {"properties": self._connect_properties()}
-        if self._v5:
-            kwargs["clean_start"] = False
-        self._client.connect_async(str(cfg.host), cfg.effective_port, cfg.keepalive_s, **kwargs)
-        self._client.loop_start()
+        start_client(self._client, self.broker, properties=self._connect_properties(), persistent=True)
 
     def pause_intake(self) -> None:
         """Take no new job: later deliveries are left unacknowledged, so the broker keeps them for
@@ -340,11 +338,10 @@ class MqttTransport:
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
         log.error(
             "mqtt connection failed; retrying",
-            host=self.config.host,
-            port=self.config.effective_port,
-            tls=self.config.tls.active,
+            broker=self.broker.address,
+            tls=self.broker.tls_active,
             hint="check mqtt.tls.ca against the broker's certificate"
-            if self.config.tls.active
+            if self.broker.tls_active
             else "is the broker running and reachable?",
         )
 
@@ -682,8 +679,8 @@ class MqttTransport:
 
     def status(self) -> dict[str, Any]:
         return {
-            "host": self.config.host,
-            "port": self.config.effective_port,
+            "host": self.broker.host,
+            "port": self.broker.effective_port,
             "connected": self._client.is_connected(),
             "journal": self.book is not None,
             "counters": dict(self.counters),

@@ -1,0 +1,328 @@
+"""`edged fleet`: the whole fleet from any machine that reaches the broker.
+
+``edged fleet --mqtt HOST[:PORT]`` shows a live table (the callback runs when no subcommand is
+given); ``--once`` prints one table, ``--json`` one JSON snapshot for scripts. The broker options
+are those of the shared client factory (`edged.fleet.client.BrokerOptions`) and default to the
+``mqtt.*`` settings, like `edged ask --mqtt`.
+
+Register it in edged/cli.py with::
+
+    app.add_typer(fleet_app, name="fleet")
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:  # imported when the command runs: `edged --help` and the others stay quick
+    from edged.fleet.aggregator import Aggregator, FleetMonitor
+    from edged.fleet.client import BrokerOptions
+
+EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CONFIG = 2, 3, 78
+WIDE = 240
+"""Columns for a table printed into a pipe or a file."""
+SETTLE_S = 0.5
+"""--once: after the subscription, how long retained statuses may take before an early finish."""
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+HELP = "\n\n".join(
+    (
+        "Watch every edged device on a broker: a live table, one row per device, worst first "
+        "(offline, stale, throttled, hottest).",
+        "It subscribes to PREFIX/+/status (retained; the Last Will says offline) and PREFIX/+/telemetry. "
+        "A device is stale when its telemetry stops for 3 intervals, offline on its retained offline "
+        "status or its will. The broker options default to the mqtt.* settings of the configuration, "
+        "as for `edged ask --mqtt`.",
+        "Examples:",
+        "edged fleet --mqtt broker.lan   (live table; Ctrl-C quits)",
+        "edged fleet --mqtt \\[fd00::5]:8883 --tls-ca ca.crt --username dashboard --password S3CRET",
+        "edged fleet --mqtt broker.lan --once --json | jq '.devices[] | select(.state != \"online\")'",
+        "edged fleet --once --wait 30 --interval 10   (mqtt.host from /etc/edged/edged.toml)",
+        "Exit codes: 0 ok, 2 usage, 3 broker not reachable (or it refused the login or the "
+        "subscription), 78 bad configuration.",
+    )
+)
+
+fleet_app = typer.Typer(help=HELP, add_completion=False, no_args_is_help=False)
+
+
+# -- the broker options: the same flags wherever edged talks to a broker -----------------------------
+# `edged ask --mqtt` can declare the same parameters with these types and call `broker_options`.
+
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mqtt",
+        metavar="HOST[:PORT]",
+        help="The broker: HOST, HOST:PORT, [IPV6]:PORT (default: mqtt.host and mqtt.port).",
+    ),
+]
+UsernameOpt = Annotated[str | None, typer.Option(help="Broker user name (default: mqtt.username).")]
+PasswordOpt = Annotated[
+    str | None, typer.Option(help="Broker password (default: mqtt.password; EDGED_MQTT__PASSWORD).")
+]
+TlsOpt = Annotated[
+    bool | None,
+    typer.Option("--tls/--no-tls", help="Use TLS (default: on with a CA or client certificate)."),
+]
+TlsCaOpt = Annotated[
+    Path | None, typer.Option(help="CA certificate of the broker (default: mqtt.tls.ca).", dir_okay=False)
+]
+TlsCertOpt = Annotated[Path | None, typer.Option(help="Client certificate (with --tls-key).", dir_okay=False)]
+TlsKeyOpt = Annotated[Path | None, typer.Option(help="Client private key (with --tls-cert).", dir_okay=False)]
+TlsVerifyOpt = Annotated[
+    bool | None,
+    typer.Option("--tls-verify/--no-tls-verify", help="Verify the broker's certificate and host name."),
+]
+ProtocolOpt = Annotated[
+    str | None, typer.Option(help="MQTT protocol, 5 or 3.1.1 (default: mqtt.protocol, 5).")
+]
+
+
+def broker_options(
+    cfg: Any,
+    mqtt: str | None,
+    username: str | None = None,
+    password: str | None = None,
+    tls: bool | None = None,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_verify: bool | None = None,
+    protocol: str | None = None,
+) -> BrokerOptions:
+    """The ``mqtt.*`` settings (``cfg``: `edged.config.MqttConfig`) overridden by the flags above;
+    raises `edged.fleet.client.BrokerSetupError` (a usage error, exit 2)."""
+    from edged.fleet.client import BrokerOptions, BrokerSetupError
+
+    if protocol is not None and protocol not in ("5", "3.1.1"):
+        raise BrokerSetupError(f"--protocol must be 5 or 3.1.1, not {protocol!r}")
+    overrides = {
+        "username": username,
+        "password": password,
+        "tls": tls,
+        "ca": tls_ca,
+        "cert": tls_cert,
+        "key": tls_key,
+        "verify": tls_verify,
+        "protocol": protocol,
+    }
+    return BrokerOptions.from_config(cfg, mqtt, overrides)
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """The resolved options of `edged fleet`, handed to its subcommands in ``ctx.obj``."""
+
+    broker: BrokerOptions
+    topic_prefix: str
+    interval_s: float
+
+    def aggregator(self, **kwargs: Any) -> Aggregator:
+        from edged.fleet.aggregator import Aggregator
+
+        return Aggregator(prefix=self.topic_prefix, default_interval_s=self.interval_s, **kwargs)
+
+    def monitor(self, aggregator: Aggregator | None = None) -> FleetMonitor:
+        """Not started: ``with options.monitor().start() as monitor: ...`` (raises BrokerUnreachable)."""
+        from edged.fleet.aggregator import FleetMonitor
+
+        return FleetMonitor(self.broker, aggregator or self.aggregator())
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    err.print(f"[red]edged fleet:[/red] {escape(message)}", markup=True)
+    raise typer.Exit(code)
+
+
+def _logs_to_stderr() -> None:
+    """Warnings and errors only, on stderr: stdout is the table or the JSON."""
+    import logging
+    import sys
+
+    import structlog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _settings(config: Path | None) -> Any:
+    from edged.config import load_settings
+    from edged.errors import ConfigError
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]edged: config error:[/red] {escape(str(problem))}", markup=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+
+
+@fleet_app.callback(invoke_without_command=True)
+def fleet(
+    ctx: typer.Context,
+    mqtt: BrokerOpt = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML config file (default: /etc/edged/edged.toml if it exists).",
+            dir_okay=False,
+        ),
+    ] = None,
+    username: UsernameOpt = None,
+    password: PasswordOpt = None,
+    tls: TlsOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_verify: TlsVerifyOpt = None,
+    protocol: ProtocolOpt = None,
+    topic_prefix: Annotated[
+        str | None, typer.Option(help="First topic level(s) (default: mqtt.topic_prefix, edged).")
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print one table after --wait and exit.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON snapshot (implies --once), for scripts.")
+    ] = False,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="With --once: longest time to collect retained statuses and one round of telemetry "
+            "(default: --interval + 1). It ends sooner once every device not offline has reported.",
+        ),
+    ] = None,
+    interval: Annotated[
+        float | None,
+        typer.Option(
+            min=0.2,
+            help="The devices' telemetry interval in seconds, used until their reports show it "
+            "(default: telemetry.interval_s, 10).",
+        ),
+    ] = None,
+    refresh: Annotated[float, typer.Option(min=0.1, help="Live table refresh period in seconds.")] = 1.0,
+) -> None:
+    from edged.fleet.client import BrokerSetupError, BrokerUnreachable
+
+    _logs_to_stderr()
+    settings = _settings(config)
+    try:
+        broker = broker_options(
+            settings.mqtt, mqtt, username, password, tls, tls_ca, tls_cert, tls_key, tls_verify, protocol
+        )
+    except BrokerSetupError as exc:
+        _fail(EXIT_USAGE, str(exc))
+    prefix = (topic_prefix or settings.mqtt.topic_prefix).strip("/")
+    if not prefix or "+" in prefix or "#" in prefix:
+        _fail(EXIT_USAGE, "--topic-prefix must be a topic without wildcards")
+    options = FleetOptions(broker, prefix, interval or settings.telemetry.interval_s)
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = options  # a subcommand (`edged fleet serve`) reads the resolved options here
+        return
+    once = once or as_json
+    if wait is not None and not once:
+        _fail(EXIT_USAGE, "--wait goes with --once or --json")
+    try:
+        monitor = options.monitor().start()
+    except BrokerSetupError as exc:
+        _fail(EXIT_USAGE, str(exc))
+    except BrokerUnreachable as exc:
+        _fail(EXIT_UNREACHABLE, str(exc))
+    with monitor:
+        if once:
+            _once(options, monitor, options.interval_s + 1 if wait is None else wait, as_json)
+        else:
+            _live(options, monitor, refresh)
+
+
+def _once(options: FleetOptions, monitor: FleetMonitor, wait: float, as_json: bool) -> None:
+    """Collect for up to ``wait`` seconds (less once every device not offline has reported)."""
+    from edged.fleet.view import fleet_document, render_table
+
+    aggregator = monitor.aggregator
+    started = time.monotonic()
+    pause = threading.Event()
+    while (elapsed := time.monotonic() - started) < wait:
+        if elapsed >= min(SETTLE_S, wait) and aggregator.reported_since_start():
+            break
+        pause.wait(min(0.05, wait - elapsed))
+    devices = aggregator.snapshot()
+    if as_json:
+        document = fleet_document(
+            devices,
+            counters=aggregator.counters(),
+            problems=aggregator.problems(),
+            broker=options.broker.address,
+            topic_prefix=options.topic_prefix,
+            collected_s=time.monotonic() - started,
+        )
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+        return
+    table = render_table(devices, counters=aggregator.counters(), broker=options.broker.address)
+    # Into a pipe or a file: the table's own width rather than rich's default of 80 columns.
+    console = out
+    if not out.is_terminal:
+        width = Console(width=WIDE).measure(table).maximum
+        console = Console(highlight=False, width=min(width, WIDE), no_color=True)
+    console.print(table)
+
+
+def _live(options: FleetOptions, monitor: FleetMonitor, refresh: float) -> None:
+    from rich.live import Live
+
+    from edged.fleet.view import render_table
+
+    aggregator = monitor.aggregator
+
+    def table() -> Any:
+        return render_table(
+            aggregator.snapshot(),
+            counters=aggregator.counters(),
+            broker=options.broker.address,
+            connected=monitor.connected,
+        )
+
+    pause = threading.Event()
+    try:
+        with Live(table(), console=out, auto_refresh=False, transient=False) as live:
+            while True:
+                pause.wait(refresh)
+                live.update(table(), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+# `edged fleet serve` (web page with SSE charts, /metrics with a `device` label) goes here, e.g.:
+#
+#   @fleet_app.command()
+#   def serve(ctx: typer.Context, listen: str = "127.0.0.1:8088") -> None:
+#       options: FleetOptions = ctx.obj          # --mqtt and the broker options, already resolved
+#       with options.monitor().start() as monitor:
+#           ...  # monitor.aggregator.snapshot() / .history(id) / .counters() / .watch() for SSE
+#
+# The broker options go before the subcommand: `edged fleet --mqtt HOST serve --listen ...`.
+
+
+def main() -> None:
+    """``python -m edged.fleet.cli``: the same command on its own (``edged fleet`` once registered)."""
+    fleet_app(prog_name="edged fleet")
+
+
+if __name__ == "__main__":
+    main()
