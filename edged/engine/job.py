@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from edged.backends import Prompt, SamplingParams
 from edged.engine.constraints import Constraint
@@ -23,7 +24,7 @@ def new_job_id() -> str:
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
     content: str = Field(description="What is said.")
@@ -33,7 +34,7 @@ class Message(BaseModel):
 class JsonSchemaFormat(BaseModel):
     """OpenAI's ``response_format.json_schema``."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     name: str = Field("response", max_length=64, description="The schema's name (OpenAI requires one).")
     description: str | None = Field(None, description="Accepted for OpenAI compatibility.")
@@ -49,7 +50,15 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's ``response_format``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={  # `_schema_with_type`, for /openapi.json
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+            "else": {"properties": {"json_schema": {"type": "null"}}},
+        },
+    )
 
     type: Literal["text", "json_object", "json_schema"] = Field(
         description="text: free; json_object: any JSON object; json_schema: an object of that schema."
@@ -65,10 +74,64 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class JobRequest(BaseModel):
-    """The one job schema of every transport."""
+def _whole(value: Any) -> Any:
+    """JSON has one kind of number: 2.0 is the integer 2, as JSON Schema says (2.5, "2", true are not)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
-    model_config = ConfigDict(extra="forbid")
+
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+"""An integer field of a strict request model: a JSON integer, written 2 or 2.0."""
+OptionalJsonInt = Annotated[int | None, BeforeValidator(_whole)]
+"""`JsonInt` or null (the validator outside the union keeps ``ge``/``le`` in the JSON schema)."""
+
+TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+"""A ``logit_bias`` key: a token id in decimal (JSON object keys are strings)."""
+
+
+def job_schema_rules(schema: dict[str, Any]) -> None:
+    """The rules `JobRequest` checks in code, written into its JSON schema (``/openapi.json``), so
+    clients and schema-driven tools know a job's shape exactly."""
+    props = schema["properties"]
+    nonempty = {"type": "string", "minLength": 1}
+    props["stop"]["anyOf"][:2] = [nonempty, {"type": "array", "items": nonempty, "maxItems": 4}]
+    props["logit_bias"]["anyOf"][0]["propertyNames"] = {"pattern": f"^{TOKEN_ID.pattern}$"}
+    json_format = {"type": "object", "required": ["type"], "properties": {"type": {"not": {"const": "text"}}}}
+    schema["allOf"] = [
+        {  # exactly one of messages and prompt
+            "oneOf": [
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+            ]
+        },
+        {  # raw: the prompt verbatim, so no chat template to think in
+            "if": {"required": ["raw"], "properties": {"raw": {"const": True}}},
+            "then": {
+                "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1},
+                    "think": {"type": "null"},
+                    "reasoning_budget": {"type": "null"},
+                },
+            },
+        },
+        {  # a grammar or a JSON response_format, not both
+            "not": {
+                "required": ["grammar", "response_format"],
+                "properties": {"grammar": {"type": "string"}, "response_format": json_format},
+            }
+        },
+    ]
+
+
+class JobRequest(BaseModel):
+    """The one job schema of every transport. Types are strict (``"max_tokens": "5"`` or ``true``,
+    ``"stream": 1`` are invalid_request, not coerced) and numbers finite (no NaN or Infinity)."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra=job_schema_rules
+    )
 
     id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="Client-chosen job id; generated if absent."
@@ -77,22 +140,30 @@ class JobRequest(BaseModel):
     messages: list[Message] | None = Field(None, min_length=1, description="Chat messages.")
     prompt: str | None = Field(None, description="A single user prompt (or raw text when raw is true).")
     raw: bool = Field(False, description="Feed prompt to the model verbatim, without the chat template.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; clamped to the cap.")
+    max_tokens: OptionalJsonInt = Field(
+        None, ge=1, description="Most tokens to generate; clamped to the cap."
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=0, description="Top-k sampling; 0 = off.")
+    top_k: OptionalJsonInt = Field(None, ge=0, description="Top-k sampling; 0 = off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p sampling.")
-    repeat_penalty: float | None = Field(None, ge=0.0, description="Repetition penalty; 1 = off.")
+    repeat_penalty: float | None = Field(
+        None,
+        ge=0.01,  # llama.cpp divides logits by it: 0 (or 1e-38) makes them infinite, sampling fails
+        description="Repetition penalty; 1 = off, above 1 penalises repeats, below 1 favours them.",
+    )
     frequency_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="Penalise tokens by how often they appeared (OpenAI's meaning)."
     )
     presence_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="Penalise tokens that appeared at all (OpenAI's meaning)."
     )
-    logit_bias: dict[int, float] | None = Field(
-        None, description="Token id -> bias added to its logit, -100 (ban) to 100 (force), OpenAI's meaning."
+    logit_bias: dict[Annotated[int, Strict(False)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None,
+        max_length=1024,
+        description="Token id -> bias added to its logit, -100 (ban) to 100 (force), OpenAI's meaning.",
     )
-    seed: int | None = Field(None, ge=0, description="Sampling seed for reproducible output.")
+    seed: OptionalJsonInt = Field(None, ge=0, description="Sampling seed for reproducible output.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end generation.")
     stream: bool = Field(False, description="Stream deltas as they are generated.")
     timeout_s: float | None = Field(None, gt=0, description="Deadline in seconds, queued plus running.")
@@ -117,19 +188,31 @@ class JobRequest(BaseModel):
         description="false: skip the reasoning of a thinking model (the <think> block is closed in the "
         "prompt) for the fastest answer. Default: the model's template decides.",
     )
-    reasoning_budget: int | None = Field(
+    reasoning_budget: OptionalJsonInt = Field(
         None,
         ge=0,
         description="Most reasoning tokens; then edged closes the <think> block and the answer "
         "follows (0 is think=false).",
     )
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        """Keys are token ids in decimal: not ``" 1"``, ``"1.0"`` or ``"+1"`` (which int() would take)."""
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, bool) or not (
+                    isinstance(key, int) or (isinstance(key, str) and TOKEN_ID.fullmatch(key))
+                ):
+                    raise ValueError(f"'logit_bias' keys are token ids in decimal, not {key!r}")
+        return value
+
     @model_validator(mode="after")
     def _one_input(self) -> JobRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
-        if self.raw and self.prompt is None:
-            raise ValueError("'raw' needs 'prompt'")
+        if self.raw and not self.prompt:  # an empty raw prompt has no token to continue from
+            raise ValueError("'raw' needs a non-empty 'prompt'")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("'stop' takes at most 4 non-empty strings")

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from edged.engine import Engine
 
 MAX_PAGE = 500
+MAX_SEQ = 2**63 - 1
+"""The largest journal sequence number (SQLite's INTEGER); a larger ``before`` cannot be compared."""
 
 
 def _prompt_of(payload: bytes) -> Any:
@@ -69,7 +71,9 @@ def add_job_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
     @app.get("/v1/jobs", summary="Recent jobs, newest first (paged with ?before=<seq>)")
     async def list_jobs(
         limit: int = Query(50, ge=1, le=MAX_PAGE, description="Jobs per page."),
-        before: int | None = Query(None, ge=1, description="The `next_before` of the previous page."),
+        before: int | None = Query(
+            None, ge=1, le=MAX_SEQ, description="The `next_before` of the previous page."
+        ),
         origin: str | None = Query(
             None, max_length=200, description="Only jobs from mqtt, socket, tcp:<key>."
         ),

@@ -16,10 +16,11 @@ from typing import Any, Literal
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edged.config import Settings
 from edged.engine import Delta, Engine, Failed, Finished, JobRequest, JobResult
+from edged.engine.job import JsonInt, OptionalJsonInt
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
 from edged.transports.tcp import origin_of, peer_of
 
@@ -70,7 +71,7 @@ Ollama itself ignores options it does not know); the daemon's configuration deci
 
 
 class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
@@ -81,7 +82,9 @@ class OllamaMessage(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # Ollama ignores fields it does not know; so do these routes
+    # Ollama ignores fields it does not know, so do these routes; a known field of the wrong type is an
+    # error (as in Ollama), not coerced
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     format: str | dict[str, Any] | None = None
@@ -90,7 +93,7 @@ class _Common(BaseModel):
     keep_alive: str | int | float | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: OptionalJsonInt = None
 
     def refuse_unsupported(self) -> None:
         if self.logprobs or self.top_logprobs:
@@ -108,16 +111,25 @@ class GenerateRequest(_Common):
     suffix: str | None = None
     images: list[str] | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[JsonInt] | None = None
     raw: bool = False
 
 
 class ShowRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     name: str | None = None  # older clients
     verbose: bool = False
+
+
+BODIES: tuple[type[BaseModel], ...] = (ShowRequest, ChatRequest, GenerateRequest)
+"""The request bodies the routes parse themselves; the app adds them to /openapi.json's components."""
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def ollama_error(error: EdgedError) -> JSONResponse:
@@ -189,6 +201,22 @@ def _content(message: OllamaMessage) -> dict[str, str]:
     return {"role": message.role, "content": message.content}
 
 
+def _job(fields: dict[str, Any]) -> JobRequest:
+    """The translated request as a job; a value the job schema refuses (an option of the wrong type
+    or out of range, ``"num_predict": 0``) is invalid_request, named as the client sent it."""
+    try:
+        return JobRequest.model_validate(fields)
+    except ValidationError as exc:
+        option_of = {field: f"options.{name}" for name, field in SUPPORTED_OPTIONS.items()}
+        problems = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            if loc and loc[0] in option_of:
+                loc[0] = option_of[loc[0]]
+            problems.append(f"{'.'.join(loc) or 'body'}: {err['msg']}")
+        raise InvalidRequest("invalid request: " + "; ".join(problems)) from exc
+
+
 def chat_job(body: ChatRequest, loaded: str) -> JobRequest:
     body.refuse_unsupported()
     if body.tools:
@@ -203,7 +231,7 @@ def chat_job(body: ChatRequest, loaded: str) -> JobRequest:
     response_format = _format(body.format)
     if response_format is not None:
         fields["response_format"] = response_format
-    return JobRequest.model_validate(fields)
+    return _job(fields)
 
 
 def generate_job(body: GenerateRequest, loaded: str) -> JobRequest:
@@ -230,7 +258,7 @@ def generate_job(body: GenerateRequest, loaded: str) -> JobRequest:
     response_format = _format(body.format)
     if response_format is not None:
         fields["response_format"] = response_format
-    return JobRequest.model_validate(fields)
+    return _job(fields)
 
 
 def _durations(result: JobResult) -> dict[str, Any]:
@@ -338,7 +366,11 @@ def add_ollama_routes(
         entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0, context_length=snap.n_ctx)
         return {"models": [entry]}
 
-    @app.post("/api/show", summary="Ollama: a model's details, template and capabilities")
+    @app.post(
+        "/api/show",
+        summary="Ollama: a model's details, template and capabilities",
+        openapi_extra=_body(ShowRequest),
+    )
     async def show(request: Request) -> Any:
         try:
             body = await read_body(request, ShowRequest, limit)
@@ -365,7 +397,9 @@ def add_ollama_routes(
             "modified_at": model_entry()["modified_at"],
         }
 
-    @app.post("/api/chat", summary="Ollama: chat (NDJSON stream by default)")
+    @app.post(
+        "/api/chat", summary="Ollama: chat (NDJSON stream by default)", openapi_extra=_body(ChatRequest)
+    )
     async def chat(request: Request) -> Any:
         try:
             body = await read_body(request, ChatRequest, limit)
@@ -391,7 +425,11 @@ def add_ollama_routes(
 
         return await answer(job_request, request, shape)
 
-    @app.post("/api/generate", summary="Ollama: completion of one prompt (NDJSON stream by default)")
+    @app.post(
+        "/api/generate",
+        summary="Ollama: completion of one prompt (NDJSON stream by default)",
+        openapi_extra=_body(GenerateRequest),
+    )
     async def generate(request: Request) -> Any:
         try:
             body = await read_body(request, GenerateRequest, limit)

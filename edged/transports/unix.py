@@ -28,6 +28,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from edged import __version__
 from edged.config import Settings
 from edged.engine import Delta, Engine, Failed, Finished, Job, JobRequest, JobResult
+from edged.engine.job import JsonInt, OptionalJsonInt, job_schema_rules
 from edged.errors import (
     EdgedError,
     InvalidRequest,
@@ -38,6 +39,7 @@ from edged.errors import (
     Unavailable,
 )
 from edged.transports.jobs_api import add_job_routes
+from edged.transports.ollama import BODIES as OLLAMA_BODIES
 from edged.transports.ollama import add_ollama_routes, tool_result
 from edged.transports.tcp import origin_of, peer_of
 
@@ -165,14 +167,30 @@ class OpenAIMessage(BaseModel):
         return message
 
 
+def _chat_rules(schema: dict[str, Any]) -> None:
+    job_schema_rules(schema)
+    schema["properties"]["raw"]["const"] = False  # raw prompts go to /v1/completions
+
+
+def _completion_rules(schema: dict[str, Any]) -> None:
+    job_schema_rules(schema)
+    schema["allOf"].append(
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}}}
+    )
+
+
 class ChatCompletionRequest(JobRequest):
     """OpenAI ``/v1/chat/completions`` body: every documented field is accepted; edged applies what
     it supports, ignores what cannot change the answer and refuses the rest with ``not_supported``
     naming the field. Fields OpenAI does not define are ``invalid_request``."""
 
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
+
     messages: list[OpenAIMessage] | None = Field(None, min_length=1, description="Chat messages.")  # type: ignore[assignment]
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
-    n: int = Field(1, ge=1, description="Number of choices; edged generates one (n > 1: not_supported).")
+    max_completion_tokens: OptionalJsonInt = Field(
+        None, ge=1, description="OpenAI's newer name for max_tokens."
+    )
+    n: JsonInt = Field(1, ge=1, description="Number of choices; edged generates one (n > 1: not_supported).")
     stream_options: dict[str, Any] | None = Field(None, description="Accepted; usage is always sent.")
     user: str | None = Field(None, description="Accepted and ignored.")
     tools: list[dict[str, Any]] | None = Field(
@@ -185,7 +203,7 @@ class ChatCompletionRequest(JobRequest):
     functions: list[dict[str, Any]] | None = Field(None, description="Deprecated tools; as tools.")
     function_call: str | dict[str, Any] | None = Field(None, description="Deprecated tool_choice.")
     logprobs: bool | None = Field(None, description="true: not_supported.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: not_supported.")
+    top_logprobs: OptionalJsonInt = Field(None, ge=0, le=20, description="With logprobs: not_supported.")
     metadata: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
     store: bool | None = Field(None, description="Accepted and ignored (edged stores no completions).")
     service_tier: str | None = Field(None, description="Accepted and ignored.")
@@ -227,21 +245,27 @@ class ChatCompletionRequest(JobRequest):
             data["messages"] = [m.to_message(i) for i, m in enumerate(self.messages)]
         if self.max_completion_tokens and not self.max_tokens:
             data["max_tokens"] = self.max_completion_tokens
-        if self.reasoning_effort in ("none", "minimal") and self.think is None:
+        if self.reasoning_effort in ("none", "minimal") and self.think is None and not self.raw:
             data["think"] = False
         if self.tools or self.functions:
             log.debug("tools accepted, answering in text", tools=len(self.tools or self.functions or []))
-        return JobRequest.model_validate(data)
+        try:
+            return JobRequest.model_validate(data)
+        except ValidationError as exc:  # e.g. reasoning_effort "none" (think: false) with raw
+            raise _describe_validation(exc.errors()) from exc
 
 
 class CompletionRequest(ChatCompletionRequest):
     """OpenAI ``/v1/completions`` body: ``prompt`` is fed to the model as is."""
 
+    model_config = ConfigDict(json_schema_extra=_completion_rules)
+
     def to_job(self) -> JobRequest:
         job = super().to_job()
-        if job.prompt is None:
+        if not job.prompt:  # raw text: an empty prompt has no token to continue from
             raise InvalidRequest(
-                "/v1/completions needs 'prompt' (use /v1/chat/completions for messages)", param="prompt"
+                "/v1/completions needs a non-empty 'prompt' (use /v1/chat/completions for messages)",
+                param="prompt",
             )
         return job.model_copy(update={"raw": True})
 
@@ -287,23 +311,153 @@ async def read_body(request: Request, model: type[B], limit: int) -> B:
 
 
 def _body_ref(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for a body the handler parses itself, pointing at a schema `_document_bodies` adds."""
+    """OpenAPI for a body the handler parses itself, pointing at a schema `_document` adds."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
-    """Add the self-parsed request bodies to /openapi.json's components."""
+# -- /openapi.json: bodies, errors, streams ------------------------------------------------------------
+
+ErrorCode = Literal[
+    "invalid_request",
+    "context_length_exceeded",
+    "payload_too_large",
+    "not_found",
+    "model_not_found",
+    "queue_full",
+    "thermal_paused",
+    "not_ready",
+    "storage_unavailable",
+    "rate_limited",
+    "deadline_exceeded",
+    "cancelled",
+    "backend_failed",
+    "not_supported",
+    "invalid_output",
+    "unauthorized",
+]
+"""contract.md, "Error codes"."""
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: ErrorCode = Field(description="The stable code; its HTTP status is the contract's.")
+    message: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description="OpenAI's error type.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+
+
+class ErrorBody(BaseModel):
+    """An error answer (OpenAI's shape); a code may bring details (n_prompt_tokens, n_ctx, ...)."""
+
+    error: ErrorDetail
+
+
+class OllamaErrorBody(BaseModel):
+    """An error answer of the Ollama routes, in Ollama's shape; the HTTP status is edged's code's."""
+
+    error: str
+
+
+class HealthBody(BaseModel):
+    status: str = Field(description="ok when ready; else the engine's state (loading, failed, ...).")
+    error: str | None = Field(None, description="Why the model could not be loaded.")
+
+
+_ERROR_STATUSES = {
+    400: "invalid_request (malformed JSON, wrong types, unknown fields), context_length_exceeded",
+    404: "not_found, model_not_found",
+    413: "payload_too_large",
+    422: "invalid_output: a JSON answer cut short by max_tokens or the deadline",
+    499: "cancelled",
+    500: "backend_failed",
+    501: "not_supported",
+    503: "queue_full, not_ready, storage_unavailable (Retry-After)",
+    504: "deadline_exceeded",
+}
+_JOB_ERRORS = (400, 404, 413, 422, 499, 500, 501, 503, 504)
+_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("post", "/v1/chat/completions"): _JOB_ERRORS,
+    ("post", "/v1/completions"): _JOB_ERRORS,
+    ("get", "/metrics"): (404,),
+    ("get", "/v1/jobs"): (400, 503),
+    ("get", "/v1/jobs/{job_id}"): (404, 503),
+    ("post", "/v1/jobs/{job_id}/cancel"): (404,),
+    ("post", "/api/show"): (400, 404, 413),
+    ("post", "/api/chat"): _JOB_ERRORS,
+    ("post", "/api/generate"): _JOB_ERRORS,
+}
+"""The errors each operation can answer (the TCP listener adds 401 and 429 to all but /health)."""
+_STREAMS = {
+    "/v1/chat/completions": "text/event-stream",
+    "/v1/completions": "text/event-stream",
+    "/api/chat": "application/x-ndjson",
+    "/api/generate": "application/x-ndjson",
+}
+"""The 200 answer of a job with ``stream``: server-sent events, or Ollama's JSON lines."""
+_STREAM_ITEM: dict[str, dict[str, Any]] = {
+    "text/event-stream": {  # one event (OpenAPI 3.1: the schema of a stream's media type is per event)
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "description": "A chunk as JSON, then the last chunk (finish_reason, usage, timings) "
+                'and [DONE]; or, instead of the rest, an error as JSON ({"error": {code, ...}}).',
+            }
+        },
+    },
+    "application/x-ndjson": {
+        "type": "object",
+        "description": "One JSON line: a chunk, the last (done) or an error.",
+    },
+}
+
+
+def _error_doc(status: int, body: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "description": _ERROR_STATUSES[status],
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+    }
+    if status == 503:
+        retry = {"description": "Seconds to wait before trying again.", "schema": {"type": "string"}}
+        doc["headers"] = {"Retry-After": {**retry, "required": True}}
+    return doc
+
+
+def _document(app: FastAPI, models: tuple[type[BaseModel], ...], max_timeout_s: float) -> None:
+    """Complete /openapi.json: the self-parsed request bodies in its components (with this daemon's
+    jobs.max_timeout_s), each operation's error answers (400, not FastAPI's 422, for a bad
+    parameter), and the streamed 200 answers."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
+            documented: tuple[type[BaseModel], ...] = (*models, ErrorBody, OllamaErrorBody)
+            for model in documented:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+                if "timeout_s" in js["properties"]:
+                    js["properties"]["timeout_s"]["anyOf"][0]["maximum"] = max_timeout_s
+            for path, operations in schema["paths"].items():
+                for method, operation in operations.items():
+                    responses = operation["responses"]
+                    responses.pop("422", None)  # validation errors are answered 400 invalid_request
+                    body = (
+                        "OllamaErrorBody"
+                        if path in ("/api/show", "/api/chat", "/api/generate")
+                        else "ErrorBody"
+                    )
+                    for status in _ERRORS.get((method, path), ()):
+                        responses[str(status)] = _error_doc(status, body)
+                    if path in _STREAMS:
+                        responses["200"]["content"][_STREAMS[path]] = {"schema": _STREAM_ITEM[_STREAMS[path]]}
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -386,6 +540,7 @@ def create_app(
         title="edged",
         version=__version__,
         description="LLM inference on a small board: OpenAI-compatible API on a local Unix socket.",
+        redirect_slashes=False,  # /v1/jobs/ is an unknown route (404 not_found), not a redirect
     )
 
     @app.exception_handler(EdgedError)
@@ -401,7 +556,8 @@ def create_app(
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {request.method} {request.url.path}"))
         error = InvalidRequest(f"{request.method} {request.url.path}: {exc.detail}")
-        return JSONResponse(error.to_dict(), status_code=exc.status_code)
+        # 405 keeps its Allow header (RFC 9110): which methods the route does take
+        return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     async def run(
         job_request: JobRequest,
@@ -507,7 +663,18 @@ def create_app(
             ],
         }
 
-    @app.get("/health", summary="200 when ready for jobs, 503 while loading or failed")
+    @app.get(
+        "/health",
+        summary="200 when ready for jobs, 503 while loading or failed",
+        responses={
+            200: {"model": HealthBody},
+            503: {
+                "model": HealthBody,
+                "description": "Loading, or failed to load",
+                "headers": {"Retry-After": {"required": True, "schema": {"type": "string"}}},
+            },
+        },
+    )
     async def health() -> JSONResponse:
         snap = engine.snapshot()
         if snap.ready:
@@ -521,7 +688,12 @@ def create_app(
     async def get_status() -> dict[str, Any]:
         return status()
 
-    @app.get("/metrics", summary="Prometheus metrics (edged_*)", response_class=Response)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (edged_*)",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def get_metrics() -> Response:
         if metrics is None:
             raise NotFound("metrics are not enabled")
@@ -529,7 +701,7 @@ def create_app(
 
     add_job_routes(app, settings, engine)
     add_ollama_routes(app, settings, engine, read_body, events_while_connected)
-    _document_bodies(app, (ChatCompletionRequest, CompletionRequest))
+    _document(app, (ChatCompletionRequest, CompletionRequest, *OLLAMA_BODIES), settings.jobs.max_timeout_s)
     return app
 
 
