@@ -189,6 +189,19 @@ def _client(config: Path | None, socket: Path | None) -> Any:
     return Client(path)
 
 
+def _get(config: Path | None, socket: Path | None, path: str) -> Any:
+    """GET a daemon route; exits 3 when the daemon is not reachable, 1 when it answers an error."""
+    from edged.client import DaemonError, DaemonUnreachable
+
+    with _client(config, socket) as client:
+        try:
+            return client.get(path)
+        except DaemonUnreachable as exc:
+            _fail(EXIT_UNREACHABLE, str(exc))
+        except DaemonError as exc:
+            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+
+
 def _stats_line(result: dict[str, Any]) -> str:
     usage, t = result.get("usage") or {}, result.get("timings") or {}
 
@@ -367,15 +380,7 @@ def _ask_mqtt(
 @app.command()
 def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the running daemon is doing: board, backend, model, queue, throughput."""
-    from edged.client import DaemonError, DaemonUnreachable
-
-    with _client(config, socket) as client:
-        try:
-            doc = client.get("/status")
-        except DaemonUnreachable as exc:
-            _fail(EXIT_UNREACHABLE, str(exc))
-        except DaemonError as exc:
-            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+    doc = _get(config, socket, "/status")
     if as_json:
         out.print_json(data=doc)
         return
@@ -459,17 +464,9 @@ def jobs(
     """
     from urllib.parse import urlencode
 
-    from edged.client import DaemonError, DaemonUnreachable
-
     query = {"limit": limit, "before": before, "origin": origin}
     path = "/v1/jobs?" + urlencode({k: v for k, v in query.items() if v is not None})
-    with _client(config, socket) as client:
-        try:
-            doc = client.get(path)
-        except DaemonUnreachable as exc:
-            _fail(EXIT_UNREACHABLE, str(exc))
-        except DaemonError as exc:
-            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+    doc = _get(config, socket, path)
     if as_json:
         out.print_json(data=doc)
         return
