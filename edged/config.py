@@ -89,7 +89,11 @@ class SamplingConfig(_Section):
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
     top_k: int | None = Field(None, ge=0, description="Keep only the k most likely tokens; 0 = off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top one.")
-    repeat_penalty: float | None = Field(None, ge=0.0, description="Penalty for repeated tokens; 1 = off.")
+    repeat_penalty: float | None = Field(
+        None,
+        ge=0.01,
+        description="Penalty for repeated tokens; 1 = off, 0.01 the least (0 would divide by zero).",
+    )
 
 
 FALLBACK_SAMPLING: dict[str, float] = {

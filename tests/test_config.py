@@ -86,6 +86,8 @@ def test_toml_nested_sampling_and_backend_section(tmp_path: Path) -> None:
         ("device_id = 'a/b'\n", {}, "device_id = 'a/b' (from file"),
         ("[jobs]\ntimeout_s = 7200\n", {}, "jobs (from file"),
         ("[model\nctx = 1\n", {}, "cannot read TOML"),
+        # llama.cpp divides the logits by it: 0 fails every job with a grammar (found by fuzzing)
+        ("[model.sampling]\nrepeat_penalty = 0\n", {}, "model.sampling.repeat_penalty = 0 (from file"),
     ],
 )
 def test_invalid_configuration_exits_78_naming_field_value_and_source(

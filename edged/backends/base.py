@@ -87,6 +87,9 @@ class SeqOutput:
     """Runtime counters of the whole sequence (prefill_ms, generate_ms, generate_tokens), if any."""
     error: str | None = None
     """With ``end``: the sequence could not run (its job fails with this reason)."""
+    job_fault: bool = False
+    """With ``error``: the job's own constraint is at fault (a grammar that allows no token here),
+    not the backend: the job fails ``invalid_output`` (422) instead of ``backend_failed``."""
 
 
 @dataclass

@@ -736,7 +736,7 @@ class LlamaCppBackend:
                 if sampled is None:
                     seq.next_token = None
                     error = "the job's grammar allows no token here (the answer cannot be completed)"
-                    outputs.append(SeqOutput(slot=seq.slot, end=True, error=error))
+                    outputs.append(SeqOutput(slot=seq.slot, end=True, error=error, job_fault=True))
                     continue
                 token = sampled
             cache_n = None if seq.reported else seq.cache_n

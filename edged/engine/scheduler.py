@@ -419,7 +419,11 @@ class Scheduler:
                 run.perf = out.perf
             if out.error is not None:
                 self._release(run)
-                outcomes.append(Fail(run.job, BackendError(out.error)))
+                if out.job_fault:
+                    content = "".join(run.text.parts["content"])
+                    outcomes.append(Fail(run.job, InvalidOutput(out.error, content=content)))
+                else:
+                    outcomes.append(Fail(run.job, BackendError(out.error)))
                 continue
             if out.end:
                 self._finish(run, "stop", now, outcomes)

@@ -93,10 +93,21 @@ class Reply:
     correlation: bytes | None = None
 
 
-def _id_hint(data: Any) -> str | None:
-    if isinstance(data, dict) and isinstance(data.get("id"), str):
-        return data["id"]
-    return None
+def _id_hint(payload: bytes) -> str | None:
+    """The id of a refused job, echoed in its error when the payload has one that can be published
+    (a payload too deep for the parser, or an id with a lone surrogate, gets an error without it)."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    job_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(job_id, str):
+        return None
+    try:
+        job_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return job_id
 
 
 def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
@@ -392,12 +403,12 @@ class MqttTransport:
     def _cancel(self, payload: bytes) -> None:
         try:
             data = json.loads(payload)
-            job_id = data["id"] if isinstance(data, dict) else None
+            job_id = data.get("id") if isinstance(data, dict) else None
             if not isinstance(job_id, str):
                 raise InvalidRequest('a cancel message is {"id": "<job id>"}')
             job = self.engine.cancel(job_id, "cancelled over MQTT")
             log.info("mqtt cancel", job_id=job_id, state=job.state.value)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             self._publish(
                 Reply(self.topics.errors),
                 error_message(None, InvalidRequest("cancel payload is not JSON"), self.device_id),
@@ -420,12 +431,7 @@ class MqttTransport:
         try:
             request, reply_to = parse_job(payload, self.settings.jobs.max_payload_bytes)
         except EdgedError as exc:
-            hint = None
-            if not isinstance(exc, PayloadTooLarge):
-                try:
-                    hint = _id_hint(json.loads(payload))
-                except (ValueError, UnicodeDecodeError):
-                    hint = None
+            hint = None if isinstance(exc, PayloadTooLarge) else _id_hint(payload)
             self._publish(reply or Reply(self.topics.errors), error_message(hint, exc, self.device_id))
             return True
         entry = JournalEntry(
