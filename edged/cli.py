@@ -524,6 +524,10 @@ def board(
     cpus = plan_cpus(info.profile, settings.model.threads)
     report["cpu"] = {"threads": cpus.threads, "affinity": cpus.affinity, "note": cpus.note}
     report["thermal"] = info.profile.thermal.model_dump()
+    if "rkllm" in info.profile.backends.order:
+        from edged.backends.rkllm import rknn_lite_info
+
+        report["npu"] = {"rknn_toolkit_lite2": rknn_lite_info()}
     code = EXIT_OK
     try:
         report["backend"] = backend_report(choose_backend(info, settings))

@@ -506,6 +506,12 @@ class LlamaCppConfig(_Section):
         description="Refuse to start when the model file plus its KV cache (engine.parallel slots of "
         "model.ctx tokens, and engine.prefix_cache_mb) exceed MemAvailable; false = try anyway.",
     )
+    cpu_check: bool = Field(
+        True,
+        description="Refuse llama.cpp when the installed llama-cpp-python (a make wheelhouse build) "
+        "was compiled for CPU features this CPU lacks (it would die of an illegal instruction); "
+        "false = try anyway.",
+    )
 
 
 class RkllmConfig(_Section):

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_env
-from mqtt_helpers import free_port
+from nspawn_helpers import Board, booted, debootstrap_root
 
 from edged.config import embedded_model_path
 
@@ -27,134 +24,13 @@ pytestmark = pytest.mark.timeout(1500)
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE = ROOT / "deploy" / "ansible"
 BIN = Path(sys.executable).parent
-CACHE = Path(os.environ.get("EDGED_TEST_CACHE", Path.home() / ".cache" / "edged-tests"))
-NO_HOST_KEYS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-PACKAGES = "python3,python3-venv,python3-pip,openssh-server,sudo,systemd,systemd-sysv,dbus,ca-certificates"
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
-    if path is None:
-        pytest.fail(f"{name} is missing; make test installs it (scripts/system-deps.sh)")
-    return path
-
-
-def base_root() -> Path:
-    """debootstrap bookworm once; later runs reuse it (CI builds it in about a minute)."""
-    base = CACHE / "bookworm-minbase"
-    if (base / ".edged-complete").exists():
-        return base
-    if os.geteuid() != 0:
-        pytest.fail("building the Debian root with debootstrap needs root")
-    shutil.rmtree(base, ignore_errors=True)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        [
-            tool("debootstrap"),
-            "--variant=minbase",
-            f"--include={PACKAGES}",
-            "bookworm",
-            str(base),
-            "http://deb.debian.org/debian",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    if r.returncode != 0:
-        pytest.fail(f"debootstrap failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    (base / ".edged-complete").write_text("ok\n")
-    return base
-
-
-class Board:
-    def __init__(self, root: Path, port: int, key: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.root, self.port, self.key, self.proc, self.log = root, port, key, proc, log
-
-    def ssh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                tool("ssh"),
-                "-i",
-                str(self.key),
-                "-p",
-                str(self.port),
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "root@127.0.0.1",
-                command,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
 
 
 @pytest.fixture(scope="module")
 def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Board]:
-    work = tmp_path_factory.mktemp("board")
-    root = work / "root"
-    subprocess.run(["cp", "-a", str(base_root()), str(root)], check=True)
-    key = work / "id_ed25519"
-    subprocess.run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
-    shutil.copy(f"{key}.pub", root / "root/.ssh/authorized_keys")
-    port = free_port()
-    (root / "etc/ssh/sshd_config.d/edged-test.conf").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"
-    )
-    (root / "etc/hostname").write_text("board1\n")
-    log = work / "nspawn.log"
-    log_file = log.open("wb")
-    proc = subprocess.Popen(
-        [
-            tool("systemd-nspawn"),
-            "-D",
-            str(root),
-            "--register=no",
-            "--keep-unit",
-            "-b",
-            f"--machine=edged-{port}",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"systemd-nspawn exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"  # noqa: E501
-                )
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"sshd in the container did not listen:\n{log.read_text(errors='replace')[-3000:]}"
-                )
-            time.sleep(0.5)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        log_file.close()
-        raise
-    b = Board(root, port, key, proc, log)
-    yield b
-    proc.send_signal(signal.SIGTERM)  # nspawn powers the container off
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log_file.close()
+    base, _ = debootstrap_root("bookworm-minbase")  # CI builds it in about a minute
+    with booted(base, tmp_path_factory.mktemp("board")) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
@@ -181,24 +57,7 @@ def run_playbook(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     model = embedded_model_path()
     assert model is not None
-    inventory = {
-        "edged": {
-            "children": {
-                "rpi5": {
-                    "hosts": {
-                        "board1": {
-                            "ansible_host": "127.0.0.1",
-                            "ansible_port": board.port,
-                            "ansible_user": "root",
-                            "ansible_ssh_private_key_file": str(board.key),
-                            "ansible_ssh_common_args": NO_HOST_KEYS,
-                            "ansible_python_interpreter": "/usr/bin/python3",
-                        }
-                    }
-                }
-            }
-        }
-    }
+    inventory = {"edged": {"children": {"rpi5": {"hosts": {"board1": board.inventory_host()}}}}}
     inv = tmp_path / "inventory.json"
     inv.write_text(json.dumps(inventory))
     extra = {

@@ -41,12 +41,13 @@ import structlog
 
 from edged.backends import register_backend
 from edged.backends.base import CacheStats, Capabilities, Prompt, SamplingParams, SeqOutput
+from edged.backends.cpu_features import check_llama_cpu
 from edged.backends.gguf_prompt import GgufTokenizer, load_model, model_fingerprint
 from edged.backends.model_check import ModelFault, check_model, first_native_error, requested_slots
 from edged.backends.prefix_disk import DiskEntry, PrefixDisk
 from edged.backends.prefix_index import PrefixIndex
 from edged.board import plan_cpus
-from edged.errors import BackendError
+from edged.errors import BackendError, BackendUnavailable
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
@@ -177,6 +178,9 @@ class LlamaCppBackend:
 
     @classmethod
     def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
+        problem = check_llama_cpu() if settings.llamacpp.cpu_check else None
+        if problem is not None:  # before the import: loading the library may already be fatal
+            return False, problem
         try:
             import llama_cpp
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
@@ -203,6 +207,9 @@ class LlamaCppBackend:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def load(self, slots: int) -> Capabilities:
+        problem = check_llama_cpu() if self._settings.llamacpp.cpu_check else None
+        if problem is not None:
+            raise BackendUnavailable(problem)
         try:
             import llama_cpp
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import io
 import os
 import queue
@@ -467,12 +468,20 @@ class RkllmBackend:
 
 
 def rknn_lite_info() -> dict[str, Any]:
-    """Runtime/driver versions from rknn-toolkit-lite2 (the ``npu`` extra, aarch64) when installed."""
+    """Version (and, with the NPU runtime present, the SDK's runtime/driver versions) of
+    rknn-toolkit-lite2 (the ``npu`` extra, aarch64) when installed."""
+    try:
+        version = importlib.metadata.version("rknn-toolkit-lite2")
+    except importlib.metadata.PackageNotFoundError:
+        return {"installed": False, "note": "not installed (pip install 'edged[npu]' on aarch64)"}
+    info: dict[str, Any] = {"installed": True, "version": version}
     try:
         from rknnlite.api import RKNNLite
-    except ImportError:
-        return {"installed": False, "note": "not installed (pip install 'edged[npu]' on aarch64)"}
-    info: dict[str, Any] = {"installed": True}
+    except Exception as exc:  # installed but broken (a missing system library): say so
+        info["error"] = f"rknnlite cannot be imported: {exc}"
+        return info
     with contextlib.suppress(Exception):
-        info["sdk_version"] = str(RKNNLite().get_sdk_version())
+        sdk = RKNNLite().get_sdk_version()  # None without the NPU runtime (librknnrt.so)
+        if sdk is not None:
+            info["sdk_version"] = str(sdk)
     return info

@@ -1,0 +1,1 @@
+../../../../../edged/backends/cpu_features.py
