@@ -4,6 +4,7 @@ reached over real SSH. A foreign (arm64) root boots through qemu-user and binfmt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -197,10 +198,29 @@ def booted(base: Path, work: Path, hostname: str = "board1", boot_s: float = 90)
         yield Board(root, port, key, proc, log)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # nspawn powers the container off
+            # Power off from inside: nspawn's own SIGTERM becomes SIGRTMIN+3 for the container's
+            # systemd, which qemu-user does not deliver to an emulated systemd.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                Board(root, port, key, proc, log).ssh("systemctl poweroff", timeout=30)
             try:
                 proc.wait(120)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         log_file.close()
+        reap(root)
+
+
+def reap(root: Path) -> None:
+    """Kill whatever still runs inside ``root`` (a container whose nspawn was killed leaves its init
+    behind, in its own PID namespace)."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(pid_dir / "root") == str(root):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
