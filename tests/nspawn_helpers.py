@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from mqtt_helpers import free_port
 
-CACHE = Path(os.environ.get("EDGED_TEST_CACHE", Path.home() / ".cache" / "edged-tests"))
+# $XDG_CACHE_HOME/edged-tests (not an EDGED_* variable: edged refuses unknown EDGED_* settings, and
+# tests load settings in-process)
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", "") or Path.home() / ".cache") / "edged-tests"
 NO_HOST_KEYS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
 PACKAGES = "python3,python3-venv,python3-pip,openssh-server,sudo,systemd,systemd-sysv,dbus,ca-certificates"
 BINFMT = Path("/proc/sys/fs/binfmt_misc")

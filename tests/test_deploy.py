@@ -44,6 +44,7 @@ def test_role_template_renders_a_config_edged_accepts(tmp_path: Path) -> None:
     extra = {
         "edged_device_id": "opi5-01",
         "edged_profile": "rk3588",
+        "edged_board_root": "/srv/fixtures/orangepi5",
         "edged_mqtt_host": "broker.example",
         "edged_mqtt_port": 8883,
         "edged_mqtt_username": "opi5-01",
@@ -82,6 +83,7 @@ def test_role_template_renders_a_config_edged_accepts(tmp_path: Path) -> None:
     cfg = json.loads(shown.stdout)
     assert cfg["device_id"] == "opi5-01"
     assert cfg["board"]["profile"] == "rk3588"
+    assert cfg["board"]["root"] == "/srv/fixtures/orangepi5"
     assert cfg["mqtt"]["host"] == "broker.example" and cfg["mqtt"]["port"] == 8883
     assert cfg["mqtt"]["password"] == "**********"
     assert cfg["model"]["path"] == "/var/lib/edged/models/r1.gguf"
