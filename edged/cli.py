@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edged import __version__
+from edged.cli_options import ConfigOpt, JsonOpt, SocketOpt
 from edged.errors import BackendUnavailable, ConfigError, EdgedError
 from edged.fleet.cli import (  # paho, the aggregator and rich.live load only when fleet runs
     PasswordOpt,
@@ -50,20 +51,6 @@ app.add_typer(config_app, name="config")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML config file (default: /etc/edged/edged.toml if it exists).",
-        dir_okay=False,
-    ),
-]
-SocketOpt = Annotated[
-    Path | None, typer.Option("--socket", "-s", help="Daemon socket (default: socket.path from the config).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _fail(code: int, message: str) -> NoReturn:

@@ -24,6 +24,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from edged.cli_options import ConfigOpt
+
 if TYPE_CHECKING:  # imported when the command runs: `edged --help` and the others stay quick
     from edged.fleet.aggregator import Aggregator, FleetMonitor
     from edged.fleet.client import BrokerOptions
@@ -176,15 +178,7 @@ def _settings(config: Path | None) -> Any:
 def fleet(
     ctx: typer.Context,
     mqtt: BrokerOpt = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="TOML config file (default: /etc/edged/edged.toml if it exists).",
-            dir_okay=False,
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     username: UsernameOpt = None,
     password: PasswordOpt = None,
     tls: TlsOpt = None,
