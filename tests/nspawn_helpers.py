@@ -5,21 +5,27 @@ reached over real SSH. A foreign (arm64) root boots through qemu-user and binfmt
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 from mqtt_helpers import free_port
 
 # $XDG_CACHE_HOME/edged-tests (not an EDGED_* variable: edged refuses unknown EDGED_* settings, and
 # tests load settings in-process)
+ANSIBLE = Path(__file__).resolve().parent.parent / "deploy" / "ansible"
+BIN = Path(sys.executable).parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", "") or Path.home() / ".cache") / "edged-tests"
 NO_HOST_KEYS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
 PACKAGES = "python3,python3-venv,python3-pip,openssh-server,sudo,systemd,systemd-sysv,dbus,ca-certificates"
@@ -114,8 +120,11 @@ class Binfmt:
 
 
 class Board:
-    def __init__(self, root: Path, port: int, key: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(
+        self, root: Path, port: int, key: Path, proc: subprocess.Popen[bytes], log: Path, hostname: str
+    ) -> None:
         self.root, self.port, self.key, self.proc, self.log = root, port, key, proc, log
+        self.hostname = hostname
 
     def ssh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -150,6 +159,55 @@ class Board:
             "ansible_ssh_common_args": NO_HOST_KEYS,
             "ansible_python_interpreter": "/usr/bin/python3",
         }
+
+    def playbook(
+        self, group: str, extra: dict[str, object], tmp_path: Path, timeout: float, **ansible_env: str
+    ) -> tuple[subprocess.CompletedProcess[str], float]:
+        """deploy/ansible/site.yml applied over SSH to this board as the one host of ``group``, with
+        ``extra`` as extra vars; returns the run and its seconds."""
+        inventory = {"edged": {"children": {group: {"hosts": {self.hostname: self.inventory_host()}}}}}
+        inv = tmp_path / "inventory.json"
+        inv.write_text(json.dumps(inventory))
+        env = clean_env(
+            ANSIBLE_NOCOLOR="1",
+            ANSIBLE_HOME=str(tmp_path / "ansible-home"),
+            ANSIBLE_HOST_KEY_CHECKING="False",
+            PATH=f"{BIN}:{os.environ['PATH']}",
+            **ansible_env,
+        )
+        start = time.monotonic()
+        r = subprocess.run(
+            [
+                str(BIN / "ansible-playbook"),
+                "-i",
+                str(inv),
+                str(ANSIBLE / "site.yml"),
+                "-e",
+                json.dumps(extra),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return r, time.monotonic() - start
+
+    def recap(self, output: str) -> dict[str, int]:
+        """This host's counts in the PLAY RECAP of ``output`` (ok, changed, failed, ...)."""
+        match = re.search(rf"{re.escape(self.hostname)}\s+:\s+(.*)", output)
+        assert match, output[-3000:]
+        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+    def wait_active(self, unit: str, within_s: float, poll_s: float) -> tuple[str, str]:
+        """Poll ``systemctl is-active`` until the unit is active or ``within_s`` passed; returns its
+        last state and the end of its journal (for the failure message)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            state = self.ssh(f"systemctl is-active {unit}").stdout.strip()
+            if state == "active" or time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        return state, self.ssh(f"journalctl -u {unit} --no-pager -n 60").stdout
 
 
 @contextmanager
@@ -197,13 +255,13 @@ def booted(base: Path, work: Path, hostname: str = "board1", boot_s: float = 90)
                     f"sshd in the container did not listen:\n{log.read_text(errors='replace')[-3000:]}"
                 )
             time.sleep(0.5)
-        yield Board(root, port, key, proc, log)
+        yield Board(root, port, key, proc, log, hostname)
     finally:
         if proc.poll() is None:
             # Power off from inside: nspawn's own SIGTERM becomes SIGRTMIN+3 for the container's
             # systemd, which qemu-user does not deliver to an emulated systemd.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                Board(root, port, key, proc, log).ssh("systemctl poweroff", timeout=30)
+                Board(root, port, key, proc, log, hostname).ssh("systemctl poweroff", timeout=30)
             try:
                 proc.wait(120)
             except subprocess.TimeoutExpired:

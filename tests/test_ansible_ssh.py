@@ -3,17 +3,13 @@ systemd-nspawn so that a real systemd starts edged; the second run must change n
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import clean_env
 from nspawn_helpers import Board, booted, debootstrap_root
 
 from edged.config import embedded_model_path
@@ -22,8 +18,6 @@ from edged.config import embedded_model_path
 pytestmark = pytest.mark.timeout(1500)
 
 ROOT = Path(__file__).resolve().parent.parent
-ANSIBLE = ROOT / "deploy" / "ansible"
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +51,6 @@ def run_playbook(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     model = embedded_model_path()
     assert model is not None
-    inventory = {"edged": {"children": {"rpi5": {"hosts": {"board1": board.inventory_host()}}}}}
-    inv = tmp_path / "inventory.json"
-    inv.write_text(json.dumps(inventory))
     extra = {
         "edged_wheel": str(wheel),
         "edged_wheelhouse": str(wheels),
@@ -68,38 +59,18 @@ def run_playbook(
         "edged_pip_index": False,
         "edged_profile": "auto",
     }
-    env = clean_env(
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_HOME=str(tmp_path / "ansible-home"),
-        ANSIBLE_HOST_KEY_CHECKING="False",
-        PATH=f"{BIN}:{os.environ['PATH']}",
-    )
-    start = time.monotonic()
-    r = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inv), str(ANSIBLE / "site.yml"), "-e", json.dumps(extra)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    return r, time.monotonic() - start
-
-
-def recap(output: str) -> dict[str, int]:
-    match = re.search(r"board1\s+:\s+(.*)", output)
-    assert match, output[-3000:]
-    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
+    return board.playbook("rpi5", extra, tmp_path, timeout=1800)
 
 
 def test_playbook_provisions_a_fresh_debian_host_over_ssh(board: Board, wheelhouse, tmp_path: Path) -> None:
     wheel, wheels = wheelhouse
     first, first_s = run_playbook(board, wheel, wheels, tmp_path)
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-2000:]
-    counts = recap(first.stdout)
+    counts = board.recap(first.stdout)
     assert counts["failed"] == 0 and counts["changed"] > 5
     second, second_s = run_playbook(board, wheel, wheels, tmp_path)
     assert second.returncode == 0, second.stdout[-5000:]
-    assert recap(second.stdout)["changed"] == 0, second.stdout[-5000:]
+    assert board.recap(second.stdout)["changed"] == 0, second.stdout[-5000:]
     print(f"playbook: first run {first_s:.1f} s, second run {second_s:.1f} s (changed=0)")
 
     root = board.root
@@ -120,13 +91,7 @@ def test_playbook_provisions_a_fresh_debian_host_over_ssh(board: Board, wheelhou
 
 
 def test_systemd_in_the_container_runs_edged(board: Board) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        state = board.ssh("systemctl is-active edged.service").stdout.strip()
-        if state == "active" or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    journal = board.ssh("journalctl -u edged --no-pager -n 40").stdout
+    state, journal = board.wait_active("edged.service", within_s=60, poll_s=1)
     assert state == "active", journal
     asked = board.ssh("/opt/edged/venv/bin/edged ask --socket /run/edged/edged.sock --max-tokens 8 'Say hi.'")
     assert asked.returncode == 0, asked.stderr + journal

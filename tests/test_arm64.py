@@ -11,7 +11,6 @@ are cached in ~/.cache/edged-tests, so only the first run pays for debootstrap a
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_env
 from nspawn_helpers import CACHE, Binfmt, Board, booted, debootstrap_root
 
 from edged.config import embedded_model_path
@@ -33,8 +31,6 @@ from edged.config import embedded_model_path
 pytestmark = pytest.mark.timeout(3600)
 
 ROOT = Path(__file__).resolve().parent.parent
-ANSIBLE = ROOT / "deploy" / "ansible"
-BIN = Path(sys.executable).parent
 FIXTURE = ROOT / "tests" / "fixtures" / "boards" / "orangepi5"
 BOARD_ROOT = "/opt/edged-fixtures/orangepi5"
 EDGED = "/opt/edged/venv/bin/edged"
@@ -102,9 +98,6 @@ def run_playbook(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     model = embedded_model_path()
     assert model is not None
-    inventory = {"edged": {"children": {"rk3588": {"hosts": {"opi5": board.inventory_host()}}}}}
-    inv = tmp_path / "inventory.json"
-    inv.write_text(json.dumps(inventory))
     extra = {
         "edged_wheelhouse": str(wheels),
         "edged_build_packages": [],
@@ -113,29 +106,14 @@ def run_playbook(
         "edged_profile": "auto",
         "edged_board_root": BOARD_ROOT,
     }
-    env = clean_env(
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_HOME=str(tmp_path / "ansible-home"),
-        ANSIBLE_HOST_KEY_CHECKING="False",
+    return board.playbook(
+        "rk3588",
+        extra,
+        tmp_path,
+        timeout=2400,
         ANSIBLE_TIMEOUT="120",
         ANSIBLE_PIPELINING="True",  # one ssh round trip per task: every module's Python runs emulated
-        PATH=f"{BIN}:{os.environ['PATH']}",
     )
-    start = time.monotonic()
-    r = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inv), str(ANSIBLE / "site.yml"), "-e", json.dumps(extra)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=2400,
-    )
-    return r, time.monotonic() - start
-
-
-def recap(output: str) -> dict[str, int]:
-    match = re.search(r"opi5\s+:\s+(.*)", output)
-    assert match, output[-3000:]
-    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
 def test_the_wheelhouse_holds_aarch64_wheels_for_every_dependency(wheelhouse: tuple[Path, dict]) -> None:
@@ -176,11 +154,11 @@ def test_the_role_deploys_to_an_arm64_host_and_a_second_run_changes_nothing(
     out, _ = wheelhouse
     first, first_s = run_playbook(arm64_board, out, tmp_path)
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
-    assert recap(first.stdout)["failed"] == 0
+    assert arm64_board.recap(first.stdout)["failed"] == 0
     assert "llama-cpp-python 0.3.36+dotprod: -march=armv8.2-a+dotprod" in first.stdout, first.stdout[-6000:]
     second, second_s = run_playbook(arm64_board, out, tmp_path)
     assert second.returncode == 0, second.stdout[-6000:]
-    assert recap(second.stdout)["changed"] == 0, second.stdout[-6000:]
+    assert arm64_board.recap(second.stdout)["changed"] == 0, second.stdout[-6000:]
     TIMES["playbook_first_s"], TIMES["playbook_second_s"] = first_s, second_s
     installed = arm64_board.ssh(f"{PYTHON} -m pip list --format json").stdout
     versions = {re.sub(r"[-_.]+", "-", p["name"]).lower(): p["version"] for p in json.loads(installed)}
@@ -189,14 +167,8 @@ def test_the_role_deploys_to_an_arm64_host_and_a_second_run_changes_nothing(
 
 
 def test_edged_answers_inside_the_arm64_host(arm64_board: Board) -> None:
-    deadline = time.monotonic() + 600  # importing edged and loading the model, emulated
-    state = ""
-    while time.monotonic() < deadline:
-        state = arm64_board.ssh("systemctl is-active edged.service").stdout.strip()
-        if state == "active":
-            break
-        time.sleep(2)
-    journal = arm64_board.ssh("journalctl -u edged --no-pager -n 60").stdout
+    # importing edged and loading the model, emulated
+    state, journal = arm64_board.wait_active("edged.service", within_s=600, poll_s=2)
     assert state == "active", journal
     start = time.monotonic()
     asked = arm64_board.ssh(
