@@ -5,11 +5,14 @@ serves and /status says why llamacpp was skipped). The real daemon runs on files
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from conftest import BOARDS, Daemon, edged_exe
+from nspawn_helpers import CACHE
 from test_npu import build_stub, npu_env
 
 from edged.backends.gguf_prompt import load_model
@@ -37,11 +41,24 @@ from edged.backends.model_check import (
 
 FAULT_TIMEOUT_S = 60
 """Most a refused start may take (it takes about a second: no model is loaded)."""
-VENDORED_ARCH = Path(
-    f"/root/.cache/edged/src/llama_cpp_python-{llama_cpp.__version__}/vendor/llama.cpp/src/llama-arch.cpp"
-)
-"""llama.cpp's architecture names in the sources llama-cpp-python was built from (`edged bench` and
-the environment's setup unpack them there)."""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vendored_arch_source() -> str:
+    """llama.cpp's llama-arch.cpp in the llama-cpp-python source release the pin names, read from the
+    archive `make wheelhouse` downloads (scripts/wheelhouse.py's `llama_sdist`, the same cache as the
+    arm64 test: downloaded once)."""
+    spec = importlib.util.spec_from_file_location("wheelhouse", ROOT / "scripts" / "wheelhouse.py")
+    assert spec is not None and spec.loader is not None
+    wheelhouse = importlib.util.module_from_spec(spec)
+    sys.modules["wheelhouse"] = wheelhouse  # dataclasses look their module up there
+    spec.loader.exec_module(wheelhouse)
+    version = llama_cpp.__version__
+    sdist = wheelhouse.llama_sdist(version, CACHE / "wheelhouse")
+    with tarfile.open(sdist) as archive:
+        member = archive.extractfile(f"llama_cpp_python-{version}/vendor/llama.cpp/src/llama-arch.cpp")
+        assert member is not None
+        return member.read().decode()
 
 
 def serve(tmp_path: Path, model: Path | str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -309,9 +326,7 @@ def test_ggml_type_sizes_match_the_gguf_package() -> None:
 def test_architectures_are_llama_cpp_s() -> None:
     """The list is the pinned llama-cpp-python's; a new pin must bring a new list."""
     assert llama_cpp.__version__ == ARCHITECTURES_FROM, "refresh model_check.ARCHITECTURES for this llama.cpp"
-    if not VENDORED_ARCH.is_file():
-        pytest.skip(f"llama.cpp's sources are not at {VENDORED_ARCH} (unpacked by `edged bench`)")
-    source = VENDORED_ARCH.read_text()
+    source = vendored_arch_source()
     table = source[source.index("LLM_ARCH_NAMES = {") : source.index("};", source.index("LLM_ARCH_NAMES"))]
     names = set(re.findall(r'\{\s*LLM_ARCH_\w+,\s*"([^"]+)"\s*\}', table))
     assert names - {"clip", "(unknown)"} == ARCHITECTURES
