@@ -26,6 +26,7 @@ Every other dependency is downloaded as a wheel for the target (pip's --platform
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,11 @@ from packaging.utils import parse_wheel_filename
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: edged's own dependency there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = "llama-cpp-python"
@@ -123,20 +130,15 @@ def platform_tags(arch: str, glibc: str) -> list[str]:
     return [*tags, f"manylinux2014_{arch}", f"linux_{arch}"]
 
 
-def project_version() -> str:
-    text = (ROOT / "pyproject.toml").read_text()
-    match = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
-    assert match, "pyproject.toml has no version"
-    return match.group(1)
+def project_versions() -> tuple[str, str]:
+    """edged's version and the llama-cpp-python version it pins, from pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = [d for d in project["dependencies"] if d.startswith(f"{LLAMA}==")]
+    assert len(pins) == 1, f"pyproject.toml must pin exactly one {LLAMA} version: {pins}"
+    return project["version"], pins[0].split("==", 1)[1]
 
 
-def llama_version() -> str:
-    text = (ROOT / "pyproject.toml").read_text()
-    match = re.search(r'"llama-cpp-python==([^"]+)"', text)
-    assert match, "pyproject.toml pins no llama-cpp-python version"
-    return match.group(1)
-
-
+@functools.cache
 def compiler_for(arch: str) -> tuple[list[str], str]:
     """CMake arguments for a cross build (none when building for this machine) and the compiler's
     version line (part of the cache key)."""
@@ -233,7 +235,7 @@ def relabel(wheel: Path, version: str, flavour: Flavour, arch: str, dest: Path, 
     packed.mkdir()
     run([*wheel_cli, "pack", "-d", str(packed), str(tree)], "wheel pack")
     built = next(packed.glob("*.whl"))
-    if arch != platform.machine() or not built.name.endswith(f"linux_{arch}.whl"):
+    if not built.name.endswith(f"-linux_{arch}.whl"):  # a cross build comes out tagged for this machine
         run([*wheel_cli, "tags", "--remove", "--platform-tag", f"linux_{arch}", str(built)], "wheel tags")
         built = next(packed.glob("*.whl"))
     dest.mkdir(parents=True, exist_ok=True)
@@ -244,8 +246,6 @@ def relabel(wheel: Path, version: str, flavour: Flavour, arch: str, dest: Path, 
 
 def check_elf(wheel: Path, arch: str) -> None:
     """Every shared library in the wheel is built for ``arch`` (read from the ELF header)."""
-    import zipfile
-
     machines = {"aarch64": 183, "x86_64": 62}
     with zipfile.ZipFile(wheel) as z:
         libs = [n for n in z.namelist() if re.search(r"\.so(\.\d+)*$", n)]
@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    version = llama_version()
-    manifest = Manifest(arch, args.python_version, args.glibc, project_version(), version)
+    edged_version, version = project_versions()
+    manifest = Manifest(arch, args.python_version, args.glibc, edged_version, version)
     started = time.monotonic()
     for flavour in flavours:
         wheel = build_llama(arch, flavour, version, args.cache, out, manifest.seconds)
