@@ -27,8 +27,13 @@ refused above ``max_payload_bytes`` (64 KiB; a real report is 2-6 KiB). Measured
 (tests/test_fleet.py): 32 KiB a device with a full history and a 5 KiB report (a ROCK 5B's), so
 about 32 MiB for 1000 devices; at most about 90 MiB if every device sent 64 KiB reports.
 
-A malformed message (not UTF-8 JSON, not an object, wrong types, too large, a bad device id) or one
-with an unknown telemetry schema is counted and skipped, never fatal.
+A malformed message (not UTF-8 JSON, nested too deeply for the parser, an integer of more digits
+than Python converts, not an object, wrong types, too large, a bad device id) or one with an unknown
+telemetry schema is counted and skipped, never fatal: `handle` catches any exception a message
+causes, so one device publishing ``[[[[...`` cannot stop the view of the others.
+
+`Aggregator.idle_s` is how long no message at all has arrived: ``edged fleet serve``'s ``/health``
+turns unhealthy on it (a dead or silently unsubscribed connection, or a fleet gone quiet).
 """
 
 from __future__ import annotations
@@ -262,8 +267,10 @@ def _decode(payload: bytes, limit: int) -> dict[str, Any]:
         raise Malformed(f"payload of {len(payload)} bytes exceeds {limit}")
     try:
         doc = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Malformed(f"not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # b"[" * 60000: deeper than the parser's recursion limit
+        raise Malformed("JSON nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, an int of > 4300 digits
+        raise Malformed(f"not UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise Malformed("not a JSON object")
     return doc
@@ -402,6 +409,10 @@ class Aggregator:
         self._clock = clock
         self._wall = wall
         self._started = clock()
+        self._last_message: float | None = None
+        """Monotonic time of the last message of any kind (None: none yet)."""
+        self._unexpected: set[str] = set()
+        """Exception types already logged as unexpected (each logged once, then only counted)."""
         self._lock = threading.RLock()
         self._devices: dict[str, _Device] = {}
         self._listeners: dict[int, Callable[[FleetEvent], None]] = {}
@@ -431,10 +442,12 @@ class Aggregator:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Take one message from ``<prefix>/<device>/status`` or ``.../telemetry``; never raises
-        for bad input (it is counted in ``malformed``/``unknown_schema``/``ignored``)."""
+        for bad input (it is counted in ``malformed``/``unknown_schema``/``ignored``), whatever the
+        input: it runs in the MQTT client's network thread, which an exception would end."""
         events: list[FleetEvent] = []
         with self._lock:
             self._counters["messages"] += 1
+            self._last_message = self._clock()
             head = self.prefix + "/"
             rest = topic[len(head) :] if topic.startswith(head) else ""
             device_id, _, kind = rest.rpartition("/")
@@ -453,7 +466,22 @@ class Aggregator:
                 self._skip("unknown_schema", topic, str(exc))
             except Malformed as exc:
                 self._skip("malformed", topic, str(exc))
+            except Exception as exc:  # a case the parsers above did not foresee: still only this message
+                name = type(exc).__name__
+                self._skip("malformed", topic, f"unexpected {name}: {str(exc)[:200]}")
+                if name not in self._unexpected:
+                    self._unexpected.add(name)
+                    log.warning(
+                        "fleet message skipped on an unexpected error", topic=topic[:200], exc_info=True
+                    )
         self._emit(events)
+
+    def idle_s(self) -> float:
+        """Seconds since the last message of any kind (valid or not), or since the aggregator
+        started if none has arrived yet."""
+        with self._lock:
+            last = self._last_message if self._last_message is not None else self._started
+            return max(0.0, self._clock() - last)
 
     def _skip(self, counter: str, topic: str, reason: str) -> None:
         self._counters[counter] += 1

@@ -4,10 +4,16 @@ This is a requester, like any IoT device would be: it uses the MQTT v5 Response 
 Correlation Data, so it is also a worked example of the wire protocol. The client comes from the
 shared factory (`edged.fleet.client`), so the broker options are those of the daemon and of
 `edged fleet`.
+
+Only messages that carry this job's Correlation Data (a fresh random value; edged echoes it on every
+chunk and on the final answer) are read: anything else arriving on the reply topic - no
+correlation, another one, not a JSON object - is ignored, so nobody who can publish there can
+slip an answer in without having seen the job.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import queue
 import uuid
@@ -81,15 +87,21 @@ def ask_over_mqtt(
     options = replace(target, protocol="5")
     topic = f"{prefix}/{device}/jobs" if device else f"{prefix}/fleet/jobs"
     correlation = uuid.uuid4().hex
+    expected = correlation.encode()
     reply = f"replies/{options.username or 'anonymous'}/{correlation}"
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
 
     def on_message(message: paho.MQTTMessage) -> None:
         props = getattr(message, "properties", None)
         echoed = getattr(props, "CorrelationData", None)
-        if echoed is not None and bytes(echoed) != correlation.encode():
+        if echoed is None or not hmac.compare_digest(bytes(echoed), expected):
+            return  # not an answer to this job (a forgery, or a stray message)
+        try:
+            doc = json.loads(message.payload)
+        except (ValueError, RecursionError):
             return
-        inbox.put(("message", message.payload))
+        if isinstance(doc, dict):
+            inbox.put(("message", doc))
 
     try:
         connection = Connection(
@@ -117,7 +129,7 @@ def ask_over_mqtt(
                 ) from None
             if kind == "refused":
                 raise BrokerUnreachable(f"MQTT broker {options.address}: {value}")
-            message = json.loads(value)
+            message = value
             yield message
             if "status" in message:
                 return

@@ -49,7 +49,9 @@ HELP = "\n\n".join(
         "as for `edged ask --mqtt`.",
         "Examples:",
         "edged fleet --mqtt broker.lan   (live table; Ctrl-C quits)",
-        "edged fleet --mqtt \\[fd00::5]:8883 --tls-ca ca.crt --username dashboard --password S3CRET",
+        'EDGED_MQTT__PASSWORD="$(cat ~/.config/edged/broker-pass)" edged fleet --mqtt \\[fd00::5]:8883 '
+        "--tls-ca ca.crt --username dashboard   (the password from the environment: a --password "
+        "on the command line is visible to every local user in ps)",
         "edged fleet --mqtt broker.lan --once --json | jq '.devices[] | select(.state != \"online\")'",
         "edged fleet --once --wait 30 --interval 10   (mqtt.host from /etc/edged/edged.toml)",
         "Exit codes: 0 ok, 2 usage, 3 broker not reachable (or it refused the login or the "
@@ -73,7 +75,11 @@ BrokerOpt = Annotated[
 ]
 UsernameOpt = Annotated[str | None, typer.Option(help="Broker user name (default: mqtt.username).")]
 PasswordOpt = Annotated[
-    str | None, typer.Option(help="Broker password (default: mqtt.password; EDGED_MQTT__PASSWORD).")
+    str | None,
+    typer.Option(
+        help="Broker password (default: mqtt.password). Prefer the environment variable "
+        "EDGED_MQTT__PASSWORD or the configuration file: the command line shows in ps."
+    ),
 ]
 TlsOpt = Annotated[
     bool | None,
@@ -315,11 +321,12 @@ SERVE_HELP = "\n\n".join(
         "and the hottest temperature, updated by Server-Sent Events) and as one Prometheus endpoint, "
         "/metrics: every device's telemetry with a `device` label, for boards Prometheus cannot reach.",
         "Also: /api/fleet (JSON), /api/devices/ID, /events (SSE), /health (503 while the broker is "
-        "unreachable). The page has no login: keep --listen on loopback or behind an authenticating "
-        "proxy.",
+        "unreachable, or when no message at all arrived for 3 --interval periods, at least 10 s). "
+        "The page has no login: keep --listen on loopback or behind an authenticating proxy.",
         "Examples:",
         "edged fleet --mqtt broker.lan serve   (http://127.0.0.1:8088/)",
-        "edged fleet --mqtt broker.lan --username dashboard --password S3CRET serve --listen [::1]:9100",
+        'EDGED_MQTT__PASSWORD="$(cat ~/.config/edged/broker-pass)" edged fleet --mqtt broker.lan '
+        "--username dashboard serve --listen [::1]:9100   (not --password: ps shows it)",
         "Exit codes: 0 stopped (SIGINT/SIGTERM), 2 usage or --listen address unusable, 3 broker not "
         "reachable at start (later it reconnects), 78 bad configuration.",
     )

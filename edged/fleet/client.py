@@ -24,12 +24,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import structlog
 from paho.mqtt import client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 if TYPE_CHECKING:
     from edged.config import MqttConfig
+
+log = structlog.get_logger(__name__)
 
 PLAIN_PORT = 1883
 TLS_PORT = 8883
@@ -259,7 +262,9 @@ class Connection:
     `open` waits for the first connection and its SUBACKs and raises `BrokerUnreachable` if the
     broker cannot be reached, refuses the login or refuses a subscription. Afterwards paho
     reconnects by itself; ``on_failure`` hears of each later failure, `connected` tells the state.
-    ``on_message`` runs in paho's network thread.
+    ``on_message`` runs in paho's network thread. An exception it raises is logged (once per type)
+    and counted in `handler_errors`, never passed on: paho 2.2 re-raises it out of its loop, which
+    ends the network thread for good while `connected` still says True.
     """
 
     def __init__(
@@ -279,6 +284,9 @@ class Connection:
         self._failure: str | None = None
         self._connected = False
         self._started = False
+        self.handler_errors = 0
+        """Messages whose ``on_message`` raised (skipped; the connection carries on)."""
+        self._logged_errors: set[str] = set()
         self.client = make_client(options, client_id)
         self.client.on_connect = self._connected_cb
         self.client.on_connect_fail = self._connect_failed
@@ -348,5 +356,14 @@ class Connection:
             self._on_failure(f"disconnected: {reason}")
 
     def _message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
-        if self._on_message is not None:
+        if self._on_message is None:
+            return
+        try:
             self._on_message(message)
+        except Exception as exc:  # RecursionError included: one message must not end the thread
+            self.handler_errors += 1
+            name = type(exc).__name__
+            if name not in self._logged_errors:
+                self._logged_errors.add(name)
+                topic = bytes(getattr(message, "_topic", b""))[:200].decode("utf-8", "replace")
+                log.warning("mqtt message handler failed; message skipped", topic=topic, exc_info=True)

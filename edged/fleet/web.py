@@ -11,7 +11,10 @@ One `Aggregator` (fed by a `FleetMonitor`) behind a FastAPI app served by uvicor
 - ``GET /api/fleet`` - summary, devices (worst first), their recent history, counters, problems;
 - ``GET /api/devices/{id}`` - one device, its whole history and its last telemetry report;
 - ``GET /metrics`` - every device's telemetry with a ``device`` label (edged.fleet.metrics);
-- ``GET /health`` - 200 while the broker connection is up, else 503 (the page keeps serving).
+- ``GET /health`` - 200 while the broker connection is up and messages arrive, else 503 (the page
+  keeps serving): 503 when disconnected, or when no message at all (status or telemetry, from any
+  device) arrived for `QUIET_INTERVALS` telemetry intervals (``--interval``), at least `QUIET_MIN_S`
+  seconds - a connection that looks up but delivers nothing, or a fleet that has gone silent.
 
 The page is read-only and has no login: bind it to loopback (the default) or put it behind a proxy
 that authenticates. Device ids and every other string come from whatever publishes on the broker,
@@ -61,6 +64,12 @@ CLIENT_QUEUE = 64
 """SSE messages waiting for one page before it is cut off (it reconnects to a fresh snapshot)."""
 WATCH_QUEUE = 20_000
 """Aggregator events waiting for the hub (1000 devices every 10 s: 100 a second)."""
+QUIET_INTERVALS = 3.0
+"""/health is 503 after this many telemetry intervals without any message: the span after which one
+device counts as stale (aggregator.STALE_INTERVALS), so "unhealthy" means every device looks stale."""
+QUIET_MIN_S = 10.0
+"""...and never sooner than this: a short --interval must not make /health flap (30 s at the 10 s
+default interval, where this floor does not apply)."""
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -118,7 +127,15 @@ def url_of(sock: socket.socket) -> str:
 class JobRate:
     """Jobs finished across the fleet in the last ``window_s``, from each device's cumulative
     ``jobs.done`` (a fall is a daemon restart: counted from zero, as Prometheus' ``increase``).
-    Thread-safe: fed on the event loop, read by API requests in the thread pool too."""
+    Thread-safe: fed on the event loop, read by API requests in the thread pool too.
+
+    Bounded whatever a device publishes: reports less than `SAMPLE_GAP_S` apart without a restart
+    between them are merged (the increments add up the same), so a steady device keeps about one
+    sample a second; at most `MAX_SAMPLES` per device (a device "restarting" at every report loses
+    its oldest samples, and only its own count is the poorer for it)."""
+
+    SAMPLE_GAP_S = 1.0
+    MAX_SAMPLES = 256
 
     def __init__(self, window_s: float = JOBS_WINDOW_S) -> None:
         self.window_s = window_s
@@ -129,8 +146,16 @@ class JobRate:
         if jobs_done is None:
             return
         with self._lock:
-            samples = self._samples.setdefault(device_id, deque())
-            if not samples or at >= samples[-1][0]:
+            samples = self._samples.setdefault(device_id, deque(maxlen=self.MAX_SAMPLES))
+            if samples and at < samples[-1][0]:
+                pass  # out of order: dropped
+            elif (
+                len(samples) >= 2
+                and at - samples[-2][0] < self.SAMPLE_GAP_S
+                and samples[-2][1] <= samples[-1][1] <= jobs_done
+            ):
+                samples[-1] = (at, jobs_done)  # no restart in between: the increments telescope
+            else:
                 samples.append((at, jobs_done))
             while len(samples) > 2 and samples[1][0] <= at - self.window_s:
                 samples.popleft()  # keep one sample at or before the window's start
@@ -390,10 +415,12 @@ def create_app(
     topic_prefix: str = "edged",
     connected: Callable[[], bool] | None = None,
     hub: Hub | None = None,
+    quiet_intervals: float = QUIET_INTERVALS,
 ) -> FastAPI:
     """The web app over ``aggregator``; ``connected`` reports the broker connection (None: no broker,
-    e.g. an aggregator fed in-process)."""
+    e.g. an aggregator fed in-process; then /health does not judge silence either)."""
     hub = hub or Hub(aggregator)
+    quiet_limit_s = max(quiet_intervals * aggregator.default_interval_s, QUIET_MIN_S)
     collector = FleetCollector(aggregator, connected=connected, extra=hub.metrics)
     metrics_registry = registry(collector)
 
@@ -435,14 +462,24 @@ def create_app(
     @app.get("/health")
     def health() -> JSONResponse:
         up = is_connected()
+        idle_s = aggregator.idle_s()
+        quiet = up is not None and idle_s > quiet_limit_s
+        if up is False:
+            status = "broker disconnected"
+        elif quiet:
+            status = f"no message for {idle_s:.0f} s (limit {quiet_limit_s:g} s)"
+        else:
+            status = "ok"
         body = {
-            "status": "ok" if up is not False else "broker disconnected",
+            "status": status,
             "broker": broker,
             "connected": up,
             "devices": aggregator.counters()["devices"],
+            "last_message_s": round(idle_s, 3),
+            "quiet_limit_s": quiet_limit_s,
             "version": __version__,
         }
-        return JSONResponse(body, status_code=200 if up is not False else 503)
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/api/fleet")
     def api_fleet(
