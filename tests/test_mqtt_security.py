@@ -1,18 +1,51 @@
-"""Passwords, the shipped pattern ACL (deploy/mosquitto/acl), TLS, MQTT 3.1.1 and `edged ask --mqtt`."""
+"""Passwords, the shipped ACL (deploy/mosquitto/acl) and broker config, TLS, MQTT 3.1.1 and
+`edged ask --mqtt`."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import Daemon, clean_env, run_edged
 from mqtt_helpers import Broker, Probe
+from paho.mqtt import client as paho
 from test_mqtt import mqtt_env, wait_connected
 
+from edged.config import JobsConfig
+
 ROOT = Path(__file__).resolve().parent.parent
-USERS = {"devA": "pa55-a", "devB": "pa55-b", "dashboard": "pa55-d"}
+USERS = {"devA": "pa55-a", "devB": "pa55-b", "dashboard": "pa55-d", "ops": "pa55-o"}
+DEVICES = ("devA", "devB")
+REQUESTERS = ("dashboard", "ops")
+ACL = ROOT / "deploy" / "mosquitto" / "acl"
+EXAMPLE_DEVICE, EXAMPLE_REQUESTER = "box-17", "dashboard"
+"""The user blocks of the shipped ACL that stand for "one block per device/requester"."""
+
+
+def fleet_acl(devices: tuple[str, ...], requesters: tuple[str, ...]) -> str:
+    """The shipped ACL with its example device and requester blocks repeated for these users, as
+    its comments tell an operator to do (the user's name replacing the example's in every line)."""
+    blocks = ACL.read_text().split("\n\n")
+    out = []
+    for block in blocks:
+        lines = block.splitlines()
+        users = [line for line in lines if line.startswith("user ")]
+        if users == [f"user {EXAMPLE_DEVICE}"]:
+            out += [block.replace(EXAMPLE_DEVICE, name) for name in devices]
+        elif users == [f"user {EXAMPLE_REQUESTER}"]:
+            out += [block.replace(EXAMPLE_REQUESTER, name) for name in requesters]
+        else:
+            assert not users, f"an unexpected user block in {ACL}: {users}"
+            out.append(block)
+    text = "\n\n".join(out)
+    for name in (*devices, *requesters):
+        assert f"user {name}\n" in text, f"no block for {name}: the example blocks changed"
+    return text
 
 
 @pytest.fixture
@@ -25,7 +58,8 @@ def secured(tmp_path: Path):
             capture_output=True,
         )
     passwd.chmod(0o600)
-    acl = ROOT / "deploy" / "mosquitto" / "acl"
+    acl = tmp_path / "acl"
+    acl.write_text(fleet_acl(DEVICES, REQUESTERS))
     b = Broker(
         tmp_path / "broker", extra=f"password_file {passwd}\nacl_file {acl}\n", anonymous=False
     ).start()
@@ -80,6 +114,95 @@ def test_acl_keeps_one_device_from_reading_another_devices_results(start_daemon,
     finally:
         spy.close()
         dashboard.close()
+
+
+def test_acl_keeps_fleet_jobs_and_reply_topics_to_the_devices(start_daemon, secured: Broker) -> None:
+    """A requester can neither read fleet jobs (every prompt, with its reply topic and correlation
+    data) nor write into another requester's reply topic; the devices still take fleet jobs and
+    answer on the requesters' reply topics."""
+    a = start_daemon(**as_device(secured, "devA"))
+    wait_connected(a)
+    snoop = Probe(secured.port, username="dashboard", password=USERS["dashboard"])
+    ops = Probe(secured.port, username="ops", password=USERS["ops"])
+    try:
+        for topic in ("edged/fleet/jobs", "edged/fleet/jobs/+", "replies/ops/#"):
+            snoop.subscribe(topic)  # mosquitto grants it and checks the ACL at every delivery
+        ops.subscribe("replies/ops/x")
+        # A forged answer, acknowledged by the broker before the job is even sent: had it been
+        # delivered, it would reach ops ahead of the real answer.
+        snoop.publish("replies/ops/x", {"id": "fleet-1", "status": "done", "content": "forged"})
+        ops.publish(
+            "edged/fleet/jobs",
+            {"id": "fleet-1", "prompt": "hi", "max_tokens": 4},
+            response_topic="replies/ops/x",
+            correlation=b"c-1",
+        )
+        _, answer, props = ops.next()
+        assert answer["status"] == "done" and answer["device_id"] == "devA", answer
+        assert answer.get("content") != "forged" and bytes(props.CorrelationData) == b"c-1"
+        # The job went to devA and its answer to ops long ago: the snoop got neither.
+        assert snoop.quiet(1) == [], "a requester read a fleet job or another requester's answer"
+    finally:
+        snoop.close()
+        ops.close()
+
+
+def test_acl_binds_the_jobs_user_topic_to_its_user(secured: Broker) -> None:
+    """``<jobs topic>/<user>`` names the sender for edged's rate limit: only that user may write it."""
+    device = Probe(secured.port, username="devB", password=USERS["devB"])
+    ops = Probe(secured.port, username="ops", password=USERS["ops"])
+    try:
+        device.subscribe("edged/devB/jobs/+")
+        ops.publish("edged/devB/jobs/dashboard", {"id": "claims-dashboard", "prompt": "hi"})  # refused
+        ops.publish("edged/devB/jobs/ops", {"id": "as-ops", "prompt": "hi"})  # same connection: after
+        topic, job, _ = device.next(10)
+        assert (topic, job["id"]) == ("edged/devB/jobs/ops", "as-ops")
+    finally:
+        device.close()
+        ops.close()
+
+
+def test_the_example_broker_config_caps_the_packet_size(tmp_path: Path) -> None:
+    """deploy/mosquitto/mosquitto.conf's max_packet_size: the largest job edged accepts (with a long
+    reply topic and correlation data) passes; a 2 MiB packet is dropped and its sender cut off."""
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    found = re.search(r"^max_packet_size (\d+)$", conf, re.MULTILINE)
+    assert found, "the example broker config sets no max_packet_size"
+    limit = int(found.group(1))
+    payload_max = JobsConfig().max_payload_bytes
+    assert payload_max + 16 * 1024 <= limit <= payload_max + 256 * 1024, (limit, payload_max)
+    broker = Broker(tmp_path / "broker", extra=f"max_packet_size {limit}\n").start()
+    listener = Probe(broker.port)
+    sender = Probe(broker.port)
+    cut_off = threading.Event()
+    big = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"big-{uuid.uuid4().hex[:8]}")
+    big.on_disconnect = lambda *_args: cut_off.set()
+    try:
+        listener.subscribe("big/#")
+        sender.publish(
+            "big/largest-job",
+            b"x" * payload_max,
+            response_topic="replies/requester/" + "r" * 1000,
+            correlation=b"c" * 64,
+        )
+        topic, payload, _ = listener.messages.get(timeout=10)
+        assert (topic, len(payload)) == ("big/largest-job", payload_max)
+        # MQTT 3.1.1: the client learns no limit from the broker, so it sends the packet.
+        connected = threading.Event()
+        big.on_connect = lambda *_args: connected.set()
+        big.connect_async("127.0.0.1", broker.port)
+        big.loop_start()
+        assert connected.wait(10), "the 3.1.1 client did not connect"
+        big.publish("big/too-large", b"y" * (2 * 1024 * 1024), qos=0)
+        assert cut_off.wait(10), "the broker kept a client that sent 2 MiB"
+        sender.publish("big/after", b"marker")
+        topic, payload, _ = listener.messages.get(timeout=10)
+        assert (topic, payload) == ("big/after", b"marker"), "the 2 MiB packet was delivered"
+    finally:
+        big.loop_stop()
+        listener.close()
+        sender.close()
+        broker.stop()
 
 
 @pytest.fixture(scope="module")

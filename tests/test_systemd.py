@@ -64,6 +64,62 @@ def test_security_exposure_score(units: Path) -> None:
     assert score <= SECURITY_LIMIT, r.stdout
 
 
+def unit_settings(path: Path) -> dict[str, dict[str, list[str]]]:
+    """``{section: {key: [values in order]}}`` of a unit file (keys may repeat, e.g. DeviceAllow)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def one(settings: dict[str, list[str]], key: str) -> str:
+    values = settings.get(key)
+    assert values and len(values) == 1, f"{key}: {values}"
+    return values[0]
+
+
+def size_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def test_limits_and_the_secrets_stay_the_services() -> None:
+    """The unit's resource limits and file modes (the values are argued in the unit's comments)."""
+    from edged.config import JournalConfig
+
+    unit = unit_settings(UNITS / "edged.service")
+    service, head = unit["Service"], unit["Unit"]
+    # File descriptors: room for the TCP listener's connection cap and the socket, journal and MQTT.
+    assert int(one(service, "LimitNOFILE")) >= 8192
+    # Memory: a 4 GB board with a 1.1 GB model (about 1.6 GB in use) keeps 1.5 GB for the system.
+    high, cap = size_bytes(one(service, "MemoryHigh")), size_bytes(one(service, "MemoryMax"))
+    assert 1.8 * (1 << 30) <= high < cap <= 2.75 * (1 << 30), (high, cap)
+    # The journal (every MQTT prompt and answer), the prefix cache and the files edged creates are
+    # the service's alone; the socket's client group is not the service's group.
+    assert one(service, "StateDirectoryMode") == "0700" and one(service, "UMask") == "0077"
+    socket_unit = unit_settings(UNITS / "edged.socket")["Socket"]
+    assert one(socket_unit, "SocketGroup") == "edged-clients" != one(service, "Group")
+    assert one(socket_unit, "SocketMode") == "0660"
+    # The start limit trips on a crash loop with RestartSec between starts and a model load of up to
+    # 15 s, and leaves room for the journal's breaker (a poison job: max_attempts crashes, then one
+    # start that answers it failed).
+    interval = int(one(head, "StartLimitIntervalSec"))
+    burst = int(one(head, "StartLimitBurst"))
+    restart = int(one(service, "RestartSec"))
+    cycle_s = restart + 15
+    assert interval / cycle_s > burst, f"a loop of one start every {cycle_s} s never trips"
+    max_attempts = JournalConfig.model_fields["max_attempts"].default
+    assert burst >= max_attempts + 1, "the start limit would stop the poison-job breaker's last start"
+
+
 def short_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="edged-sd-", dir="/tmp"))
 
