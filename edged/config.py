@@ -280,6 +280,21 @@ class JournalConfig(_Section):
         description="How long an acknowledged answer is kept (the dedup window for redeliveries).",
     )
     max_rows: int = Field(10_000, ge=100, description="Most jobs kept; only acknowledged ones are pruned.")
+    max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="The most the journal's rows may take on disk. Over it, the oldest acknowledged "
+        "rows go first; when only unanswered ones are left, new jobs are refused without being "
+        "acknowledged (storage_unavailable), as on a full disk.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="A job whose run the daemon died in this many times is answered failed "
+        "(backend_failed) at the next start instead of being run again: one poison job cannot "
+        "crash-loop the board.",
+    )
     socket: bool = Field(True, description="Journal socket and TCP jobs too (for `edged jobs`).")
 
 
@@ -599,6 +614,22 @@ def _nested(mapping: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
     return True
 
 
+SECRET_PARTS = frozenset({"password", "api_keys", "key", "secret", "token"})
+"""Settings whose values a config error never prints (any level of the field's path)."""
+HIDDEN = "**********"
+
+
+def _shown_value(loc: tuple[str | int, ...], value: Any) -> str:
+    """`` = <value>`` for a config error line; the mask (as `edged config show` prints secrets) for a
+    value under a secret setting - ``mqtt.password``, ``http.api_keys.<name>``, ``*.key`` - and
+    nothing for a whole section."""
+    if isinstance(value, dict):
+        return ""
+    if any(isinstance(part, str) and part.lower() in SECRET_PARTS for part in loc):
+        return f" = {HIDDEN}"
+    return f" = {value!r}"
+
+
 def _source_of(
     loc: tuple[str | int, ...],
     overrides: Mapping[str, Any],
@@ -672,7 +703,7 @@ def load_settings(
             field = ".".join(str(part) for part in loc) or "(settings)"
             source = _source_of(loc, overrides, environ, file_data, config_file)
             value = err.get("input")
-            shown = f" = {value!r}" if not isinstance(value, dict) else ""
+            shown = _shown_value(loc, value)
             lines.append(f"{field}{shown} (from {source}): {err['msg']}")
         raise ConfigError(lines) from exc
     except SettingsError as exc:

@@ -24,6 +24,7 @@ from edged.engine import Engine, EngineState
 from edged.errors import BackendUnavailable, EdgedError
 from edged.journal import Journal, JournalUnavailable
 from edged.journal.book import JobBook
+from edged.journal.intake import close_local_rows
 from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
@@ -116,7 +117,9 @@ def open_journal(settings: Settings) -> Journal | None:
     if not cfg.enabled:
         log.warning("job journal disabled: accepted jobs are lost if edged is killed (journal.enabled)")
         return None
-    journal = Journal.open(cfg.path, sync=cfg.sync, keep_s=cfg.keep_s, max_rows=cfg.max_rows)
+    journal = Journal.open(
+        cfg.path, sync=cfg.sync, keep_s=cfg.keep_s, max_rows=cfg.max_rows, max_bytes=cfg.max_bytes
+    )
     log.info("job journal open", path=str(cfg.path), sync=cfg.sync, socket_jobs=cfg.socket)
     return journal
 
@@ -166,6 +169,11 @@ async def serve(p: Plan, started: float) -> int:
         )
         return 78
     book = JobBook(journal, content=settings.log.content) if journal is not None else None
+    if book is not None:  # every start, MQTT or not: the socket's rows are this process's to close
+        try:
+            await close_local_rows(book, settings.device_id)
+        except EdgedError as exc:
+            log.error("could not close the socket jobs left open in the journal", error=exc.message)
     engine = Engine(settings, p.board, p.choice, book)
     fs = HostFS(settings.board.root)
     derate_s = settings.thermal.derate_pause_ms / 1000

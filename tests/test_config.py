@@ -131,3 +131,27 @@ def test_missing_model_file_is_a_config_error_at_serve(tmp_path: Path) -> None:
     )
     assert r.returncode == 78
     assert "missing.gguf" in r.stderr
+
+
+def test_config_errors_never_print_secret_values(tmp_path: Path) -> None:
+    """A wrong-typed password or API key is named with its source, its value masked (the value is
+    probably the real secret with a typo in its quoting)."""
+    file = write(
+        tmp_path,
+        "[mqtt]\npassword = 987654321\n[http]\nlisten = '127.0.0.1:8080'\n"
+        "[http.api_keys]\nha = 1234567890123456789\n[http.tls]\ncert = '/c.pem'\nkey = 55555\n",
+    )
+    r = run_edged("serve", "--config", str(file))
+    assert r.returncode == 78, r.stderr
+    assert f"mqtt.password = ********** (from file {file})" in r.stderr
+    assert f"http.api_keys.ha = ********** (from file {file})" in r.stderr
+    assert "http.tls.key = **********" in r.stderr
+    for secret in ("987654321", "1234567890123456789", "55555"):
+        assert secret not in r.stderr
+    # from the environment too
+    r = run_edged("serve", env=clean_env(EDGED_HTTP__API_KEYS='{"ha": ["k3y-in-a-list-1234"]}'))
+    assert r.returncode == 78 and "http.api_keys.ha = **********" in r.stderr, r.stderr
+    assert "k3y-in-a-list" not in r.stderr
+    # other values are still shown
+    r = run_edged("serve", env=clean_env(EDGED_MQTT__KEEPALIVE_S="soon"))
+    assert r.returncode == 78 and "mqtt.keepalive_s = 'soon'" in r.stderr, r.stderr

@@ -85,8 +85,18 @@ def test_sync_must_be_full_or_normal(journal_path: Path) -> None:
 
 
 def test_idempotency_key() -> None:
-    assert idempotency_key("abc", b"x", "t", b"c") == "id:abc"
-    assert idempotency_key("abc", b"y", None, None) == "id:abc", "a client id is the key, whatever else"
+    mine = idempotency_key("abc", b"x", "t", b"c", origin="mqtt", owner="replies/a")
+    assert mine.startswith("id:") and len(mine) == len("id:") + 64
+    assert mine == idempotency_key("abc", b"y", None, b"c", origin="mqtt", owner="replies/a"), (
+        "the same requester's id is the key, whatever the payload"
+    )
+    # A job id belongs to its requester: another requester's "abc" is another job.
+    assert mine != idempotency_key("abc", b"x", "t", b"c", origin="mqtt", owner="replies/b")
+    assert mine != idempotency_key("abc", b"x", "t", b"other", origin="mqtt", owner="replies/a")
+    assert mine != idempotency_key("abc", b"x", "t", b"c", origin="tcp:webui", owner="replies/a")
+    assert idempotency_key("abc", b"", None, None, origin="socket", owner="uid=0") != idempotency_key(
+        "abc", b"", None, None, origin="socket", owner="uid=1000"
+    )
     derived = idempotency_key(None, b"payload", "topic", b"corr")
     assert derived.startswith("sha256:") and len(derived) == len("sha256:") + 64
     assert derived == idempotency_key(None, b"payload", "topic", b"corr")
@@ -101,8 +111,8 @@ def test_idempotency_key() -> None:
 def test_duplicate_by_client_id_returns_the_stored_answer(journal_path: Path) -> None:
     with Journal.open(journal_path) as journal:
         first = journal.accept(mqtt_entry(1, job_id="job-7")).result(WAIT)
-        # A redelivery after a crash: same id (here even another payload), nothing written.
-        again = journal.accept(mqtt_entry(2, job_id="job-7")).result(WAIT)
+        # A redelivery after a crash: same id and requester (here even another payload), nothing written.
+        again = journal.accept(mqtt_entry(2, job_id="job-7", correlation=b"corr-1")).result(WAIT)
         assert first.new and not again.new
         assert again.state is JobState.ACCEPTED and again.answer is None
 
@@ -449,3 +459,63 @@ def test_writes_never_block_the_event_loop(journal_path: Path) -> None:
         journal.close()
     with Journal.open(journal_path) as reopened:
         assert len(reopened.recent(1000)) == 350
+
+
+def test_the_same_id_from_another_requester_is_another_job(journal_path: Path) -> None:
+    """Job ids are the requester's: the same id from someone else never finds this one's answer."""
+
+    def entry(owner: str) -> JournalEntry:
+        return JournalEntry(origin="mqtt", payload=b"{}", job_id="shared-1", owner=owner, qos=1)
+
+    with Journal.open(journal_path) as journal:
+        first = journal.accept(entry("replies/a")).result(WAIT)
+        journal.mark_done(first.record.key, {"id": "shared-1", "content": "a's secret"}).result(WAIT)
+        other = journal.accept(entry("replies/b")).result(WAIT)
+        assert other.new and other.record.answer is None
+        assert not journal.accept(entry("replies/a")).result(WAIT).new
+        # find: the newest row with the id, or one origin's
+        tcp = JournalEntry(origin="tcp:webui", payload=b"", job_id="shared-1", owner="tcp:webui")
+        journal.accept(tcp).result(WAIT)
+        found = journal.find("shared-1")
+        assert found is not None and found.origin == "tcp:webui"
+        mqtt = journal.find("shared-1", origin="mqtt")
+        assert mqtt is not None and mqtt.key == other.record.key
+        assert journal.find("shared-1", origin="tcp:homeassistant") is None
+
+
+def test_a_graceful_stop_does_not_count_as_an_attempt(journal_path: Path) -> None:
+    with Journal.open(journal_path) as journal:
+        key = journal.accept(mqtt_entry(1, job_id="j")).result(WAIT).record.key
+        journal.mark_running(key).result(WAIT)
+        journal.mark_running(key).result(WAIT)  # run again after a crash
+        journal.mark_released(key).result(WAIT)  # then left by a shutdown
+        record = journal.get(key)
+        assert record is not None and record.state is JobState.ACCEPTED and record.attempts == 1
+        with pytest.raises(InvalidTransition):
+            journal.mark_released(key).result(WAIT)  # only a running job can be released
+
+
+def test_max_bytes_drops_acknowledged_rows_then_refuses(journal_path: Path) -> None:
+    """The journal is bounded by bytes, not only rows: acknowledged rows go first; when only
+    unanswered ones are left, a new job is refused (JournalUnavailable: not acknowledged)."""
+    budget = 2 * 1024 * 1024
+    big = b"x" * (200 * 1024)
+    with Journal.open(journal_path, max_bytes=budget) as journal:
+        for n in range(30):  # 6 MB of answered jobs through a 2 MB budget
+            entry = JournalEntry(origin="mqtt", payload=big + str(n).encode(), qos=1)
+            key = journal.accept(entry).result(WAIT).record.key
+            journal.mark_done(key, {"n": n}, answered=True).result(WAIT)
+        rows = journal.recent(100)
+        assert 0 < len(rows) < 15 and rows[0].answer == {"n": 29}, "the oldest acknowledged rows went"
+        for n in range(100):  # unanswered jobs fill it up, then the next is refused
+            entry = JournalEntry(origin="mqtt", payload=big + f"p{n}".encode(), qos=1)
+            try:
+                journal.accept(entry).result(WAIT)
+            except JournalUnavailable as exc:
+                assert "journal.max_bytes" in exc.message
+                break
+        else:
+            pytest.fail("100 unanswered 200 KB jobs fitted in a 2 MB journal")
+        assert len(journal.pending()) >= 5, "unanswered rows are never dropped to make room"
+        assert all(r.state is JobState.ACCEPTED for r in journal.pending())
+    assert journal_path.stat().st_size < budget * 1.5

@@ -217,7 +217,8 @@ def test_cancel_over_mqtt(device: Daemon, probe: Probe) -> None:
         response_topic="c/answers",
     )
     probe.next()  # the first chunk: it is running
-    probe.publish("edged/dev1/cancel", {"id": "long-1"})
+    # A cancel reaches the job answered on the cancel's own topic (job ids are the requester's).
+    probe.publish("edged/dev1/cancel", {"id": "long-1"}, response_topic="c/answers")
     _, final = probe.until_final()
     assert final["status"] == "error"
     assert final["error"]["code"] == "cancelled"

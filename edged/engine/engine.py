@@ -23,6 +23,7 @@ from edged.engine.scheduler import Done, Emit, Fail, Outcome, Scheduler
 from edged.engine.snapshot import EngineSnapshot, EngineState, SlotsInfo
 from edged.engine.stats import EngineStats
 from edged.errors import (
+    BackendError,
     Cancelled,
     DeadlineExceeded,
     EdgedError,
@@ -47,6 +48,16 @@ log = structlog.get_logger(__name__)
 FINISHED_JOBS_KEPT = 1024
 
 
+def owner_of(origin: str, peer: str | None) -> str:
+    """Who a job's id belongs to when the transport does not say: the key's name on TCP
+    (``tcp:<name>``), the peer's uid on the Unix socket (``socket:uid=<n>``), else the origin."""
+    if origin == "socket" and peer:
+        uid = next((part for part in peer.split() if part.startswith("uid=")), None)
+        if uid is not None:
+            return f"socket:{uid}"
+    return origin
+
+
 class Engine:
     """Queues jobs, hands them to the scheduler's slots, and settles them on the event loop."""
 
@@ -63,7 +74,8 @@ class Engine:
         self.queue = JobQueue(settings.queue.max_depth)
         self.preparer = Preparer(settings, board)
         self.scheduler = Scheduler(settings, board, choice, self.queue, self._deliver, self._backend_changed)
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._jobs: OrderedDict[tuple[str, str], Job] = OrderedDict()
+        """Jobs by (owner, id): a job id belongs to its requester, so two requesters' ids never meet."""
         self._room = asyncio.Event()
         self._room.set()
         self._backend_ready = asyncio.Event()  # cleared while a failed backend is being replaced
@@ -161,15 +173,20 @@ class Engine:
         *,
         journal_key: str | None = None,
         peer: str | None = None,
+        owner: str | None = None,
     ) -> Job:
         """Validate, count the prompt against the cap and queue the job; raises `EdgedError`.
         ``origin`` says where it came from for the logs (``socket``, ``tcp:<key name>``, ``mqtt``).
+        ``owner``: who the job's id belongs to (`owner_of` by default): another requester's job
+        with the same id is a different job, and only its owner can read or cancel it on TCP/MQTT.
 
         ``journal_key``: the transport journaled the job itself (MQTT: before its PUBACK) and
-        publishes and records its answer. Without one, a socket job is journaled here (with
-        ``journal.socket``) and its row closed when it settles: its client gets the answer directly.
-        A job that arrives while the model loads waits for it within its own timeout.
+        publishes and records its answer; its start is counted in the journal before anything
+        native touches it (``journal.max_attempts``). Without one, a socket job is journaled here
+        (with ``journal.socket``) and its row closed when it settles: its client gets the answer
+        directly. A job that arrives while the model loads waits for it within its own timeout.
         """
+        owner = owner if owner is not None else owner_of(origin, peer)
         timeout = request.timeout_s or self.settings.jobs.timeout_s
         if timeout > self.settings.jobs.max_timeout_s:
             raise InvalidRequest(
@@ -188,26 +205,28 @@ class Engine:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         self._check_model(request.model)
         job_id = request.id or new_job_id()
-        existing = self._jobs.get(job_id)
+        existing = self._jobs.get((owner, job_id))
         if existing is not None and not existing.finished:
             raise InvalidRequest(f"job {job_id!r} is already {existing.state.value}", param="id")
         self._refuse_when_full()
         await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
-        backend = self.scheduler.backend
-        prepared = await asyncio.to_thread(self.preparer.prepare, request, backend.tokenizer, backend.n_ctx)
+        if journal_key is not None and self.book is not None:
+            await self.book.attempt(journal_key)
+        prepared = await self._prepare(request)
         self._check_constrained(prepared)
         if self.state is not EngineState.READY:
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         job = Job(job_id, request, prepared, arrived + timeout)
         job.origin = origin
         job.peer = peer
+        job.owner = owner
         if (
             journal_key is None
             and self.book is not None
             and self.settings.journal.socket
             and origin != "mqtt"
         ):
-            journal_key = await self._journal_socket_job(request, job_id, origin)
+            journal_key = await self._journal_socket_job(request, job_id, origin, owner)
             job.closes_journal = True
         job.journal_key = journal_key
         try:
@@ -216,7 +235,7 @@ class Engine:
             self.stats.rejected()
             self._close_journal(job, None, exc)
             raise
-        if journal_key is not None and self.book is not None:
+        if job.closes_journal and journal_key is not None and self.book is not None:
             self.book.running(journal_key)
         remaining = max(0.0, job.deadline - time.perf_counter())
         job.timer = asyncio.get_running_loop().call_later(remaining, self._expire, job)
@@ -225,11 +244,26 @@ class Engine:
         self.scheduler.wake()
         return job
 
-    async def _journal_socket_job(self, request: JobRequest, job_id: str, origin: str) -> str:
+    async def _prepare(self, request: JobRequest) -> Prepared:
+        """The job's prompt and sampling (on a worker thread); anything but an `EdgedError` is
+        turned into one, so a transport always has an error to answer with."""
+        backend = self.scheduler.backend
+        try:
+            return await asyncio.to_thread(self.preparer.prepare, request, backend.tokenizer, backend.n_ctx)
+        except EdgedError:
+            raise
+        except RecursionError:
+            raise InvalidRequest("the job is nested too deeply to be read") from None
+        except Exception as exc:
+            log.exception("preparing a job failed", job_id=request.id)
+            raise BackendError(f"edged could not prepare the job: {type(exc).__name__}") from exc
+
+    async def _journal_socket_job(self, request: JobRequest, job_id: str, origin: str, owner: str) -> str:
         """Journal a socket job before it is queued; its request is kept only with ``log.content``."""
         assert self.book is not None
         payload = request.model_dump_json(exclude_none=True).encode() if self.book.content else b""
-        accepted = await self.book.accept(JournalEntry(origin=origin, payload=payload, job_id=job_id))
+        entry = JournalEntry(origin=origin, payload=payload, job_id=job_id, owner=owner)
+        accepted = await self.book.accept(entry)
         if not accepted.new:
             raise InvalidRequest(
                 f"job id {job_id!r} was already used (that job is {accepted.state.value});"
@@ -315,9 +349,10 @@ class Engine:
         slots = self.scheduler.slots or self.scheduler.requested_slots()
         return slots + self.settings.queue.max_depth
 
-    def recent(self, job_id: str) -> Job | None:
-        """A job with this id that finished within ``jobs.keep_results_s``, for duplicate deliveries."""
-        job = self._jobs.get(job_id)
+    def recent(self, job_id: str, owner: str) -> Job | None:
+        """``owner``'s job with this id, unless it finished more than ``jobs.keep_results_s`` ago,
+        for duplicate deliveries."""
+        job = self._jobs.get((owner, job_id))
         if job is None or job.finished_at is None:
             return job
         if time.monotonic() - job.finished_at > self.settings.jobs.keep_results_s:
@@ -325,8 +360,8 @@ class Engine:
         return job
 
     def _remember(self, job: Job) -> None:
-        self._jobs[job.id] = job
-        self._jobs.move_to_end(job.id)
+        self._jobs[(job.owner, job.id)] = job
+        self._jobs.move_to_end((job.owner, job.id))
         while len(self._jobs) > FINISHED_JOBS_KEPT:
             oldest = next(iter(self._jobs.values()))
             if not oldest.finished:
@@ -339,15 +374,24 @@ class Engine:
         """The jobs this process remembers (queued, running, and the last finished), oldest first."""
         return list(self._jobs.values())
 
-    def get(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id)
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """``owner``'s job with this id; ``owner=None`` (the local socket, whose users may see every
+        job) the newest job with it. Another requester's job is `NotFound`, as an unknown one."""
+        if owner is not None:
+            job = self._jobs.get((owner, job_id))
+        else:
+            job = next((j for j in reversed(self._jobs.values()) if j.id == job_id), None)
         if job is None:
             raise NotFound(f"no job {job_id!r} (unknown, or finished long ago)", param="id")
         return job
 
-    def cancel(self, job_id: str, reason: str = "cancelled by the client") -> Job:
-        """Cancel a queued or running job; a finished job is returned unchanged."""
-        job = self.get(job_id)
+    def cancel(self, job_id: str, reason: str = "cancelled by the client", owner: str | None = None) -> Job:
+        """Cancel a queued or running job (``owner`` as for `get`); a finished job is returned
+        unchanged."""
+        return self.cancel_job(self.get(job_id, owner), reason)
+
+    def cancel_job(self, job: Job, reason: str = "cancelled by the client") -> Job:
+        """Cancel this very job (a transport whose client went away)."""
         self._stop_job(job, Cancelled(reason))
         return job
 
@@ -411,6 +455,8 @@ class Engine:
         if not job.finish(state, error=error):
             return
         self._close_journal(job, None, error)
+        if isinstance(error, ShuttingDown) and job.journal_key and not job.closes_journal and self.book:
+            self.book.released(job.journal_key)  # runs again at the next start: not a crash
         self.stats.failed(job, state)
         log.info(
             "job finished",

@@ -322,6 +322,9 @@ class Job:
         """Where the job came from (``socket``, ``tcp:<key name>``, ``mqtt``), for the logs."""
         self.peer: str | None = None
         """The client: ``pid=.. uid=.. gid=..`` on the Unix socket, the address on TCP."""
+        self.owner = ""
+        """Who the job's id belongs to (``tcp:<key name>``, ``socket:uid=<n>``, ``mqtt:<reply
+        topic>``): ids are unique per owner, and only the owner reads or cancels the job remotely."""
         self.journal_key: str | None = None
         """Its row in the job journal, if journaled."""
         self.closes_journal = False

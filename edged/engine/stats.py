@@ -70,8 +70,7 @@ class EngineStats:
                 started=time.monotonic() - timings.total_ms / 1000,
             )
         )
-        self.last_job = {
-            "id": result.id,
+        self.last_job = {  # no id: telemetry goes to every reader of the broker, ids are the requesters'
             "finish_reason": result.finish_reason,
             "usage": result.usage.model_dump(),
             "timings": timings.model_dump(),

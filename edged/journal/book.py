@@ -51,6 +51,19 @@ class JobBook:
         """Not awaited: ``accepted`` and ``running`` both mean "run again after a restart"."""
         _log_failure(self.journal.mark_running(key), "running", key)
 
+    async def attempt(self, key: str) -> None:
+        """Count a start of a job that runs again after a restart, committed before anything native
+        touches it: if the daemon dies in it, the next start knows (``journal.max_attempts``)."""
+        await asyncio.wrap_future(self.journal.mark_running(key))
+
+    def released(self, key: str) -> None:
+        """Not awaited (committed before the journal closes): a graceful stop left the job to the
+        next start, which does not count as a start the daemon died in."""
+        _log_failure(self.journal.mark_released(key), "released", key)
+
+    async def mark_answered(self, key: str) -> None:
+        await asyncio.wrap_future(self.journal.mark_answered(key))
+
     def answered(self, key: str) -> None:
         """Callable from any thread (paho's): the answer's PUBACK came back."""
         _log_failure(self.journal.mark_answered(key), "answered", key)
@@ -76,5 +89,5 @@ class JobBook:
     ) -> list[JobRecord]:
         return await asyncio.to_thread(self.journal.recent, limit, before=before, origin=origin)
 
-    async def find(self, job_id: str) -> JobRecord | None:
-        return await asyncio.to_thread(self.journal.find, job_id)
+    async def find(self, job_id: str, *, origin: str | None = None) -> JobRecord | None:
+        return await asyncio.to_thread(self.journal.find, job_id, origin=origin)

@@ -27,27 +27,41 @@ class JobState(str, enum.Enum):
     ANSWERED = "answered"
 
 
-def idempotency_key(
-    job_id: str | None, payload: bytes, response_topic: str | None, correlation: bytes | None
-) -> str:
-    """The key under which a job is journaled, so a redelivery after a crash is recognised.
-
-    A client's own job id is the key (``id:<job id>``): the client promised it is unique. Without
-    one (or with an empty one) the key is the sha256 of the payload, response topic and correlation
-    data, so the broker redelivering the very same message maps to the same row. Each part is
-    length-prefixed and an absent part is told apart from an empty one, so no two different
-    messages can be spelled into the same byte string.
-    """
-    if job_id:
-        return f"id:{job_id}"
+def _digest(*parts: bytes | None) -> str:
+    """sha256 of ``parts``, each length-prefixed and an absent part told apart from an empty one,
+    so no two different tuples can be spelled into the same byte string."""
     digest = hashlib.sha256()
-    topic = response_topic.encode() if response_topic is not None else None
-    for part in (payload, topic, correlation):
+    for part in parts:
         if part is None:
             digest.update(b"\x00")
         else:
             digest.update(b"\x01" + len(part).to_bytes(8, "big") + part)
-    return f"sha256:{digest.hexdigest()}"
+    return digest.hexdigest()
+
+
+def idempotency_key(
+    job_id: str | None,
+    payload: bytes,
+    response_topic: str | None,
+    correlation: bytes | None,
+    *,
+    origin: str = "mqtt",
+    owner: str = "",
+) -> str:
+    """The key under which a job is journaled, so a redelivery after a crash is recognised.
+
+    A client's own job id is unique only *for that client*: the key is the id together with who sent
+    it (``origin``, ``owner`` — MQTT: the topic the answer goes to; TCP: the key's name; the socket:
+    the peer's uid — and the v5 correlation data), so the same id from another requester is another
+    job and never gets this one's answer (``id:<sha256>``). Without an id (or with an empty one) the
+    key is the sha256 of the payload, response topic and correlation data, so the broker
+    redelivering the very same message maps to the same row (``sha256:<hex>``).
+    """
+    if job_id:
+        hexdigest = _digest(origin.encode(), owner.encode(), correlation, job_id.encode())
+        return f"id:{hexdigest}"
+    topic = response_topic.encode() if response_topic is not None else None
+    return f"sha256:{_digest(payload, topic, correlation)}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +77,20 @@ class JournalEntry:
     response_topic: str | None = None
     correlation: bytes | None = None
     qos: int = 0
+    owner: str = ""
+    """Who sent it, within its origin (MQTT: the reply topic; TCP: the key name; socket: the uid):
+    part of the key, so job ids of different requesters never collide."""
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        key = idempotency_key(self.job_id, self.payload, self.response_topic, self.correlation)
+        key = idempotency_key(
+            self.job_id,
+            self.payload,
+            self.response_topic,
+            self.correlation,
+            origin=self.origin,
+            owner=self.owner,
+        )
         object.__setattr__(self, "key", key)
 
 

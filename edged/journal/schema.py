@@ -18,7 +18,7 @@ from edged.journal.records import JobRecord, JobState, JournalUnavailable
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
 COLUMNS = (
@@ -55,7 +55,13 @@ def _v1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX jobs_origin ON jobs (origin, seq)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+def _v2(conn: sqlite3.Connection) -> None:
+    # Job ids belong to their requester (the key includes who sent it), so one id may name several
+    # rows: `find` reads them by id, newest first.
+    conn.execute("CREATE INDEX jobs_job_id ON jobs (job_id, seq)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 """``MIGRATIONS[n]`` takes a journal from ``user_version`` n to n + 1."""
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

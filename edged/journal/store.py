@@ -68,11 +68,14 @@ class Journal:
     """The job journal. Open with ``Journal.open``; writes return futures, reads are synchronous
     (a short SQLite query: call them from a thread, e.g. ``asyncio.to_thread``, on the loop)."""
 
-    def __init__(self, path: Path, *, sync: Sync, keep_s: float, max_rows: int) -> None:
+    def __init__(
+        self, path: Path, *, sync: Sync, keep_s: float, max_rows: int, max_bytes: int | None = None
+    ) -> None:
         self.path = path
         self.sync = sync
         self.keep_s = keep_s
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -88,20 +91,23 @@ class Journal:
         sync: Sync = "full",
         keep_s: float = 86400.0,
         max_rows: int = 10000,
+        max_bytes: int | None = None,
     ) -> Journal:
         """Open (or create) the journal at ``path`` and start its writer thread.
 
         ``sync="full"`` fsyncs every commit, so a committed job survives a power cut; ``"normal"``
         survives a crash of the process but may lose the last commits on power loss (cheaper on SD
         cards). ``keep_s`` is the dedup window: how long an acknowledged answer is kept;
-        ``max_rows`` bounds the file (only acknowledged rows are ever pruned). Blocks until the
+        ``max_rows`` bounds the file (only acknowledged rows are ever pruned); ``max_bytes`` bounds
+        the rows' pages on disk (over it, the oldest acknowledged rows go first, then new jobs are
+        refused with ``JournalUnavailable``). Blocks until the
         file is open and checked; raises ``JournalUnavailable`` if it cannot be.
         """
         if sync not in ("full", "normal"):
             raise ValueError(f"journal sync must be 'full' or 'normal', not {sync!r}")
         if keep_s < 0 or max_rows < 0:
             raise ValueError("journal keep_s and max_rows must not be negative")
-        journal = cls(Path(path), sync=sync, keep_s=keep_s, max_rows=max_rows)
+        journal = cls(Path(path), sync=sync, keep_s=keep_s, max_rows=max_rows, max_bytes=max_bytes)
         try:
             # 0700: payloads are users' prompts. Only the directory we create; an existing one is
             # the operator's choice.
@@ -125,6 +131,10 @@ class Journal:
         duplicate: nothing is written and the result carries the stored row (state, answer)."""
 
         def write(conn: sqlite3.Connection) -> AcceptResult:
+            known = get_record(conn, entry.key)
+            if known is not None:
+                return AcceptResult(new=False, record=known)
+            self._make_room(conn, len(entry.payload) + len(entry.correlation or b"") + 512)
             inserted = conn.execute(
                 "INSERT INTO jobs (key, origin, state, payload, job_id, response_topic, correlation, qos,"
                 " accepted_at) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
@@ -148,13 +158,25 @@ class Journal:
         return self._submit(write, f"accept {entry.key}")
 
     def mark_running(self, key: str) -> Future[None]:
-        """The job was handed to the engine (again, after a restart: ``attempts`` counts)."""
+        """The daemon starts working on the job (again, after a restart: ``attempts`` counts the
+        starts, so a job the daemon keeps dying in is recognised: ``journal.max_attempts``)."""
         return self._transition(
             key,
             JobState.RUNNING,
             (JobState.ACCEPTED, JobState.RUNNING),
             "started_at = ?, attempts = attempts + 1",
             (time.time(),),
+        )
+
+    def mark_released(self, key: str) -> Future[None]:
+        """The daemon stopped in order before the job ended (shutdown): back to ``accepted``, and
+        this start is not counted against ``journal.max_attempts`` (only dying in it is)."""
+        return self._transition(
+            key,
+            JobState.ACCEPTED,
+            (JobState.RUNNING,),
+            "attempts = max(attempts - 1, 0)",
+            (),
         )
 
     def mark_done(self, key: str, answer: Mapping[str, Any], *, answered: bool = False) -> Future[None]:
@@ -215,6 +237,29 @@ class Journal:
 
         return self._submit(write, f"mark {key} {target.value}")
 
+    def used_bytes(self, conn: sqlite3.Connection) -> int:
+        """Bytes of the pages that hold rows (free pages are reused, so the file stops growing)."""
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+        return int((pages - free) * size)
+
+    def _make_room(self, conn: sqlite3.Connection, need: int) -> None:
+        """Keep the rows under ``max_bytes``: delete the oldest acknowledged rows (they only serve
+        the dedup window), and refuse the new job when only unanswered rows are left."""
+        if self.max_bytes is None:
+            return
+        while self.used_bytes(conn) + need > self.max_bytes:
+            deleted = conn.execute(
+                "DELETE FROM jobs WHERE seq IN"
+                " (SELECT seq FROM jobs WHERE state = 'answered' ORDER BY seq LIMIT 64)"
+            ).rowcount
+            if not deleted:
+                raise JournalUnavailable(
+                    f"the job journal {self.path} holds {self.max_bytes} bytes of unanswered jobs "
+                    "(journal.max_bytes); new jobs wait until answers are acknowledged"
+                )
+
     def _prune(self, conn: sqlite3.Connection) -> int:
         self._since_prune = 0
         deleted = conn.execute(
@@ -245,15 +290,20 @@ class Journal:
         with self._reader() as conn:
             return get_record(conn, key)
 
-    def find(self, job_id: str) -> JobRecord | None:
-        """The job a client knows by this id: its own id, or the ``job-<16 hex>`` name edged gives
-        a job without one (the start of its payload-derived key)."""
-        record = self.get(f"id:{job_id}")
+    def find(self, job_id: str, *, origin: str | None = None) -> JobRecord | None:
+        """The job a client knows by this id: its own id (the newest row with it: ids belong to
+        their requesters, so several may share one; ``origin`` keeps one requester's rows, e.g.
+        ``tcp:<key name>``), or the ``job-<16 hex>`` name edged gives a job without one (the start
+        of its payload-derived key)."""
+        rows = self._select(
+            "WHERE job_id = ?1 AND (?2 IS NULL OR origin = ?2) ORDER BY seq DESC LIMIT 1", (job_id, origin)
+        )
+        record = rows[0] if rows else None
         suffix = job_id.removeprefix("job-")
         if record is None and len(suffix) == 16 and all(c in "0123456789abcdef" for c in suffix):
             rows = self._select(
-                "WHERE key >= ?1 AND key < ?2 AND job_id IS NULL LIMIT 1",
-                (f"sha256:{suffix}", f"sha256:{suffix}g"),
+                "WHERE key >= ?1 AND key < ?2 AND job_id IS NULL AND (?3 IS NULL OR origin = ?3) LIMIT 1",
+                (f"sha256:{suffix}", f"sha256:{suffix}g", origin),
             )
             record = rows[0] if rows else None
         return record

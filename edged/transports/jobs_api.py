@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 
 from edged.errors import NotFound
 from edged.journal import JobRecord
+from edged.transports.tcp import origin_of
 
 if TYPE_CHECKING:
     from edged.config import Settings
@@ -92,17 +93,25 @@ def add_job_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
         }
 
     @app.get("/v1/jobs/{job_id}", summary="State of a job (running, or from the journal)")
-    async def get_job(job_id: str) -> dict[str, Any]:
+    async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+        owner = _scope(request)
         try:
-            return engine.get(job_id).info()
+            return engine.get(job_id, owner).info()
         except NotFound:
             if engine.book is None:
                 raise
-        record = await engine.book.find(job_id)
+        record = await engine.book.find(job_id, origin=owner)
         if record is None:
             raise NotFound(f"no job {job_id!r} (unknown, or pruned from the journal)", param="id")
         return record_document(record, content=content)
 
     @app.post("/v1/jobs/{job_id}/cancel", summary="Cancel a queued or running job")
-    async def cancel_job(job_id: str) -> dict[str, Any]:
-        return engine.cancel(job_id).info()
+    async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+        return engine.cancel(job_id, owner=_scope(request)).info()
+
+
+def _scope(request: Request) -> str | None:
+    """Whose jobs a caller may see: a TCP key only its own (``tcp:<key name>``: another key's job is
+    404, as an unknown one); the Unix socket, whose users are root or in its group, every job."""
+    origin = origin_of(request)
+    return origin if origin.startswith("tcp:") else None

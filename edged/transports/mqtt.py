@@ -31,7 +31,9 @@ from pydantic import ValidationError
 
 from edged.engine import Delta, Engine, EngineState, Failed, Finished, Job, JobRequest
 from edged.engine.answer import done_message, error_message
+from edged.engine.constraints import constraint_of
 from edged.errors import (
+    BackendError,
     EdgedError,
     InvalidRequest,
     NotReady,
@@ -45,6 +47,7 @@ from edged.fleet.client import BrokerOptions, BrokerSetupError, make_client
 from edged.fleet.client import start as start_client
 from edged.journal import InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
 from edged.journal.book import JobBook
+from edged.journal.intake import REQUEUED_ORIGINS, exhausted
 from edged.transports.tcp import RateLimiter
 
 if TYPE_CHECKING:
@@ -53,6 +56,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 QOS = 1
+MAX_TOPIC_BYTES = 1024
+"""The longest reply topic taken (MQTT allows 65535; no sane requester needs more than this)."""
+PACKET_HEADROOM = 64 * 1024
+"""Maximum Packet Size = ``jobs.max_payload_bytes`` + this, for the topic and v5 properties: the
+broker does not deliver a bigger message at all, so it never reaches memory here."""
 STORAGE_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 """Back-off while the journal cannot be written; the message stays unacknowledged meanwhile."""
 
@@ -69,6 +77,27 @@ class Topics:
     errors: str
     results: str
     telemetry: str
+    prefix: str = "edged"
+
+    @property
+    def user_jobs(self) -> str:
+        """``<jobs>/+``: a requester's own jobs topic, ``<jobs>/<user>`` (ACL: ``%u``)."""
+        return f"{self.jobs}/+"
+
+    @property
+    def fleet_user_subscription(self) -> str:
+        return f"{self.fleet_subscription}/+"
+
+    def user_of(self, topic: str) -> str | None:
+        """The user a job topic names (``<jobs>/<user>``, ``<fleet>/<user>``), else None."""
+        for base in (self.jobs, self.fleet):
+            if topic.startswith(base + "/"):
+                user = topic[len(base) + 1 :]
+                return user if user and "/" not in user else None
+        return None
+
+    def is_job_topic(self, topic: str) -> bool:
+        return topic in (self.jobs, self.fleet) or self.user_of(topic) is not None
 
     @classmethod
     def build(cls, prefix: str, device_id: str, group: str) -> Topics:
@@ -82,6 +111,7 @@ class Topics:
             errors=f"{base}/errors",
             results=f"{base}/results",
             telemetry=f"{base}/telemetry",
+            prefix=prefix,
         )
 
 
@@ -133,25 +163,8 @@ def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
     if not isinstance(data, dict):
         raise InvalidRequest("a job must be a JSON object or a plain-text prompt")
     reply_to = data.pop("reply_to", None)
-    # A topic the broker takes: it disconnects a client that publishes control characters or
-    # non-characters (the answer, kept for the retry, would do it again after every reconnect), and
-    # a $ topic is the broker's own, where no client would see the answer.
-    if reply_to is not None and (
-        not isinstance(reply_to, str)
-        or not reply_to
-        or reply_to.startswith("$")
-        or "+" in reply_to
-        or "#" in reply_to
-        or len(reply_to.encode("utf-8")) > 65535
-        or any(
-            ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or 0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE
-            for c in reply_to
-        )
-    ):
-        raise InvalidRequest(
-            "reply_to must be a topic name: no wildcards (+ #), control characters or leading $",
-            param="reply_to",
-        )
+    if reply_to is not None:
+        check_reply_topic(reply_to, "reply_to")
     try:
         return JobRequest.model_validate(data), reply_to
     except ValidationError as exc:
@@ -161,9 +174,56 @@ def parse_job(payload: bytes, limit: int) -> tuple[JobRequest, str | None]:
         raise InvalidRequest(f"invalid job: {problems}") from exc
 
 
-def _client_of(message: paho.MQTTMessage, reply_to: str | None) -> str:
-    """Who sent a job, for the rate limit: MQTT does not tell a subscriber the publisher's client
-    id, so a v5 user property ``client_id`` names it, else its response topic or ``reply_to``."""
+def check_reply_topic(topic: object, param: str, reserved: tuple[str, ...] = ()) -> str:
+    """``topic`` if answers may be published there, else `InvalidRequest` naming ``param``.
+
+    A topic the broker takes: it disconnects a client that publishes control characters or
+    non-characters (the answer, kept for the retry, would do it again after every reconnect), paho
+    refuses wildcards, and a $ topic is the broker's own, where no client would see the answer.
+    ``reserved``: topic prefixes that are not a requester's to be answered on (edged's own
+    ``<prefix>/`` — another job's results, the status, the jobs topic — and Home Assistant's
+    discovery prefix): edged must not be steered into publishing there for someone.
+    """
+    if (
+        not isinstance(topic, str)
+        or not topic
+        or topic.startswith("$")
+        or "+" in topic
+        or "#" in topic
+        or len(topic.encode("utf-8", errors="replace")) > MAX_TOPIC_BYTES
+        or any(
+            ord(c) < 0x20
+            or 0x7F <= ord(c) <= 0x9F
+            or 0xD800 <= ord(c) <= 0xDFFF
+            or 0xFDD0 <= ord(c) <= 0xFDEF
+            or ord(c) & 0xFFFE == 0xFFFE
+            for c in topic
+        )
+    ):
+        raise InvalidRequest(
+            f"{param} must be a topic name of at most {MAX_TOPIC_BYTES} bytes: no wildcards (+ #), "
+            "control characters or leading $",
+            param=param,
+        )
+    for prefix in reserved:
+        if topic == prefix or topic.startswith(prefix + "/"):
+            raise InvalidRequest(
+                f"{param} {topic!r} is inside {prefix}/, which is edged's or Home Assistant's own: "
+                "answer topics are the requester's (e.g. replies/<client>/...)",
+                param=param,
+            )
+    return topic
+
+
+def _client_of(message: paho.MQTTMessage, reply_to: str | None, topics: Topics) -> str:
+    """Who sent a job, for the rate limit. A job published on ``<jobs topic>/<user>`` is that user's
+    (the broker's ACL binds the last level to the authenticated user: ``%u``), whatever the message
+    claims. Otherwise MQTT does not tell a subscriber the publisher's client id, so a v5 user
+    property ``client_id`` names it, else its response topic or ``reply_to``: claims, in their own
+    namespace, so a claim cannot reach an authenticated user's bucket."""
+    user = topics.user_of(message.topic)
+    if user is not None:
+        return f"user:{user}"
     props = getattr(message, "properties", None)
     for name, value in getattr(props, "UserProperty", None) or []:
         if name == "client_id" and value:
@@ -228,6 +288,8 @@ class MqttTransport:
             "rate_limited": 0,
         }
         self._limiter = RateLimiter(self.config.rate_per_min)
+        self._reserved = (self.config.topic_prefix, settings.telemetry.discovery_prefix)
+        """Topic prefixes no reply may point into."""
         self._client = self._make_client()
 
     # -- connection -----------------------------------------------------------------------------
@@ -257,6 +319,8 @@ class MqttTransport:
         props.SessionExpiryInterval = self.config.session_expiry_s
         # As many unacknowledged jobs as edged can hold: every slot plus the queue.
         props.ReceiveMaximum = max(1, min(65535, self.engine.receive_maximum))
+        # The broker drops what exceeds it instead of pushing it into our memory (MQTT v5 3.1.2.11.4).
+        props.MaximumPacketSize = min(268_435_455, self.settings.jobs.max_payload_bytes + PACKET_HEADROOM)
         return props
 
     async def start(self) -> None:
@@ -305,7 +369,8 @@ class MqttTransport:
             info = self._send(
                 self.topics.status, {**self.presence(), "state": "offline"}, qos=QOS, retain=True
             )
-            await asyncio.to_thread(info.wait_for_publish, max(0.1, deadline - loop.time()))
+            if info is not None:
+                await asyncio.to_thread(info.wait_for_publish, max(0.1, deadline - loop.time()))
         for task in list(self._tasks):
             task.cancel()
         self._client.disconnect()
@@ -324,9 +389,10 @@ class MqttTransport:
                 else None,
             )
             return
-        subscriptions = [(self.topics.jobs, QOS), (self.topics.cancel, QOS)]
+        subscriptions = [(self.topics.jobs, QOS), (self.topics.user_jobs, QOS), (self.topics.cancel, QOS)]
         if self.config.fleet:
             subscriptions.append((self.topics.fleet_subscription, QOS))
+            subscriptions.append((self.topics.fleet_user_subscription, QOS))
         client.subscribe(subscriptions)
         self.publish_presence(client)
         for topic, config in self.discovery.items():
@@ -376,10 +442,13 @@ class MqttTransport:
     # -- inbound --------------------------------------------------------------------------------
 
     def _reply_of(self, message: paho.MQTTMessage) -> Reply | None:
+        """The v5 Response Topic and Correlation Data; `InvalidRequest` for a topic answers may not
+        go to (checked as ``reply_to`` is)."""
         props = getattr(message, "properties", None)
         topic = getattr(props, "ResponseTopic", None) if props is not None else None
         if not topic:
             return None
+        check_reply_topic(topic, "Response Topic", self._reserved)
         correlation = getattr(props, "CorrelationData", None)
         return Reply(topic, bytes(correlation) if correlation is not None else None)
 
@@ -389,7 +458,7 @@ class MqttTransport:
         ack = True
         try:
             if message.topic == self.topics.cancel:
-                self._cancel(bytes(message.payload))
+                self._cancel(message)
             else:
                 ack = await self._take_job(message)
         except asyncio.CancelledError:
@@ -400,13 +469,21 @@ class MqttTransport:
         if ack:
             self._client.ack(message.mid, message.qos)
 
-    def _cancel(self, payload: bytes) -> None:
+    def _cancel(self, message: paho.MQTTMessage) -> None:
+        """``{"id"}`` cancels that job of the requester whose answers go to the same topic: the
+        cancel's v5 Response Topic, else its ``reply_to``, else the job's default results topic.
+        Another requester's job is `NotFound`, as an unknown one."""
+        payload = bytes(message.payload)
         try:
             data = json.loads(payload)
             job_id = data.get("id") if isinstance(data, dict) else None
             if not isinstance(job_id, str):
                 raise InvalidRequest('a cancel message is {"id": "<job id>"}')
-            job = self.engine.cancel(job_id, "cancelled over MQTT")
+            reply_to = data.get("reply_to")
+            if reply_to is not None:
+                check_reply_topic(reply_to, "reply_to", self._reserved)
+            reply = self._reply_for(self._reply_of(message), reply_to, job_id)
+            job = self.engine.cancel(job_id, "cancelled over MQTT", owner=self._owner(reply))
             log.info("mqtt cancel", job_id=job_id, state=job.state.value)
         except (ValueError, UnicodeDecodeError, RecursionError):
             self._publish(
@@ -422,18 +499,48 @@ class MqttTransport:
             return reply
         return Reply(reply_to or f"{self.topics.results}/{job_id}")
 
+    @staticmethod
+    def _owner(reply: Reply) -> str:
+        """Who an MQTT job belongs to: the topic its answers go to (who can read them)."""
+        return f"mqtt:{reply.topic}"
+
+    def _constraint_problem(self, request: JobRequest) -> EdgedError | None:
+        """A job's JSON schema or grammar checked (bounded, and converted once) before it is
+        journaled: one that cannot be run is answered now and never stored as runnable."""
+        if request.response_format is None and request.grammar is None:
+            return None
+        try:
+            constraint_of(request.response_format, request.grammar, after_think=False)
+        except EdgedError as exc:
+            return exc
+        except RecursionError:
+            return InvalidRequest("the job's schema is nested too deeply", param="response_format")
+        except Exception as exc:
+            log.exception("checking a job's constraint failed")
+            return InvalidRequest(f"the job's schema or grammar cannot be used: {type(exc).__name__}")
+        return None
+
     async def _take_job(self, message: paho.MQTTMessage) -> bool:
         """Journal, queue and relay one job; returns whether to acknowledge the message."""
         if self._closing:
             return False
-        reply = self._reply_of(message)
         payload = bytes(message.payload)
         try:
+            reply = self._reply_of(message)
+        except InvalidRequest as exc:  # nowhere safe to answer but our own errors topic
+            self._publish(Reply(self.topics.errors), error_message(_id_hint(payload), exc, self.device_id))
+            return True
+        try:
             request, reply_to = parse_job(payload, self.settings.jobs.max_payload_bytes)
+            if reply_to is not None:
+                check_reply_topic(reply_to, "reply_to", self._reserved)
         except EdgedError as exc:
             hint = None if isinstance(exc, PayloadTooLarge) else _id_hint(payload)
             self._publish(reply or Reply(self.topics.errors), error_message(hint, exc, self.device_id))
             return True
+        # The requester's reply topic is part of who owns a client's id (the key); a job without an
+        # id is named after its payload's key, and answered on that name's results topic.
+        owner = self._reply_for(reply, reply_to, request.id).topic if request.id else ""
         entry = JournalEntry(
             origin="mqtt",
             payload=payload,
@@ -441,11 +548,19 @@ class MqttTransport:
             response_topic=reply.topic if reply else None,
             correlation=reply.correlation if reply else None,
             qos=message.qos,
+            owner=owner,
         )
         job_id = request.id or derived_job_id(entry.key)
         request = request.model_copy(update={"id": job_id})
-        who = _client_of(message, reply_to)
+        who = _client_of(message, reply_to, self.topics)
         reply = self._reply_for(reply, reply_to, job_id)
+        problem = await asyncio.to_thread(self._constraint_problem, request)
+        if problem is not None:
+            log.info(
+                "mqtt job refused before journaling", job_id=job_id, code=problem.code, error=problem.message
+            )
+            self._publish(reply, error_message(job_id, problem, self.device_id))
+            return True
         wait = self._limiter.take(who)
         if wait > 0:
             self.counters["rate_limited"] += 1
@@ -459,7 +574,7 @@ class MqttTransport:
             return True
 
         if self.book is None:
-            known = self.engine.recent(job_id)
+            known = self.engine.recent(job_id, self._owner(reply))
             if known is not None:
                 self._answer_known(known, reply)
                 return True
@@ -504,7 +619,9 @@ class MqttTransport:
         while True:
             await self.engine.wait_for_room()
             try:
-                job = await self.engine.submit(request, origin="mqtt", journal_key=key)
+                job = await self.engine.submit(
+                    request, origin="mqtt", journal_key=key, owner=self._owner(reply)
+                )
                 break
             except QueueFull:
                 continue  # a socket client took the room meanwhile: wait again
@@ -514,6 +631,11 @@ class MqttTransport:
                 raise
             except EdgedError as exc:
                 await self._answer(key, reply, error_message(request.id, exc, self.device_id))
+                return
+            except Exception as exc:  # a bug must still answer (and close) an acknowledged job
+                log.exception("submitting an MQTT job failed", job_id=request.id)
+                failure = BackendError(f"edged could not take the job: {type(exc).__name__}")
+                await self._answer(key, reply, error_message(request.id, failure, self.device_id))
                 return
         task = self._loop.create_task(self._relay(job, reply, key))
         self._tasks.add(task)
@@ -526,42 +648,61 @@ class MqttTransport:
 
     async def _recover(self, pending: list[JobRecord], unanswered: list[JobRecord]) -> None:
         """Publish again the answers never acknowledged, run again the jobs never finished (the
-        submit lock, taken in `start`, is held until every one is queued)."""
+        submit lock, taken in `start`, is held until every one is queued). Each row on its own: one
+        that fails is answered with its error (or logged) and the others go on. A job the daemon
+        died in ``journal.max_attempts`` times is answered ``backend_failed`` instead of run.
+        Socket and TCP rows are the daemon's, closed at every start (`edged.journal.intake`)."""
         assert self.book is not None
+        counts = {"rerun": 0, "republished": 0, "given_up": 0, "errors": 0}
         try:
             for record in unanswered:
-                if record.origin != "mqtt":  # a socket client got (or lost) its answer directly
-                    self.book.answered(record.key)
+                if record.origin not in REQUEUED_ORIGINS:
                     continue
-                message = record.answer or record.error or {}
-                _, reply = self._restore(record)
-                self.counters["republished"] += 1
-                self._publish(reply, message, key=record.key)
+                try:
+                    message = record.answer or record.error or {}
+                    _, reply = self._restore(record)
+                    self.counters["republished"] += 1
+                    counts["republished"] += 1
+                    self._publish(reply, message, key=record.key)
+                except Exception:
+                    counts["errors"] += 1
+                    log.exception("could not publish a journaled answer again", key=record.key)
             for record in pending:
-                if record.origin != "mqtt":
-                    failure = ShuttingDown("edged restarted before the job finished; its client had gone")
-                    self.book.close_later(
-                        record.key, None, error_message(record.job_id, failure, self.device_id)
-                    )
+                if record.origin not in REQUEUED_ORIGINS:
                     continue
-                request, reply = self._restore(record)
-                self.counters["recovered"] += 1
-                if request is None:
-                    error = InvalidRequest("the journaled job can no longer be read")
-                    await self._answer(record.key, reply, error_message(record.job_id, error, self.device_id))
-                    continue
-                await self._submit(request, reply, record.key)
-            if pending or unanswered:
-                log.info(
-                    "journal recovered",
-                    rerun=sum(r.origin == "mqtt" for r in pending),
-                    republished=sum(r.origin == "mqtt" for r in unanswered),
-                    closed=sum(r.origin != "mqtt" for r in (*pending, *unanswered)),
-                )
-        except Exception:
-            log.exception("journal recovery failed; the rest runs at the next start")
+                try:
+                    await self._recover_one(record, counts)
+                except Exception:
+                    counts["errors"] += 1
+                    log.exception("could not recover a journaled job", key=record.key)
+            if any(counts.values()):
+                log.info("journal recovered", **counts)
         finally:
             self._submit_lock.release()
+
+    async def _recover_one(self, record: JobRecord, counts: dict[str, int]) -> None:
+        assert self.book is not None
+        request, reply = self._restore(record)
+        self.counters["recovered"] += 1
+        exhausted_error = exhausted(record, self.settings.journal.max_attempts)
+        if exhausted_error is not None:
+            counts["given_up"] += 1
+            log.error(
+                "journaled job given up: edged died while working on it",
+                key=record.key,
+                job_id=record.job_id,
+                attempts=record.attempts,
+            )
+            await self._answer(
+                record.key, reply, error_message(record.job_id, exhausted_error, self.device_id)
+            )
+            return
+        if request is None:
+            error = InvalidRequest("the journaled job can no longer be read")
+            await self._answer(record.key, reply, error_message(record.job_id, error, self.device_id))
+            return
+        counts["rerun"] += 1
+        await self._submit(request, reply, record.key)
 
     def _restore(self, record: JobRecord) -> tuple[JobRequest | None, Reply]:
         """A journaled job as it was received: its request (None if it no longer parses) and reply."""
@@ -569,8 +710,12 @@ class MqttTransport:
         correlation = Reply(record.response_topic, record.correlation) if record.response_topic else None
         try:
             request, reply_to = parse_job(record.payload, max(len(record.payload), 1))
-        except EdgedError:
-            return None, self._reply_for(correlation, None, job_id)
+            if correlation is not None:
+                check_reply_topic(correlation.topic, "Response Topic", self._reserved)
+            if reply_to is not None:
+                check_reply_topic(reply_to, "reply_to", self._reserved)
+        except EdgedError:  # journaled by an older edged that let it through: answer on errors
+            return None, Reply(self.topics.errors)
         return request.model_copy(update={"id": job_id}), self._reply_for(correlation, reply_to, job_id)
 
     # -- outbound -------------------------------------------------------------------------------
@@ -645,9 +790,17 @@ class MqttTransport:
         retain: bool = False,
         properties: Properties | None = None,
         key: str | None = None,
-    ) -> paho.MQTTMessageInfo:
+    ) -> paho.MQTTMessageInfo | None:
         """Every publish goes through here, so each PUBACK finds what it acknowledges."""
-        info = self._client.publish(topic, _encode(message), qos=qos, retain=retain, properties=properties)
+        try:
+            info = self._client.publish(
+                topic, _encode(message), qos=qos, retain=retain, properties=properties
+            )
+        except ValueError as exc:  # paho refuses the topic (a wildcard): nothing can be sent there
+            log.error("mqtt publish refused", topic=topic, error=str(exc))
+            if key is not None and self.book is not None:
+                self.book.answered(key)  # the answer stays in the journal; nobody can be told
+            return None
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.error("mqtt publish failed", topic=topic, rc=paho.error_string(info.rc))
         with self._acks_lock:
