@@ -161,6 +161,13 @@ class BoardConfig(_Section):
 class SocketConfig(_Section):
     path: Path = Field(default_factory=default_socket_path, description="Unix socket of the local HTTP API.")
     mode: int = Field(0o660, description="Permissions of the socket file, octal (e.g. '0660').")
+    max_connections: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="Connections the Unix socket holds at once: its own budget, apart from the TCP "
+        "listener's, so a LAN flood never locks local clients out.",
+    )
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -421,6 +428,36 @@ class HttpConfig(_Section):
         120, ge=0, description="Requests per minute per key (anonymous: per client address); 0 = no limit."
     )
     tls: HttpTlsConfig = Field(default_factory=HttpTlsConfig, description="HTTPS for the TCP listener.")
+    receive_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a client has to send a whole request (headers and body), from the "
+        "connection or a kept-alive request's first byte; then 408 and close. Both listeners.",
+    )
+    idle_timeout_s: int = Field(
+        5,
+        ge=1,
+        le=300,
+        description="Seconds a kept-alive connection may wait for its next request. Both listeners.",
+    )
+    send_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        le=600,
+        description="Seconds a response may stay unwritable (the client reads nothing) before the "
+        "connection is dropped and a streamed job cancelled. Both listeners.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Connections the TCP listener holds at once; more get 503 and are closed, before "
+        "the key gate.",
+    )
+    max_connections_per_client: int = Field(
+        32, ge=1, le=65536, description="Connections one client address holds at once on TCP."
+    )
 
     @field_validator("listen")
     @classmethod

@@ -29,8 +29,9 @@ from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
 from edged.telemetry.report import Telemetry, TelemetryCollector
+from edged.transports.limits import socket_limits
 from edged.transports.mqtt import MqttTransport, Topics
-from edged.transports.tcp import KeyGate, bind_tcp, check_tls, load_keys, tls_options
+from edged.transports.tcp import KeyGate, bind_tcp, check_tls, listener_options, load_keys
 from edged.transports.tcp import describe as describe_tcp
 from edged.transports.unix import bind_unix_socket, create_app, make_server, unlink_socket
 
@@ -229,7 +230,7 @@ async def serve(p: Plan, started: float) -> int:
     else:
         sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
     app = create_app(settings, engine, status, lambda: generate_latest(registry))
-    server = make_server(app)
+    server = make_server(app, limits=socket_limits(settings.socket, settings.http))
     listeners: list[dict[str, Any]] = [
         {"kind": "unix", "path": str(settings.socket.path), "mode": f"{settings.socket.mode:04o}"}
     ]
@@ -237,7 +238,7 @@ async def serve(p: Plan, started: float) -> int:
     tcp_task: asyncio.Task[None] | None = None
     if settings.http.listen:
         tcp_sock = bind_tcp(settings.http)  # before serving anything: a port in use fails the start
-        tcp_server = make_server(KeyGate(app, settings.http, p.http_keys), **tls_options(settings.http))
+        tcp_server = make_server(KeyGate(app, settings.http, p.http_keys), **listener_options(settings.http))
         listeners.append({"kind": "tcp", **describe_tcp(settings.http, p.http_keys)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -157,14 +157,28 @@ def _local_name(requested: str, loaded: str) -> str:
     raise ModelNotFound(f"model '{requested}' not found (this board serves '{model_tag(loaded)}')")
 
 
+MAX_OPTIONS = 256
+"""Keys an ``options`` object may have (Ollama defines about 40); more is refused, not walked."""
+UNKNOWN_OPTIONS_NAMED = 5
+"""Unknown option names the one log line about them quotes (each cut to 40 characters)."""
+
+
 def _options(options: dict[str, Any] | None) -> dict[str, Any]:
+    if options and len(options) > MAX_OPTIONS:
+        raise InvalidRequest(
+            f"options: {len(options)} keys, at most {MAX_OPTIONS} are accepted", param="options"
+        )
     fields: dict[str, Any] = {}
+    unknown: list[str] = []
     for key, value in (options or {}).items():
         if key in SUPPORTED_OPTIONS:
             if value is not None:
                 fields[SUPPORTED_OPTIONS[key]] = value
         elif key not in RUNTIME_OPTIONS:
-            log.info("ignoring an unknown Ollama option", option=key)
+            unknown.append(key)
+    if unknown:  # one line per request, never one per key: this runs on the event loop
+        named = [name[:40] for name in unknown[:UNKNOWN_OPTIONS_NAMED]]
+        log.info("ignoring unknown Ollama options", count=len(unknown), options=named)
     if fields.get("max_tokens") is not None and fields["max_tokens"] < 0:  # -1, -2: "until the context ends"
         del fields["max_tokens"]
     return fields

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edged.config import HttpConfig, is_loopback
 from edged.errors import ConfigError, TransportError
+from edged.transports.limits import ACCEPT_BACKLOG, address_key, tcp_limits
 
 log = structlog.get_logger(__name__)
 
@@ -79,14 +82,18 @@ def load_keys(config: HttpConfig) -> dict[str, str]:
 
 
 class RateLimiter:
-    """A token bucket per client: ``per_min`` requests a minute, bursts up to the same number."""
+    """A token bucket per client: ``per_min`` requests a minute, bursts up to the same number.
+
+    At most `MAX_CLIENTS` buckets, least recently used first out: a flood of new names costs the same
+    per call as one client and forgets only the buckets of clients idle the longest (a forgotten
+    client starts again with a full bucket, as after a minute's rest)."""
 
     MAX_CLIENTS = 10_000
-    """Buckets kept at most; beyond that, buckets idle for a minute (full again) are forgotten."""
+    """Buckets kept at most."""
 
     def __init__(self, per_min: int) -> None:
         self.per_min = per_min
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.refused = 0
 
@@ -97,16 +104,29 @@ class RateLimiter:
         rate = self.per_min / 60.0
         now = time.monotonic()
         with self._lock:
-            if who not in self._buckets and len(self._buckets) >= self.MAX_CLIENTS:
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
-            tokens, at = self._buckets.get(who, (float(self.per_min), now))
+            tokens, at = self._buckets.pop(who, (float(self.per_min), now))
             tokens = min(float(self.per_min), tokens + (now - at) * rate)
-            if tokens >= 1.0:
-                self._buckets[who] = (tokens - 1.0, now)
+            allowed = tokens >= 1.0
+            self._buckets[who] = (tokens - 1.0 if allowed else tokens, now)  # now the most recent
+            if len(self._buckets) > self.MAX_CLIENTS:
+                self._buckets.popitem(last=False)
+            if allowed:
                 return 0.0
-            self._buckets[who] = (tokens, now)
             self.refused += 1
             return (1.0 - tokens) / rate
+
+
+def client_key(address: str) -> str:
+    """Who an anonymous client is for its rate limit: its IPv4 address, or the /64 of an IPv6 one
+    (one host commonly holds a whole /64, so its addresses are not separate clients)."""
+    key = address_key(address)
+    try:
+        ip = ipaddress.ip_address(key)
+    except ValueError:
+        return key
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return key
 
 
 @dataclass(frozen=True)
@@ -117,18 +137,31 @@ class Caller:
 
 
 class KeyGate:
-    """ASGI middleware in front of the app on the TCP listener."""
+    """ASGI middleware in front of the app on the TCP listener.
+
+    Only ``http`` requests pass it (and ``lifespan``, which carries no request): any other scope,
+    a websocket today or whatever ASGI adds, is refused before the app sees it."""
+
+    REFUSALS_LOGGED_PER_MIN = 2
+    """401 lines logged per minute and client address; `refused_keys` counts them all."""
 
     def __init__(self, app: ASGIApp, config: HttpConfig, keys: dict[str, str]) -> None:
         self.app = app
         self.keys = keys
         self.anonymous = config.allow_anonymous or (not keys and _loopback_only(config))
         self.limiter = RateLimiter(config.rate_limit_per_min)
+        self.refused_keys = 0
+        self._refusals_logged = RateLimiter(self.REFUSALS_LOGGED_PER_MIN)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
+            return
+        scope.setdefault("state", {})[TCP_MARK] = True
         path: str = scope.get("path", "")
         client = scope.get("client") or ("?", 0)
         address = str(client[0])
@@ -142,7 +175,15 @@ class KeyGate:
         name = self._identify(presented)
         if name is None:
             if presented is not None or not self.anonymous:
-                log.warning("tcp request refused", path=path, client=address, key_given=presented is not None)
+                self.refused_keys += 1
+                if self._refusals_logged.take(client_key(address)) == 0:
+                    log.warning(
+                        "tcp request refused",
+                        path=path,
+                        client=address,
+                        key_given=presented is not None,
+                        refused_total=self.refused_keys,
+                    )
                 message = "a wrong API key" if presented is not None else "no API key"
                 await _refuse(
                     send,
@@ -154,7 +195,7 @@ class KeyGate:
                 )
                 return
             name = "anonymous"
-        wait = self.limiter.take(name if name != "anonymous" else f"anonymous@{address}")
+        wait = self.limiter.take(name if name != "anonymous" else f"anonymous@{client_key(address)}")
         if wait > 0:
             retry = max(1, math.ceil(wait))
             await _refuse(
@@ -166,7 +207,7 @@ class KeyGate:
                 {"retry-after": str(retry)},
             )
             return
-        scope.setdefault("state", {})["edged_caller"] = Caller(key=name, address=address)
+        scope["state"]["edged_caller"] = Caller(key=name, address=address)
         await self.app(scope, receive, send)
 
     def _identify(self, presented: str | None) -> str | None:
@@ -178,6 +219,16 @@ class KeyGate:
             if hmac.compare_digest(digest, stored):
                 found = name
         return found
+
+
+TCP_MARK = "edged_tcp"
+"""Scope state the key gate sets on every request it passes, /health included."""
+
+
+def on_tcp(request: Any) -> bool:
+    """Whether the request came through the TCP listener (its key gate), not the Unix socket."""
+    state = request.scope.get("state", {})
+    return bool(state.get(TCP_MARK)) or isinstance(state.get("edged_caller"), Caller)
 
 
 def origin_of(request: Any) -> str:
@@ -242,7 +293,7 @@ def bind_tcp(config: HttpConfig) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # [::] takes IPv4 too
         sock.bind(sockaddr)
-        sock.listen(128)
+        sock.listen(ACCEPT_BACKLOG)
     except OSError as exc:
         sock.close()
         raise TransportError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from exc
@@ -250,21 +301,34 @@ def bind_tcp(config: HttpConfig) -> socket.socket:
     return sock
 
 
-def check_tls(config: HttpConfig) -> None:
-    """Load the certificate and key once at start, so a bad file is a clear error, not a dead listener."""
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!aDSS"
+"""TLS 1.2 suites: forward secrecy and AEAD only (no CBC, no SHA-1). TLS 1.3's suites are all of that."""
+
+
+def server_tls_context(config: HttpConfig) -> ssl.SSLContext | None:
+    """The listener's TLS: at least TLS 1.2 with `TLS_CIPHERS`, set here rather than left to the
+    defaults of uvicorn (older versions offered TLS 1.0 era suites) or of Python's build. None
+    without a certificate; raises `ConfigError` when the files cannot be loaded."""
     if config.tls.cert is None or config.tls.key is None:
-        return
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS_CIPHERS)
     try:
         context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError([f"http.tls: cannot load {config.tls.cert} / {config.tls.key}: {exc}"]) from exc
+    return context
 
 
-def tls_options(config: HttpConfig) -> dict[str, Any]:
-    if config.tls.cert is None or config.tls.key is None:
-        return {}
-    return {"ssl_certfile": str(config.tls.cert), "ssl_keyfile": str(config.tls.key)}
+def check_tls(config: HttpConfig) -> None:
+    """Load the certificate and key once at start, so a bad file is a clear error, not a dead listener."""
+    server_tls_context(config)
+
+
+def listener_options(config: HttpConfig) -> dict[str, Any]:
+    """`make_server`'s options for the TCP listener: its connection limits and its TLS context."""
+    return {"limits": tcp_limits(config), "ssl_context": server_tls_context(config)}
 
 
 def describe(config: HttpConfig, keys: dict[str, str]) -> dict[str, Any]:
@@ -275,4 +339,39 @@ def describe(config: HttpConfig, keys: dict[str, str]) -> dict[str, Any]:
         "keys": sorted(keys),
         "anonymous": config.allow_anonymous,
         "rate_limit_per_min": config.rate_limit_per_min,
+    }
+
+
+def public_status(doc: dict[str, Any]) -> dict[str, Any]:
+    """/status as the TCP listener serves it: what a client needs to pick a board and see its load.
+    Built from an allowlist, so a field added to the full document is not published by default: no
+    pid, no file paths, no broker, topics or key names, no job ids or origins, no listeners."""
+    board = doc.get("board") or {}
+    backend = doc.get("backend") or {}
+    model = doc.get("model") or {}
+    engine = doc.get("engine") or {}
+    governor = (doc.get("thermals") or {}).get("governor") or {}
+    return {
+        "device_id": doc.get("device_id"),
+        "version": doc.get("version"),
+        "reduced": True,
+        "board": {"model": board.get("model"), "soc": board.get("soc"), "profile": board.get("profile")},
+        "backend": {"name": backend.get("name")},
+        "model": {"name": model.get("name"), "ctx": model.get("ctx")},
+        "engine": {
+            "state": engine.get("state"),
+            "slots": engine.get("slots"),
+            "queue": engine.get("queue"),
+            "running": [
+                {"state": job.get("state"), "completion_tokens": job.get("completion_tokens")}
+                for job in engine.get("running") or []
+            ],
+            "thermal": engine.get("thermal"),
+            "throughput": engine.get("throughput"),
+        },
+        "thermals": {
+            "state": governor.get("state"),
+            "hottest_c": governor.get("hottest_c"),
+            "hottest_zone": governor.get("hottest_zone"),
+        },
     }

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
@@ -23,7 +24,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from edged import __version__
 from edged.config import Settings
@@ -39,9 +39,10 @@ from edged.errors import (
     Unavailable,
 )
 from edged.transports.jobs_api import add_job_routes
+from edged.transports.limits import SOCKET_LIMITS, LimitedH11Protocol, ListenerLimits, ServerConfig
 from edged.transports.ollama import BODIES as OLLAMA_BODIES
 from edged.transports.ollama import add_ollama_routes, tool_result
-from edged.transports.tcp import origin_of, peer_of
+from edged.transports.tcp import on_tcp, origin_of, peer_of, public_status
 
 log = structlog.get_logger(__name__)
 
@@ -80,12 +81,13 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
     return sock
 
 
-class PeerCredProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-    """uvicorn's HTTP protocol, plus who is on the other end of a Unix socket connection: the
-    peer's pid, uid and gid from the kernel (SO_PEERCRED) as the request's ``client`` host, so each
-    job's log line says which local process sent it."""
+class PeerCredProtocol(LimitedH11Protocol):
+    """The HTTP protocol of both listeners (its limits: `edged.transports.limits`), plus who is on
+    the other end of a Unix socket connection: the peer's pid, uid and gid from the kernel
+    (SO_PEERCRED) as the request's ``client`` host, so each job's log line says which local process
+    sent it."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is None or sock.family != socket.AF_UNIX:
@@ -106,16 +108,20 @@ class UnixServer(uvicorn.Server):
         yield
 
 
-def make_server(app: ASGIApp, **options: Any) -> UnixServer:
-    """A uvicorn server for ``app`` (``options``: TLS files for the TCP listener)."""
-    config = uvicorn.Config(
+def make_server(
+    app: ASGIApp, *, limits: ListenerLimits = SOCKET_LIMITS, ssl_context: ssl.SSLContext | None = None
+) -> UnixServer:
+    """A uvicorn server for ``app`` with a listener's connection limits (the Unix socket's unless
+    told; the TCP listener's options, TLS included: `edged.transports.tcp.listener_options`)."""
+    config = ServerConfig(
         app,
+        limits=limits,
+        ssl_context=ssl_context,
         http=PeerCredProtocol,
         log_config=None,
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=5,
-        **options,
     )
     return UnixServer(config)
 
@@ -513,7 +519,7 @@ async def events_while_connected(job: Job, request: Request, engine: Engine) -> 
             done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
             if not done:
                 if await request.is_disconnected():
-                    engine.cancel(job.id, "the client disconnected")
+                    engine.cancel_job(job, "the client disconnected")
                     return
                 continue
             try:
@@ -526,7 +532,7 @@ async def events_while_connected(job: Job, request: Request, engine: Engine) -> 
         if pending is not None and not pending.done():
             pending.cancel()
         if not job.finished:
-            engine.cancel(job.id, "the client disconnected")
+            engine.cancel_job(job, "the client disconnected")
 
 
 def create_app(
@@ -641,9 +647,18 @@ def create_app(
         return await run(body.to_job(), request, _completion_body, "text_completion")
 
     @app.get("/v1/models", summary="The loaded model")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
         path = settings.model.path
         snap = engine.snapshot()
+        meta: dict[str, Any] = {
+            "n_ctx": snap.n_ctx,
+            "backend": snap.backend,
+            "path": str(path) if path else None,
+            "state": snap.state.value,
+            "slots": snap.slots.total,
+        }
+        if on_tcp(request):
+            del meta["path"]  # where the board keeps its files is the socket's business only
         return {
             "object": "list",
             "data": [
@@ -652,13 +667,7 @@ def create_app(
                     "object": "model",
                     "created": int(snap.started_wall),
                     "owned_by": "edged",
-                    "meta": {
-                        "n_ctx": snap.n_ctx,
-                        "backend": snap.backend,
-                        "path": str(path) if path else None,
-                        "state": snap.state.value,
-                        "slots": snap.slots.total,
-                    },
+                    "meta": meta,
                 }
             ],
         }
@@ -685,8 +694,9 @@ def create_app(
         return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
     @app.get("/status", summary="Board, profile, backend and why, model, queue, throughput")
-    async def get_status() -> dict[str, Any]:
-        return status()
+    async def get_status(request: Request) -> dict[str, Any]:
+        """The full document on the socket; on TCP a reduced one (`public_status`)."""
+        return public_status(status()) if on_tcp(request) else status()
 
     @app.get(
         "/metrics",
