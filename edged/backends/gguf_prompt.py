@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
     from edged.backends.base import Grammar
 
 GGUF_MAGIC = b"GGUF"
+
+GRAMMARS_REMEMBERED = 1024
+"""Grammars llama.cpp's sampler took, remembered (by hash) so each is parsed once; least recently used
+first out. Every grammar reaching here was bounded by `edged.engine.bounds` (the engine's
+`constraint_of`), which is what keeps llama.cpp's parser from crashing on it."""
 
 
 def gguf_problem(path: Path | None) -> str | None:
@@ -78,7 +84,7 @@ class GgufTokenizer:
             if self.template
             else None
         )
-        self._grammars_ok: set[str] = set()
+        self._grammars_ok: OrderedDict[str, None] = OrderedDict()
         self._grammar_lock = threading.Lock()
 
     @property
@@ -97,6 +103,7 @@ class GgufTokenizer:
         key = hashlib.sha256(f"{grammar.root}\0{grammar.text}".encode()).hexdigest()
         with self._grammar_lock:
             if key in self._grammars_ok:
+                self._grammars_ok.move_to_end(key)
                 return None
         if not re.search(rf"^\s*{re.escape(grammar.root)}\s*::=", grammar.text, re.MULTILINE):
             return f"the grammar has no '{grammar.root}' rule (GBNF: '{grammar.root} ::= ...')"
@@ -110,7 +117,9 @@ class GgufTokenizer:
             )
         self._llama_cpp.llama_sampler_free(sampler)
         with self._grammar_lock:
-            self._grammars_ok.add(key)
+            self._grammars_ok[key] = None
+            while len(self._grammars_ok) > GRAMMARS_REMEMBERED:
+                self._grammars_ok.popitem(last=False)
         return None
 
     def piece(self, token: int, *, special: bool = False) -> bytes:

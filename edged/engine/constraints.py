@@ -3,13 +3,16 @@ grammar (GBNF), and the answer checked against it when the job ends.
 
 The JSON-schema-to-GBNF conversion is llama.cpp's own, as llama-cpp-python ships it
 (``llama_cpp.llama_grammar.json_schema_to_gbnf``); conversions are cached by the schema's hash, so a
-fleet that sends the same schema pays for it once. The answer of a JSON job is parsed and validated
-with ``jsonschema`` (the grammar makes it well formed; the validator also checks what a grammar
-cannot express, and a half object is never presented as valid).
+fleet that sends the same schema pays for it once. Every schema and grammar is bounded first
+(`edged.engine.bounds`): nothing here needs a model, and any thread may call `constraint_of`. The
+answer of a JSON job is parsed and validated with ``jsonschema`` against the schema as the client
+sent it (the grammar makes it well formed; the validator also checks what a grammar cannot express,
+or what the bounds left out of it, and a half object is never presented as valid).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -17,11 +20,25 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import structlog
+
 from edged.backends import Grammar
+from edged.engine import bounds
 from edged.errors import InvalidOutput, InvalidRequest
+
+log = structlog.get_logger(__name__)
 
 CACHE_SIZE = 256
 """Schemas (and grammars) whose conversion and validation are remembered."""
+
+CACHE_BYTES = 16 << 20
+"""...and at most this much grammar text among them (16 of the largest, `bounds.MAX_GBNF_BYTES`)."""
+
+VALIDATION_STEPS = 200_000
+"""Most keyword evaluations when an answer is validated (on the scheduler thread, where every job
+waits): a schema whose ``$ref``s jsonschema resolves differently from the converter (``$id``,
+``$dynamicRef``) is not bounded by `bounds.MAX_EXPANDED_NODES`. A 20-property answer takes a few
+hundred."""
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 """``response_format: {"type": "json_object"}``: any JSON object."""
@@ -40,9 +57,13 @@ class Constraint:
 
 
 class _Lru:
-    def __init__(self, size: int) -> None:
+    """Least recently used entries, at most ``size`` of them and ``max_bytes`` of grammar text."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
         self._items: OrderedDict[str, Any] = OrderedDict()
         self._size = size
+        self._max_bytes = max_bytes
+        self.bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -58,13 +79,24 @@ class _Lru:
 
     def put(self, key: str, value: Any) -> None:
         with self._lock:
+            if key in self._items:
+                self.bytes -= _size(self._items[key])
             self._items[key] = value
             self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            self.bytes += _size(value)
+            while len(self._items) > self._size or self.bytes > self._max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= _size(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
-_schemas = _Lru(CACHE_SIZE)
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 256
+
+
+_schemas = _Lru(CACHE_SIZE, CACHE_BYTES)
 
 
 def schema_cache_stats() -> dict[str, int]:
@@ -77,10 +109,12 @@ def _canonical(schema: dict[str, Any]) -> str:
 
 def schema_to_grammar(schema: dict[str, Any], param: str) -> str:
     """GBNF for a JSON schema (llama.cpp's converter), cached by the schema's hash; raises
-    `InvalidRequest` with the reason for a schema that is not one or that the converter cannot take."""
+    `InvalidRequest` with the reason for a schema that is not one, that is beyond edged's bounds, or
+    that the converter cannot take."""
     from jsonschema import exceptions as js_exceptions
     from jsonschema import validators
 
+    checked = bounds.check_schema(schema, param)  # first: it bounds the depth _canonical recurses
     key = hashlib.sha256(_canonical(schema).encode()).hexdigest()
     cached = _schemas.get(key)
     if isinstance(cached, str):
@@ -90,27 +124,57 @@ def schema_to_grammar(schema: dict[str, Any], param: str) -> str:
     try:
         validators.validator_for(schema).check_schema(schema)
     except js_exceptions.SchemaError as exc:
-        error = InvalidRequest(f"{param} is not a valid JSON schema: {exc.message}", param=param)
-        _schemas.put(key, error)
-        raise error from None
+        raise _remember(key, f"{param} is not a valid JSON schema: {exc.message}", param) from None
+    except Exception as exc:  # RecursionError, referencing errors: never a 500
+        raise _remember(key, f"{param} is not a valid JSON schema: {_reason(exc)}", param) from None
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
+        gbnf = json_schema_to_gbnf(json.dumps(checked.schema))
     except Exception as exc:  # the converter raises plain exceptions for what it does not support
-        error = InvalidRequest(
-            f"{param}: llama.cpp's JSON-schema converter cannot take this schema: {exc}", param=param
-        )
-        _schemas.put(key, error)
-        raise error from None
+        raise _remember(
+            key, f"{param}: llama.cpp's JSON-schema converter cannot take this schema: {_reason(exc)}", param
+        ) from None
+    try:
+        bounds.check_grammar(gbnf, f"{param} (as a grammar)")
+    except InvalidRequest as exc:
+        raise _remember(key, exc.message, param) from None
+    if checked.clamped:
+        log.info("maxima left out of the grammar, checked on the answer", fields=checked.clamped)
     _schemas.put(key, gbnf)
     return gbnf
 
 
+def _remember(key: str, message: str, param: str) -> InvalidRequest:
+    error = InvalidRequest(message, param=param)
+    _schemas.put(key, error)
+    return error
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def grammar_checked(text: str) -> None:
+    """Raise `InvalidRequest` for a raw ``grammar`` beyond edged's bounds (cached by its hash)."""
+    key = "grammar:" + hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
+    cached = _schemas.get(key)
+    if isinstance(cached, InvalidRequest):
+        raise cached
+    if cached is None:
+        try:
+            bounds.check_grammar(text, "grammar")
+        except InvalidRequest as exc:
+            raise _remember(key, exc.message, "grammar") from None
+        _schemas.put(key, "")
+
+
 def constraint_of(response_format: Any, grammar: str | None, after_think: bool) -> Constraint | None:
-    """The job's constraint, or None. ``after_think``: the output starts inside a ``<think>`` block,
-    so the grammar applies only once the block is closed."""
+    """The job's constraint, or None; raises `InvalidRequest` for one that is invalid or beyond
+    edged's bounds. Needs no model and is safe from any thread. ``after_think``: the output starts
+    inside a ``<think>`` block, so the grammar applies only once the block is closed."""
     if grammar is not None:
+        grammar_checked(grammar)
         return Constraint("grammar", Grammar(grammar, after_think=after_think), None)
     if response_format is None or response_format.type == "text":
         return None
@@ -133,13 +197,50 @@ def check_answer(constraint: Constraint, content: str) -> Any:
         raise InvalidOutput(
             f"the answer is not complete JSON ({exc.msg} at character {exc.pos})", content=content
         ) from None
+    except RecursionError:  # "[[[[..." a thousand deep fits in the context
+        raise InvalidOutput("the answer nests deeper than edged parses", content=content) from None
     from jsonschema import validators
 
-    validator = validators.validator_for(constraint.schema)(constraint.schema)
-    error = next(iter(validator.iter_errors(value)), None)
+    validator = _counted(validators.validator_for(constraint.schema))(constraint.schema)
+    _steps.left = VALIDATION_STEPS
+    try:
+        error = next(iter(validator.iter_errors(value)), None)
+    except (_OverBudget, RecursionError):
+        raise InvalidOutput(
+            f"the answer could not be validated within {VALIDATION_STEPS} steps of the schema",
+            content=content,
+        ) from None
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(the whole answer)"
         raise InvalidOutput(
             f"the answer does not match the schema at {where}: {error.message}", content=content
         )
     return value
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class _Steps(threading.local):
+    left = 0
+
+
+_steps = _Steps()
+
+
+@functools.lru_cache(maxsize=8)
+def _counted(cls: Any) -> Any:
+    """``cls`` with every keyword counted against `_steps` (per thread)."""
+    from jsonschema import validators
+
+    def counted(keyword: Any) -> Any:
+        def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+            _steps.left -= 1
+            if _steps.left < 0:
+                raise _OverBudget
+            return keyword(validator, value, instance, schema)
+
+        return run
+
+    return validators.extend(cls, {name: counted(fn) for name, fn in cls.VALIDATORS.items()})
