@@ -258,6 +258,45 @@ bad_tokens = st.one_of(
 max_tokens = broken.flatmap(lambda b: st.one_of(tiny, bad_tokens) if b == 0 else tiny)
 job_ids = st.one_of(st.from_regex(r"[A-Za-z0-9._:-]{1,24}", fullmatch=True), control_text, escaped_text)
 prompts = st.one_of(st.text(max_size=60), control_text, escaped_text)
+big_bounds = st.one_of(st.integers(0, 3000), st.integers(3000, 10**7), st.just(2**70))
+bound_bombs = st.one_of(
+    st.builds(lambda n: {"type": "string", "maxLength": n}, big_bounds),
+    st.builds(lambda n: {"type": "string", "minLength": n}, big_bounds),
+    st.builds(lambda n: {"type": "array", "items": {"type": "integer"}, "maxItems": n}, big_bounds),
+    st.builds(lambda n: {"type": "array", "items": {}, "minItems": n}, big_bounds),
+    st.builds(lambda lo, hi: {"type": "string", "pattern": f"^a{{{lo},{hi}}}$"}, big_bounds, big_bounds),
+    st.builds(
+        lambda n, m: {"type": "string", "pattern": f"^(a?){{0,{n}}}(b{{0,{m}}})$"}, big_bounds, big_bounds
+    ),
+    st.builds(
+        lambda n: {
+            "type": "object",
+            "properties": {"v": {"type": "string", "maxLength": n}},
+            "required": ["v"],
+        },
+        big_bounds,
+    ),
+)
+"""Every numeric bound the converter spells out, from harmless to 2^70, alone and in a property."""
+
+
+def _nest(keyword: str, depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        if keyword == "not":
+            schema = {"not": schema}
+        elif keyword == "items":
+            schema = {"type": "array", "items": schema}
+        elif keyword == "anyOf":
+            schema = {"anyOf": [schema, {"type": "null"}]}
+        else:
+            schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+deep_schemas = st.builds(_nest, st.sampled_from(["not", "items", "anyOf", "properties"]), st.integers(1, 400))
+"""Schemas nested 1 to 400 deep (jsonschema and the converter recurse once per level)."""
+
 json_schemas = st.one_of(
     st.sampled_from(
         [
@@ -273,6 +312,8 @@ json_schemas = st.one_of(
             {"type": "string", "minLength": 100000},
         ]
     ),
+    bound_bombs,
+    deep_schemas,
     st.dictionaries(
         st.sampled_from(["type", "properties", "items", "$ref", "enum", "format"]), json_values, max_size=3
     ),
@@ -290,6 +331,8 @@ grammars = st.one_of(
             'root ::= "\\u0000"',  # no token of the vocabulary starts it: invalid_output 422
         ]
     ),
+    st.integers(1, 30000).map(lambda n: "root ::= " + "(" * n + '"a"' + ")" * n),  # the parser recursed
+    st.tuples(st.integers(0, 5000), st.integers(0, 5000)).map(lambda t: f'root ::= "a"{{{t[0]},{t[1]}}}'),
     st.text(max_size=30),
 )
 stops = st.one_of(st.text(max_size=5), st.lists(st.text(max_size=5), max_size=6))
@@ -729,10 +772,32 @@ reply_tos = st.one_of(
     control_text.filter(lambda t: t not in NOT_ANSWERS),
     escaped_text,
     st.sampled_from(["", "a/+", "#", "fuzz/#/x", "$SYS/fuzz", "/", "fuzz//rt"]),
+    st.sampled_from(
+        [f"edged/{DEVICE}/status", f"edged/{DEVICE}/jobs", "edged/fleet/jobs", "homeassistant/x"]
+    ),
+    st.tuples(st.integers(1000, 5000), st.sampled_from(["x", "+", "#", "/"])).map(
+        lambda t: "fuzz/" + t[1] * t[0]  # long, and long with wildcards
+    ),
     st.integers(),
     st.none(),
     st.lists(st.text(max_size=2), max_size=2),
 )
+
+
+SHARED_IDS = ("shared-1", "shared-2", "job-1")
+"""Ids many cases reuse, each from its own response topic: none may be answered as another's job."""
+
+BAD_RESPONSE_TOPICS = (
+    f"edged/{DEVICE}/status",
+    f"edged/{DEVICE}/jobs",
+    f"edged/{DEVICE}/results/x",
+    "edged/fleet/jobs",
+    "homeassistant/sensor/x/config",
+    "$SYS/fuzz",
+    "fuzz/" + "x" * 1100,
+)
+"""v5 Response Topics an answer may not go to (edged's own namespace, discovery, ``$`` topics, over
+1024 bytes); wildcards and control characters are refused by Mosquitto itself, before edged."""
 
 
 @st.composite
@@ -740,6 +805,8 @@ def mqtt_documents(draw: st.DrawFn, model: str) -> dict[str, Any]:
     doc = draw(job_documents(model))
     if draw(st.integers(0, 3)) == 0:
         doc["reply_to"] = draw(reply_tos)
+    if draw(st.integers(0, 3)) == 0:
+        doc["id"] = draw(st.sampled_from(SHARED_IDS))
     return doc
 
 
@@ -753,10 +820,12 @@ cancel_documents = st.one_of(
 def mqtt_cases(draw: st.DrawFn, model: str) -> dict[str, Any]:
     if draw(st.integers(0, 9)) == 0:
         return {"topic": CANCEL_TOPIC, "payload": draw(bodies(cancel_documents)), "respond": False}
+    respond = draw(st.integers(0, 9))
     return {
         "topic": JOBS_TOPIC,
         "payload": draw(bodies(mqtt_documents(model))),
-        "respond": draw(st.integers(0, 4)) > 0,  # else the answer goes to reply_to, results/ or errors
+        "respond": respond > 1,  # else the answer goes to reply_to, results/ or errors
+        "bad_response_topic": draw(st.sampled_from(BAD_RESPONSE_TOPICS)) if respond == 1 else None,
     }
 
 
@@ -831,7 +900,10 @@ def test_mqtt_fuzz(fuzz_daemon: Daemon, fuzz_broker: Broker) -> None:
                 case, cancel = {"topic": JOBS_TOPIC, "payload": b"{}", "respond": True}, []
             response_topic = f"fuzz/r/{n}" if case["respond"] else None
             correlation = f"c{n}".encode() if case["respond"] else None
-            probe.publish(JOBS_TOPIC, case["payload"], response_topic=response_topic, correlation=correlation)
+            bad = case.get("bad_response_topic")
+            probe.publish(
+                JOBS_TOPIC, case["payload"], response_topic=bad or response_topic, correlation=correlation
+            )
             for topic, message, props in mqtt_messages(probe, time.monotonic() + ANSWER_S):
                 if "status" not in message:
                     assert {"id", "seq", "delta"} <= set(message), f"{topic}: {message}"
@@ -840,9 +912,16 @@ def test_mqtt_fuzz(fuzz_daemon: Daemon, fuzz_broker: Broker) -> None:
                     cancel.append(check_final(topic, message))
                     assert len(cancel) == 1, f"case {n}: a cancel reported {cancel}"
                     continue
+                if bad is not None:  # refused before anything else: nothing is published there
+                    assert topic == ERRORS_TOPIC, f"case {n}: a final message on {topic!r}: {message}"
+                    assert check_final(topic, message) == "invalid_request", message
+                    assert "Response Topic" in message["error"]["message"], message
+                    stats["bad response topic: invalid_request"] += 1
+                    return
                 if response_topic is not None:
                     assert topic == response_topic, f"case {n}: a final message on {topic!r}: {message}"
                     assert getattr(props, "CorrelationData", None) == correlation, message
+                    assert "duplicate" not in message, f"case {n}: answered as another's job: {message}"
                 label = check_final(topic, message)
                 stats[
                     label if cancel is None else f"cancel: {cancel[0] if cancel else 'nothing reported'}"

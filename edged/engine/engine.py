@@ -215,6 +215,7 @@ class Engine:
         prepared = await self._prepare(request)
         self._check_constrained(prepared)
         if self.state is not EngineState.READY:
+            self._release(journal_key)
             raise NotReady(f"edged is {self.state.value}, not ready for jobs")
         job = Job(job_id, request, prepared, arrived + timeout)
         job.origin = origin
@@ -233,6 +234,8 @@ class Engine:
             self.queue.push(job)  # checks the room again: it may have filled while we tokenized
         except QueueFull as exc:
             self.stats.rejected()
+            if not job.closes_journal:
+                self._release(journal_key)  # the transport submits it again: not a start to count
             self._close_journal(job, None, exc)
             raise
         if job.closes_journal and journal_key is not None and self.book is not None:
@@ -257,6 +260,12 @@ class Engine:
         except Exception as exc:
             log.exception("preparing a job failed", job_id=request.id)
             raise BackendError(f"edged could not prepare the job: {type(exc).__name__}") from exc
+
+    def _release(self, journal_key: str | None) -> None:
+        """A transport's journaled job counted as started (`JobBook.attempt`) that did not start
+        after all: the count is only of starts the daemon died in."""
+        if journal_key is not None and self.book is not None:
+            self.book.released(journal_key)
 
     async def _journal_socket_job(self, request: JobRequest, job_id: str, origin: str, owner: str) -> str:
         """Journal a socket job before it is queued; its request is kept only with ``log.content``."""
