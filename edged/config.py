@@ -629,6 +629,13 @@ class Settings(BaseSettings):
     llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig, description="The llamacpp backend.")
     rkllm: RkllmConfig = Field(default_factory=RkllmConfig, description="The rkllm (RK3588 NPU) backend.")
 
+    @field_validator("device_id")
+    @classmethod
+    def _not_the_fleet(cls, value: str) -> str:
+        if value == "fleet":  # <prefix>/fleet/jobs is the fleet's shared job topic
+            raise ValueError("'fleet' names the fleet's shared topics (<prefix>/fleet/jobs); choose another")
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -1,8 +1,17 @@
 """Fixtures that run the real daemon: a subprocess of the installed `edged`, the real embedded model,
-talking HTTP over a real Unix socket. Nothing here skips: a missing model or binary fails the run."""
+talking HTTP over a real Unix socket. Nothing here skips: a missing model or binary fails the run.
+
+Two tiers. ``system`` tests start the daemon or another process (the edged CLI, Mosquitto,
+Prometheus, Chromium, systemd tools, Ansible, nspawn, gcc), load a real model or open network
+listeners: `make test` runs them with everything else. The rest run in-process in well under a
+second each: `make check` runs them (``pytest -m "not system"``) after every edit. A test module
+says ``pytestmark = pytest.mark.system`` (or marks its tests one by one); `system_fixture` marks
+any test using the daemon, the model or a broker whatever its module says, and a test left
+unmarked that starts a process or opens a listener fails, naming the marker it lacks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +30,80 @@ from edged.config import embedded_model_path
 FIXTURES = Path(__file__).parent / "fixtures"
 BOARDS = FIXTURES / "boards"
 BIN = Path(sys.executable).parent
+
+# -- the two tiers ---------------------------------------------------------------------------------
+
+SYSTEM_FIXTURES = frozenset(
+    {"daemon", "http", "start_daemon", "model_path", "r1_tiny", "probe", "secured", "pki", "lan", "thinker"}
+)
+"""Fixtures that start the daemon, a broker or a tool, or load the model: a test using one (directly
+or through another fixture) is a ``system`` test. Any fixture named ``*daemon*`` or ``*broker*``
+counts too."""
+
+
+def system_fixture(fixturenames: Iterable[str]) -> str | None:
+    """The first fixture in ``fixturenames`` that makes a test a system test, else None."""
+    for name in fixturenames:
+        if name in SYSTEM_FIXTURES or "daemon" in name or "broker" in name:
+            return name
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not system"` deselects by the marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("system") is None and system_fixture(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
+def _outside_the_fast_tier(item: pytest.Item, what: str) -> Callable[..., object]:
+    def refuse(*args: object, **kwargs: object) -> object:
+        pytest.fail(
+            f"{item.nodeid} {what}: mark it @pytest.mark.system (or its module: pytestmark), so it runs "
+            "in `make test` and not in the fast `make check`",
+            pytrace=False,
+        )
+
+    return refuse
+
+
+def _network(item: pytest.Item, what: str, original: Callable[..., object]) -> Callable[..., object]:
+    refuse = _outside_the_fast_tier(item, what)
+
+    def guarded(sock: socket.socket, *args: object) -> object:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            refuse()
+        return original(sock, *args)
+
+    return guarded
+
+
+@contextlib.contextmanager
+def _in_process_only(item: pytest.Item) -> Iterator[None]:
+    """While a test of the fast tier sets up and runs: no process started, no listener, no network."""
+    if item.get_closest_marker("system") is not None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "_execute_child", _outside_the_fast_tier(item, "starts a process"))
+        patch.setattr(socket.socket, "listen", _outside_the_fast_tier(item, "opens a listener"))
+        patch.setattr(socket.socket, "bind", _network(item, "binds a network port", socket.socket.bind))
+        patch.setattr(
+            socket.socket, "connect", _network(item, "connects over the network", socket.socket.connect)
+        )
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _in_process_only(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _in_process_only(item):
+        return (yield)
 
 
 def edged_exe() -> str:

@@ -15,7 +15,7 @@ from nspawn_helpers import Board, booted, debootstrap_root
 from edged.config import embedded_model_path
 
 # debootstrap (first time) + wheels + two playbook runs take minutes, not the default 5-minute cap
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parent.parent
 

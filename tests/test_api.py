@@ -10,6 +10,8 @@ import httpx
 import pytest
 from conftest import Daemon, chat, wait_until
 
+pytestmark = pytest.mark.system
+
 LONG = "Write a very long story about a robot who learns to paint, with many chapters."
 
 

@@ -28,7 +28,7 @@ from edged.config import embedded_model_path
 
 # cold: debootstrap of an arm64 root (~4 min) + two cross builds of llama.cpp (~4 min each) + the
 # playbook under emulation; cached: the playbook and the emulated daemon only
-pytestmark = pytest.mark.timeout(3600)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "boards" / "orangepi5"

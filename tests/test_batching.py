@@ -20,7 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import Daemon, wait_until
+
+pytestmark = pytest.mark.system
 
 # A long shared instruction (well over engine.prefix_min_tokens) and four different questions.
 INSTRUCTION = (

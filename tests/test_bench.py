@@ -17,6 +17,8 @@ from conftest import BOARDS, clean_env
 from edged.bench.prompts import ChatTokenizer, document
 from edged.bench.vocab import BOS_ID, EOS_ID, SPECIAL_TOKENS, VOCAB_SIZE, load_words
 
+pytestmark = pytest.mark.system
+
 ENGLISH = (
     "The board runs a small language model for the sensors in the hall. When the room gets too warm, "
     "the model writes a short report and sends it to the people who look after the machines."

@@ -168,6 +168,7 @@ def test_cpu_plan_uses_cores_that_exist(
     assert forced.note == f"{note.split('; threads')[0]}; threads 3 from model.threads"
 
 
+@pytest.mark.system
 def test_auto_choice_skips_backends_with_reasons(model_path: Path) -> None:
     settings = load_settings(None, {"board": {"root": str(BOARDS / "rock5b")}})
     info = detect_board(BOARDS / "rock5b", user_dir=None)
@@ -177,6 +178,7 @@ def test_auto_choice_skips_backends_with_reasons(model_path: Path) -> None:
     assert choice.considered[0].reason
 
 
+@pytest.mark.system
 def test_forced_unavailable_backend_fails_with_its_reason(tmp_path: Path) -> None:
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 this is a zip, not a model")
@@ -193,12 +195,14 @@ def test_forced_unavailable_backend_fails_with_its_reason(tmp_path: Path) -> Non
     assert "forced by config" in r.stderr and "not a GGUF file" in r.stderr
 
 
+@pytest.mark.system
 def test_unknown_backend_name_exits_78() -> None:
     r = run_edged("serve", env=clean_env(EDGED_BACKEND="tpu9000", EDGED_BOARD__ROOT=str(BOARDS / "x86")))
     assert r.returncode == 78
     assert "tpu9000" in r.stderr and "known: llamacpp" in r.stderr
 
 
+@pytest.mark.system
 def test_edged_board_command(tmp_path: Path) -> None:
     r = run_edged("board", "--root", str(BOARDS / "orangepi5"), "--json")
     assert r.returncode == 0, r.stderr

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from conftest import Daemon, run_edged
+
+pytestmark = pytest.mark.system
 
 
 def test_ask_streams_and_prints_a_stats_line(daemon: Daemon) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import BOARDS, clean_env, run_edged
 
+pytestmark = pytest.mark.system
+
 
 def show(*args: str, **env: str) -> dict:
     r = run_edged("config", "show", "--json", *args, env=clean_env(**env))

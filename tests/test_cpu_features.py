@@ -84,6 +84,7 @@ def stand_in_llama(tmp_path: Path, needs: list[str]) -> Path:
     return package.parent
 
 
+@pytest.mark.system
 def test_installed_build_is_read_without_importing_llama_cpp(tmp_path: Path) -> None:
     site = stand_in_llama(tmp_path, ["fp"])
     code = (
@@ -98,6 +99,7 @@ def test_installed_build_is_read_without_importing_llama_cpp(tmp_path: Path) -> 
     assert installed_build() is None  # this process's llama-cpp-python was built by pip, not make wheelhouse
 
 
+@pytest.mark.system
 def test_edged_refuses_the_build_before_loading_it(tmp_path: Path) -> None:
     site = stand_in_llama(tmp_path, ["sse2", "no_such_feature"])
     env = clean_env(PYTHONPATH=str(site), EDGED_JOURNAL__PATH=str(tmp_path / "journal.sqlite3"))

@@ -43,6 +43,7 @@ def ansible_env(tmp_path: Path) -> dict[str, str]:
     )
 
 
+@pytest.mark.system
 def test_playbook_syntax(tmp_path: Path) -> None:
     r = subprocess.run(
         [str(BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory.example.yml", "site.yml"],
@@ -55,6 +56,7 @@ def test_playbook_syntax(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.system
 def test_role_template_renders_a_config_edged_accepts(tmp_path: Path) -> None:
     out = tmp_path / "edged.toml"
     extra = {
@@ -153,6 +155,7 @@ def accepted(tmp_path: Path, text: str) -> dict[str, Any]:
     return json.loads(shown.stdout)
 
 
+@pytest.mark.system
 def test_every_value_is_escaped_so_a_secret_round_trips(tmp_path: Path) -> None:
     keys = {"ha": 'k3y"with\\quote\n[mqtt]\npassword = "x"', "ci": "sha256:" + "ab" * 32}
     text = render(
@@ -176,6 +179,7 @@ def test_every_value_is_escaped_so_a_secret_round_trips(tmp_path: Path) -> None:
     assert sorted(cfg["http"]["api_keys"]) == ["ci", "ha"]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "variables",
     [

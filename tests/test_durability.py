@@ -24,7 +24,7 @@ import pytest
 from conftest import Daemon, wait_until
 from mqtt_helpers import Broker, Probe, free_port
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
 
 def mqtt_env(broker: Broker, device: str, journal: Path, **extra: str) -> dict[str, str]:

@@ -165,6 +165,7 @@ def test_parse_address_refuses(text: str) -> None:
         parse_address(text)
 
 
+@pytest.mark.system
 def test_broker_options_from_config_and_overrides(tmp_path: Path, pki: dict[str, Path]) -> None:  # noqa: F811
     ca = str(pki["ca.crt"])
     cfg = load_settings(
@@ -383,12 +384,14 @@ def broker(tmp_path: Path):
     b.stop()
 
 
+@pytest.mark.system
 def test_edged_fleet_is_registered() -> None:
     r = run_edged("fleet", "--help")
     assert r.returncode == 0, "edged/cli.py must register it: app.add_typer(fleet_app, name='fleet')"
     assert "--mqtt" in r.stdout and "Examples" in r.stdout and "--once" in r.stdout
 
 
+@pytest.mark.system
 def test_three_daemons_online_stale_offline(start_daemon, broker: Broker) -> None:
     daemons: dict[str, Daemon] = {}
     for device, (board, *_rest) in BOARDS.items():
@@ -508,6 +511,7 @@ def test_three_daemons_online_stale_offline(start_daemon, broker: Broker) -> Non
     assert not monitor.connection.connected
 
 
+@pytest.mark.system
 @pytest.mark.skipif(not ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")
 def test_ipv6_broker_for_the_daemon_fleet_and_ask(start_daemon, tmp_path: Path) -> None:
     port6 = free_port()
@@ -543,6 +547,7 @@ def test_ipv6_broker_for_the_daemon_fleet_and_ask(start_daemon, tmp_path: Path) 
         broker.stop()
 
 
+@pytest.mark.system
 def test_tls_through_the_factory(tls_broker: Broker, pki: dict[str, Path]) -> None:  # noqa: F811
     # TLS: the right CA connects (TLS from the CA, not from a port guess), a wrong CA is refused,
     # --no-tls-verify accepts it.
@@ -566,6 +571,7 @@ def test_tls_through_the_factory(tls_broker: Broker, pki: dict[str, Path]) -> No
     assert run_fleet("--json", "--wait", "1", env=env).returncode == 0
 
 
+@pytest.mark.system
 def test_passwords_and_the_shipped_acl(secured: Broker) -> None:  # noqa: F811
     """The dashboard user of deploy/mosquitto/acl may read statuses and telemetry."""
     plain = f"127.0.0.1:{secured.port}"
@@ -577,6 +583,7 @@ def test_passwords_and_the_shipped_acl(secured: Broker) -> None:  # noqa: F811
     assert wrong.returncode == 3 and "refused" in wrong.stderr
 
 
+@pytest.mark.system
 def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
     dead = f"127.0.0.1:{free_port()}"
     r = run_fleet("--mqtt", dead, "--json")

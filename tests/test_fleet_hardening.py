@@ -100,6 +100,7 @@ def test_idle_s_counts_from_the_last_message_of_any_kind() -> None:
 # -- the client: on_message cannot end paho's network thread ----------------------------------------
 
 
+@pytest.mark.system
 def test_a_handler_that_raises_does_not_end_the_network_thread(broker: Broker) -> None:
     got: queue.Queue[bytes] = queue.Queue()
 
@@ -169,6 +170,7 @@ def test_health_is_503_when_no_message_arrived_for_three_intervals_or_the_broker
 # -- end to end: one poisoned device, the rest of the fleet keeps updating ---------------------------
 
 
+@pytest.mark.system
 @pytest.mark.timeout(240)
 def test_a_device_publishing_deep_json_leaves_the_fleet_view_updating(
     start_daemon, broker: Broker, tmp_path: Path
@@ -229,6 +231,7 @@ def test_a_device_publishing_deep_json_leaves_the_fleet_view_updating(
 # -- `edged ask`: only replies with its correlation data ---------------------------------------------
 
 
+@pytest.mark.system
 def test_ask_ignores_replies_without_its_correlation_data(broker: Broker) -> None:
     """A device stand-in answers the job, but first a forger publishes on the same reply topic: a
     final answer without Correlation Data, one with another correlation, and junk. ask returns the

@@ -462,6 +462,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 # -- the page in Chromium ------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 @pytest.mark.timeout(240)
 def test_the_page_in_headless_chromium(fleet: Fleet, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -618,6 +619,7 @@ def test_the_page_in_headless_chromium(fleet: Fleet, tmp_path: Path) -> None:
 # -- the API and SSE -----------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_api_and_server_sent_events(fleet: Fleet) -> None:
     http = fleet.server.http
@@ -700,6 +702,7 @@ def promtool_check_metrics(text: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.system
 @pytest.mark.timeout(240)
 def test_prometheus_scrapes_the_fleet_and_a_daemon(fleet: Fleet, tmp_path: Path) -> None:
     started = time.monotonic()
@@ -901,6 +904,7 @@ def shaped_report(device: str, **changes: Any) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.system
 def test_exposition_of_a_fleet_offline(tmp_path: Path) -> None:
     agg = Aggregator()
     agg.handle("edged/good/status", json.dumps({"state": "online", "profile": "rk3588"}).encode())
@@ -1000,6 +1004,7 @@ def test_parse_listen_refuses(text: str) -> None:
         parse_listen(text)
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_serve_exit_codes_and_a_clean_stop_with_a_page_connected(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -1049,6 +1054,7 @@ def test_serve_exit_codes_and_a_clean_stop_with_a_page_connected(tmp_path: Path)
         broker.stop()
 
 
+@pytest.mark.system
 @pytest.mark.timeout(180)
 def test_the_page_ships_in_the_wheel(tmp_path: Path) -> None:
     subprocess.run(

@@ -113,6 +113,7 @@ def read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
 # -- deadlines -------------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_slow_requests_are_closed_within_the_receive_deadline(lan: tuple[Daemon, int]) -> None:
     """30 slowloris connections on TCP (a header byte a second), a body trickled after the headers,
     a connection that sends nothing, and slow headers on the Unix socket: all closed when the
@@ -181,6 +182,7 @@ def test_slow_requests_are_closed_within_the_receive_deadline(lan: tuple[Daemon,
             sock.close()
 
 
+@pytest.mark.system
 def test_a_stream_its_client_stopped_reading_is_dropped_and_its_job_cancelled(start_daemon: Any) -> None:
     """A streaming client with a small receive buffer that reads nothing more: once the server can
     write nothing for the send timeout, the connection is dropped and the job cancelled (the board
@@ -241,6 +243,7 @@ def test_a_stream_its_client_stopped_reading_is_dropped_and_its_job_cancelled(st
 # -- connection caps -------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_a_flood_of_idle_tcp_connections_leaves_the_socket_answering(start_daemon: Any) -> None:
     """1,200 idle TCP connections from 40 addresses against a daemon with the usual soft limit of
     1,024 files: the listener holds its cap and refuses the rest before the key gate, the Unix
@@ -316,6 +319,7 @@ def test_the_key_gate_refuses_websockets_and_unknown_scopes() -> None:
     assert reached == ["lifespan"]
 
 
+@pytest.mark.system
 def test_a_websocket_handshake_on_tcp_is_plain_http_behind_the_key(lan: tuple[Daemon, int]) -> None:
     d, port = lan
     handshake = (
@@ -360,6 +364,7 @@ def _handshake(context: ssl.SSLContext, port: int) -> str | None:
         return tls.version()
 
 
+@pytest.mark.system
 def test_tls_below_1_2_and_sha1_suites_are_refused(start_daemon: Any, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
@@ -457,6 +462,7 @@ def test_anonymous_clients_are_keyed_by_address_and_ipv6_slash_64() -> None:
 # -- what TCP shows -------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_tcp_status_and_models_leave_out_pid_paths_keys_and_job_ids(lan: tuple[Daemon, int]) -> None:
     d, port = lan
     with (

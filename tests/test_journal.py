@@ -225,6 +225,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("sync", ["full", "normal"])
 def test_committed_entries_survive_sigkill(journal_path: Path, sync: str) -> None:
     child = subprocess.run(
@@ -376,6 +377,7 @@ journal.close()
 """
 
 
+@pytest.mark.system
 def test_write_on_a_full_disk_fails_with_storage_unavailable_and_keeps_committed_rows(
     journal_path: Path,
 ) -> None:

@@ -16,6 +16,8 @@ import pytest
 from conftest import Daemon, chat, run_edged, wait_until
 from mqtt_helpers import free_port
 
+pytestmark = pytest.mark.system
+
 KEY = "sk-edged-test-0123456789abcdef"
 KEYS = json.dumps({"homeassistant": KEY, "webui": "sk-second-key-0123456789"})
 SCHEMA = {

@@ -19,7 +19,7 @@ import pytest
 from conftest import Daemon, chat, wait_until
 from mqtt_helpers import Broker, Probe
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
 
 def rss_mb(pid: int) -> float:

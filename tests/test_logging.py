@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import Daemon, chat
+
+pytestmark = pytest.mark.system
 
 SECRET = "the-launch-code-is-4711"
 

@@ -124,28 +124,33 @@ def half_of(model_path: Path, out: Path) -> Path:
 # -- the five faults, through the real `edged serve` ------------------------------------------------
 
 
+@pytest.mark.system
 def test_missing_file_exits_78(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "model.gguf"
     refused(serve(tmp_path, missing), str(missing), "no such file", "EDGED_MODEL__PATH")
 
 
+@pytest.mark.system
 def test_truncated_gguf_exits_78(tmp_path: Path, model_path: Path) -> None:
     half = half_of(model_path, tmp_path / "half.gguf")
     line = refused(serve(tmp_path, half), str(half), "truncated", "fetch the file again")
     assert f"need {model_path.stat().st_size} bytes but the file has {half.stat().st_size}" in line
 
 
+@pytest.mark.system
 def test_text_file_exits_78(tmp_path: Path) -> None:
     text = tmp_path / "model.gguf"
     text.write_text("this is a shopping list, not a model\n")
     refused(serve(tmp_path, text), str(text), "not a GGUF file", "b'this'")
 
 
+@pytest.mark.system
 def test_unsupported_architecture_exits_78(tmp_path: Path) -> None:
     model = tiny_gguf(tmp_path / "odd.gguf", "notanarch")
     refused(serve(tmp_path, model), str(model), "architecture 'notanarch'", "not one llama.cpp")
 
 
+@pytest.mark.system
 def test_model_larger_than_memory_exits_78(tmp_path: Path, model_path: Path) -> None:
     """MemAvailable of 200 MB under board.root: the 98 MB model and its 189 MB of KV cache (4 slots of
     2048 tokens) do not fit. Nothing is allocated to find out."""
@@ -158,11 +163,13 @@ def test_model_larger_than_memory_exits_78(tmp_path: Path, model_path: Path) -> 
     assert ok is not None and memory_need(read_gguf(model_path), slots=1, n_ctx=1024).total < ok
 
 
+@pytest.mark.system
 def test_forced_backend_names_the_fault_on_one_line(tmp_path: Path, model_path: Path) -> None:
     half = half_of(model_path, tmp_path / "half.gguf")
     refused(serve(tmp_path, half, EDGED_BACKEND="llamacpp"), "forced by config", "truncated", str(half))
 
 
+@pytest.mark.system
 def test_with_another_backend_it_serves_and_status_says_why(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
@@ -193,6 +200,7 @@ def test_with_another_backend_it_serves_and_status_says_why(
 # -- past the pre-load check: llama.cpp's own refusal, with its reason ------------------------------
 
 
+@pytest.mark.system
 def test_a_refusal_by_llama_cpp_itself_is_logged_with_its_reason(tmp_path: Path) -> None:
     """A 'llama' GGUF without the hyperparameters llama.cpp needs passes the header check; llama.cpp
     returns NULL and the error says what it logged (not "see the log lines above")."""
@@ -208,6 +216,7 @@ def test_a_refusal_by_llama_cpp_itself_is_logged_with_its_reason(tmp_path: Path)
     assert r.returncode == 78
 
 
+@pytest.mark.system
 def test_a_refusal_by_llama_cpp_itself_exits_78(tmp_path: Path) -> None:
     model = tiny_gguf(tmp_path / "hollow.gguf", "llama", hparams=True)
     r = serve(tmp_path, model)
@@ -216,6 +225,7 @@ def test_a_refusal_by_llama_cpp_itself_exits_78(tmp_path: Path) -> None:
     assert len(lines) == 1 and "llama.cpp could not load it: error loading model hyperparameters" in lines[0]
 
 
+@pytest.mark.system
 def test_the_memory_check_can_be_turned_off(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
     root = small_memory_root(tmp_path)
     d = start_daemon(EDGED_BOARD__ROOT=str(root), EDGED_LLAMACPP__MEMORY_CHECK="false")
@@ -226,6 +236,7 @@ def test_the_memory_check_can_be_turned_off(tmp_path: Path, start_daemon: Callab
 # -- the check itself ---------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_normal_models_pass_on_this_machine(model_path: Path) -> None:
     """The embedded model (and the R1-shaped 1.5B model of `edged bench`, if built) with 4 slots of
     2048 tokens fit in this machine's MemAvailable (header read time is reported, not asserted)."""
@@ -241,6 +252,7 @@ def test_normal_models_pass_on_this_machine(model_path: Path) -> None:
         assert need.kv_bytes is not None and need.total < available
 
 
+@pytest.mark.system
 def test_kv_estimate_matches_llama_cpp(model_path: Path) -> None:
     """The header's figure is the backend's: n_layer x n_head_kv x head_dim x (K+V) x f16 (from the
     loaded model: a vocabulary-only load has no hyperparameters, and llama_model_n_head aborts)."""
@@ -260,6 +272,7 @@ def test_kv_estimate_matches_llama_cpp(model_path: Path) -> None:
     assert read_gguf(model_path).kv_bytes_per_token() == expected == 23040
 
 
+@pytest.mark.system
 def test_every_prefix_of_a_real_model_is_refused(tmp_path: Path, model_path: Path) -> None:
     """Cut anywhere (inside the magic, the header, the vocabulary, the tensor data): a fault naming
     the truncation, never a pass and never another exception."""
@@ -323,6 +336,7 @@ def test_ggml_type_sizes_match_the_gguf_package() -> None:
     assert {t: sizes[t] for t in GGML_TYPE_SIZES} == GGML_TYPE_SIZES
 
 
+@pytest.mark.system
 def test_architectures_are_llama_cpp_s() -> None:
     """The list is the pinned llama-cpp-python's; a new pin must bring a new list."""
     assert llama_cpp.__version__ == ARCHITECTURES_FROM, "refresh model_check.ARCHITECTURES for this llama.cpp"

@@ -14,6 +14,8 @@ import pytest
 from conftest import Daemon, wait_until
 from mqtt_helpers import Broker, Probe
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture
 def broker(tmp_path: Path):

@@ -18,6 +18,8 @@ from test_mqtt import mqtt_env, wait_connected
 
 from edged.config import JobsConfig
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parent.parent
 USERS = {"devA": "pa55-a", "devB": "pa55-b", "dashboard": "pa55-d", "ops": "pa55-o"}
 DEVICES = ("devA", "devB")

@@ -20,6 +20,8 @@ from conftest import BOARDS, Daemon, chat, clean_env, edged_exe, rkllm_abi_flags
 
 from edged.backends.rkllm_abi import abi_for
 
+pytestmark = pytest.mark.system
+
 STUB = Path(__file__).parent / "npu_stub"
 RELEASES = {"1.1.4": "110", "1.2.0": "120", "1.2.1b1": "120b1", "1.2.1": "121", "1.3.0": "130"}
 """Runtime release -> the stand-in's ABI build (rkllm_abi.h; 120b1 = 1.2.0 with 1.2.1's multimodal input)."""

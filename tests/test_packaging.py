@@ -8,9 +8,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.system
 def test_wheel_contains_the_board_profiles(tmp_path: Path) -> None:
     subprocess.run(
         [

@@ -49,6 +49,7 @@ def py_value(abi_name: str, key: str) -> int:
     return getattr(cls, name).offset
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("abi_name", list(C_ABI))
 def test_ctypes_layout_matches_gcc(tmp_path: Path, abi_name: str) -> None:
     layout = c_layout(tmp_path, C_ABI[abi_name])

@@ -8,7 +8,10 @@ import socket
 import stat
 import time
 
+import pytest
 from conftest import Daemon, wait_until
+
+pytestmark = pytest.mark.system
 
 
 def test_default_mode_is_0660_and_shutdown_removes_the_socket(daemon: Daemon) -> None:

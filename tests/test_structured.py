@@ -17,6 +17,8 @@ import pytest
 from conftest import Daemon, chat, run_edged, wait_until
 from mqtt_helpers import Broker, Probe
 
+pytestmark = pytest.mark.system
+
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {

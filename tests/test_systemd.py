@@ -39,6 +39,7 @@ def units(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.system
 def test_units_pass_systemd_analyze_verify(units: Path) -> None:
     r = subprocess.run(
         [tool("systemd-analyze"), "verify", str(units / "edged.socket"), str(units / "edged.service")],
@@ -50,6 +51,7 @@ def test_units_pass_systemd_analyze_verify(units: Path) -> None:
     assert r.stderr.strip() == "", r.stderr
 
 
+@pytest.mark.system
 def test_security_exposure_score(units: Path) -> None:
     r = subprocess.run(
         [tool("systemd-analyze"), "security", "--offline=yes", "--no-pager", str(units / "edged.service")],
@@ -124,6 +126,7 @@ def short_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="edged-sd-", dir="/tmp"))
 
 
+@pytest.mark.system
 def test_socket_activation_answers_a_job(tmp_path: Path, model_path: Path) -> None:
     sock = short_dir() / "edged.sock"
     log = (tmp_path / "edged.log").open("wb")
@@ -185,6 +188,7 @@ def recv_until(notify: socket.socket, needle: str, timeout: float, log: Path) ->
     pytest.fail(f"no {needle!r} within {timeout} s; got {[t for _, t in got]}\n{log.read_text()}")
 
 
+@pytest.mark.system
 def test_sd_notify_ready_after_load_watchdog_and_stopping(tmp_path: Path, model_path: Path) -> None:
     where = short_dir()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

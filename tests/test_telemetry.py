@@ -199,6 +199,7 @@ def hot_board(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.system
 def test_governor_derates_pauses_and_resumes_around_a_real_job(
     start_daemon, hot_board: Path, tmp_path: Path
 ) -> None:
@@ -300,6 +301,7 @@ def test_governor_derates_pauses_and_resumes_around_a_real_job(
         broker.stop()
 
 
+@pytest.mark.system
 def test_thermal_overrides_from_config_and_bad_overrides_exit_78(hot_board: Path) -> None:
     r = run_edged("serve", "--root", str(hot_board), env=clean_env(EDGED_THERMAL__RESUME_C="99"))
     assert r.returncode == 78
@@ -309,6 +311,7 @@ def test_thermal_overrides_from_config_and_bad_overrides_exit_78(hot_board: Path
 # -- telemetry, discovery, metrics ----------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_telemetry_and_home_assistant_discovery_on_a_real_broker(
     start_daemon, hot_board: Path, tmp_path: Path
 ) -> None:
@@ -383,6 +386,7 @@ def test_telemetry_and_home_assistant_discovery_on_a_real_broker(
         broker.stop()
 
 
+@pytest.mark.system
 def test_prometheus_metrics_on_the_socket_and_tcp(start_daemon, hot_board: Path) -> None:
     port = free_port()
     d = start_daemon("--root", str(hot_board), EDGED_TELEMETRY__METRICS_PORT=str(port))
@@ -428,6 +432,7 @@ def test_prometheus_metrics_on_the_socket_and_tcp(start_daemon, hot_board: Path)
     assert "edged_thermal_zone_celsius" in tcp
 
 
+@pytest.mark.system
 def test_status_command_shows_throughput_and_temperatures(start_daemon, hot_board: Path) -> None:
     d = start_daemon("--root", str(hot_board))
     with d.client() as c:

@@ -179,8 +179,9 @@ def _options(options: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:  # one line per request, never one per key: this runs on the event loop
         named = [name[:40] for name in unknown[:UNKNOWN_OPTIONS_NAMED]]
         log.info("ignoring unknown Ollama options", count=len(unknown), options=named)
-    if fields.get("max_tokens") is not None and fields["max_tokens"] < 0:  # -1, -2: "until the context ends"
-        del fields["max_tokens"]
+    limit = fields.get("max_tokens")
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit < 0:
+        del fields["max_tokens"]  # -1, -2: "until the context ends"; other types: the job schema says
     return fields
 
 

@@ -1,0 +1,159 @@
+"""`Preparer`: a job request turned into what a backend runs - the chat template and system prompt,
+the think switch, the context cap and max_tokens clamp, sampling layered profile < config < job -
+through a stand-in tokenizer (one token per character)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import BOARDS
+
+from edged.backends import Grammar
+from edged.board import detect_board
+from edged.config import Settings
+from edged.engine.job import JobRequest
+from edged.engine.prepare import SKIP_THINKING, Preparer
+from edged.errors import ContextLengthExceeded, InvalidRequest
+
+
+class CharTokenizer:
+    """One token per character; a chat is ``role: content`` lines, then the template's own opening
+    ``<think>`` if ``opens_think`` (as DeepSeek-R1's template does)."""
+
+    def __init__(self, *, opens_think: bool = False, problem: str | None = None) -> None:
+        self.opens_think = opens_think
+        self.problem = problem
+        self.chat_flags: list[bool] = []
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("<think>\n" if self.opens_think else "")
+
+    def tokenize(self, text: str, *, chat: bool) -> list[int]:
+        self.chat_flags.append(chat)
+        return [ord(c) for c in text]
+
+    def grammar_problem(self, grammar: Grammar) -> str | None:
+        return self.problem
+
+
+class WithVocab(CharTokenizer):
+    n_vocab = 128
+
+
+@pytest.fixture
+def preparer(settings_of: Callable[..., Settings]) -> Callable[..., Preparer]:
+    def make(**overrides: Any) -> Preparer:
+        return Preparer(settings_of(**overrides), detect_board(BOARDS / "x86", user_dir=None))
+
+    return make
+
+
+def job(**fields: Any) -> JobRequest:
+    return JobRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_the_chat_template_renders_the_messages_with_the_configured_system_prompt(preparer) -> None:
+    tokenizer = CharTokenizer()
+    p = preparer(model={"system_prompt": "Be brief."})
+    prepared = p.prepare(job(), tokenizer, n_ctx=1000)
+    assert prepared.prompt.text == "system: Be brief.\nuser: hi\n"
+    assert prepared.prompt.tokens == [ord(c) for c in prepared.prompt.text]
+    assert tokenizer.chat_flags == [True]
+    own = job(messages=[{"role": "system", "content": "Mine."}, {"role": "user", "content": "hi"}])
+    assert p.prepare(own, tokenizer, 1000).prompt.text == "system: Mine.\nuser: hi\n", "the job's own wins"
+    single = JobRequest(prompt="hey")
+    assert p.prepare(single, tokenizer, 1000).prompt.text == "system: Be brief.\nuser: hey\n"
+
+
+def test_a_raw_prompt_is_fed_verbatim_without_the_template(preparer) -> None:
+    tokenizer = CharTokenizer(opens_think=True)
+    prepared = preparer(model={"system_prompt": "Be brief."}).prepare(
+        JobRequest(prompt="Once upon a", raw=True), tokenizer, 1000
+    )
+    assert prepared.prompt.text == "Once upon a"
+    assert tokenizer.chat_flags == [False]
+    assert not prepared.in_think
+
+
+def test_a_prompt_that_fills_the_context_is_refused_with_its_counts(preparer) -> None:
+    p = preparer()
+    text_len = len("user: hi\n")
+    with pytest.raises(ContextLengthExceeded) as info:
+        p.prepare(job(), CharTokenizer(), n_ctx=text_len)
+    body = info.value.to_dict()["error"]
+    assert (body["n_prompt_tokens"], body["n_ctx"], body["param"]) == (text_len, text_len, "messages")
+    with pytest.raises(ContextLengthExceeded) as info:
+        p.prepare(JobRequest(prompt="x" * 50, raw=True), CharTokenizer(), n_ctx=50)
+    assert info.value.param == "prompt"
+    assert p.prepare(job(), CharTokenizer(), n_ctx=text_len + 1).params.max_tokens == 1
+
+
+def test_max_tokens_is_clamped_to_the_room_left_and_says_so(preparer) -> None:
+    p = preparer(jobs={"default_max_tokens": 20})
+    prompt_len = len("user: hi\n")
+    fits = p.prepare(job(max_tokens=5), CharTokenizer(), n_ctx=100)
+    assert (fits.params.max_tokens, fits.clamped) == (5, False)
+    cut = p.prepare(job(max_tokens=500), CharTokenizer(), n_ctx=prompt_len + 10)
+    assert (cut.params.max_tokens, cut.clamped) == (10, True)
+    default = p.prepare(job(), CharTokenizer(), n_ctx=100)
+    assert (default.params.max_tokens, default.clamped) == (20, False), "jobs.default_max_tokens"
+
+
+def test_sampling_is_the_profile_then_the_config_then_the_job(preparer) -> None:
+    p = preparer(model={"sampling": {"temperature": 0.2, "top_k": 7}})
+    base = p.prepare(job(), CharTokenizer(), 100).params
+    # x86 is the generic profile: temperature 0.6 and top_p 0.9; the config overrides temperature
+    assert (base.temperature, base.top_p, base.top_k) == (0.2, 0.9, 7)
+    assert (base.frequency_penalty, base.presence_penalty, base.logit_bias, base.seed) == (0.0, 0.0, (), None)
+    own = p.prepare(
+        job(temperature=1.1, top_p=0.5, seed=3, presence_penalty=0.5, logit_bias={"9": 2, "4": -1}),
+        CharTokenizer(),
+        100,
+    ).params
+    assert (own.temperature, own.top_p, own.top_k, own.seed) == (1.1, 0.5, 7, 3)
+    assert own.presence_penalty == 0.5 and own.logit_bias == ((4, -1.0), (9, 2.0))
+
+
+def test_a_template_that_opens_think_starts_inside_the_reasoning(preparer) -> None:
+    p = preparer()
+    thinking = p.prepare(job(reasoning_budget=5), CharTokenizer(opens_think=True), 1000)
+    assert thinking.in_think and thinking.params.in_think and thinking.params.reasoning_budget == 5
+    assert thinking.prompt.text.endswith("<think>\n")
+    for skip in ({"think": False}, {"reasoning_budget": 0}):
+        direct = p.prepare(job(**skip), CharTokenizer(opens_think=True), 1000)
+        assert direct.prompt.text.endswith("<think>\n" + SKIP_THINKING), skip
+        assert not direct.in_think and direct.params.reasoning_budget is None
+    plain = p.prepare(job(reasoning_budget=5), CharTokenizer(), 1000)
+    assert not plain.in_think and plain.params.reasoning_budget is None, "no <think>: no budget to keep"
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(preparer) -> None:
+    p = preparer()
+    with pytest.raises(InvalidRequest) as info:
+        p.prepare(job(logit_bias={"5": 1, "128": 1, "4000": -1}), WithVocab(), 1000)
+    assert info.value.param == "logit_bias"
+    assert "[128, 4000]" in info.value.message and "(0..127)" in info.value.message
+    assert p.prepare(job(logit_bias={"127": 1}), WithVocab(), 1000).params.logit_bias == ((127, 1.0),)
+
+
+def test_a_grammar_the_sampler_cannot_take_is_refused_naming_the_field(preparer) -> None:
+    p = preparer()
+    refusing = CharTokenizer(problem="rule 'x' is not defined")
+    with pytest.raises(InvalidRequest) as info:
+        p.prepare(job(grammar='root ::= "a"'), refusing, 1000)
+    assert (info.value.param, info.value.message) == ("grammar", "grammar: rule 'x' is not defined")
+    with pytest.raises(InvalidRequest) as info:
+        p.prepare(job(response_format={"type": "json_object"}), refusing, 1000)
+    assert info.value.param == "response_format"
+    kept = p.prepare(job(grammar='root ::= "a"'), CharTokenizer(opens_think=True), 1000)
+    assert kept.params.grammar is not None and kept.params.grammar.after_think, "reasoning stays free"
+    assert kept.constraint is not None and kept.constraint.kind == "grammar"
+
+
+def test_cache_prompt_false_asks_for_the_whole_prompt(preparer) -> None:
+    p = preparer()
+    assert p.prepare(job(), CharTokenizer(), 100).prompt.reuse
+    assert not p.prepare(job(cache_prompt=False), CharTokenizer(), 100).prompt.reuse
