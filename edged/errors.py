@@ -1,7 +1,8 @@
 """One small error hierarchy with stable codes, shared by every transport.
 
-The codes and HTTP statuses are part of the external contract (`contract.md`): transports map
-an `EdgedError` to their wire format and never invent codes of their own.
+The codes and HTTP statuses are part of the external contract: transports map an `EdgedError`
+to their wire format (`edged.transports.http.errors` for HTTP, `error_message` for MQTT) and never
+invent codes of their own; `error_codes` is the list every document derives from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ class EdgedError(Exception):
     code: ClassVar[str] = "internal_error"
     http_status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
+    client_facing: ClassVar[bool] = True
+    """False for errors only the operator sees (a bad config, a listener that cannot bind)."""
 
     def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
         super().__init__(message)
@@ -30,14 +33,19 @@ class EdgedError(Exception):
             "type": self.type,
             "param": self.param,
         }
-        body.update(self.details)
+        body.update((k, v) for k, v in self.details.items() if k not in _CORE)
         return {"error": body}
+
+
+_CORE = frozenset({"code", "message", "type", "param"})
+"""What a detail can never replace (``InvalidOutput(..., code=...)`` would have)."""
 
 
 class ConfigError(EdgedError):
     """The configuration (file, environment, flags or a board profile) is invalid."""
 
     code = "config_error"
+    client_facing = False
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
@@ -97,6 +105,22 @@ class QueueFull(Unavailable):
     code = "queue_full"
 
 
+class ThermalPaused(Unavailable):
+    """Reserved: the thermal governor would refuse new work. edged's governor queues instead (fewer
+    slots, a pause between steps), so nothing raises it today; clients should treat it as
+    ``queue_full``."""
+
+    code = "thermal_paused"
+    retry_after = 10
+
+
+class StorageUnavailable(Unavailable):
+    """The job journal cannot be opened or written (disk full, read-only, over
+    ``journal.max_bytes``): the job was not accepted."""
+
+    code = "storage_unavailable"
+
+
 class NotReady(Unavailable):
     code = "not_ready"
     retry_after = 2
@@ -108,6 +132,14 @@ class RateLimited(EdgedError):
     code = "rate_limited"
     http_status = 429
     type = "rate_limit_error"
+
+
+class Unauthorized(EdgedError):
+    """No API key, or a wrong one, on the TCP listener (OpenAI answers a bad key with this type)."""
+
+    code = "unauthorized"
+    http_status = 401
+    type = "invalid_request_error"
 
 
 class DeadlineExceeded(EdgedError):
@@ -142,3 +174,24 @@ class TransportError(EdgedError):
     """A transport could not start (socket in use, cannot bind, ...)."""
 
     code = "transport_failed"
+    client_facing = False
+
+
+def error_classes() -> list[type[EdgedError]]:
+    """Every error class, the base first, then in the order they are defined (depth first)."""
+    out: list[type[EdgedError]] = []
+    todo: list[type[EdgedError]] = [EdgedError]
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo[:0] = cls.__subclasses__()
+    return out
+
+
+def error_codes() -> list[str]:
+    """The codes a client can receive, each once: the contract's list, the OpenAPI document's."""
+    codes: list[str] = []
+    for cls in error_classes():
+        if cls.client_facing and cls.code not in codes:
+            codes.append(cls.code)
+    return codes

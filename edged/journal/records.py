@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from edged.errors import Unavailable
+from edged.errors import StorageUnavailable
 
 
 class JobState(str, enum.Enum):
@@ -136,14 +136,12 @@ class AcceptResult:
         return self.record.answer
 
 
-class JournalUnavailable(Unavailable):
+class JournalUnavailable(StorageUnavailable):
     """The job journal cannot be opened or written (disk full, read-only, I/O error, closed).
 
     A job whose ``accept`` fails this way was not recorded, so it must not be acknowledged: the
     client (or the broker, by not getting its PUBACK) retries later.
     """
-
-    code = "storage_unavailable"
 
 
 class InvalidTransition(ValueError):

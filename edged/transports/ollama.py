@@ -22,6 +22,7 @@ from edged.config import Settings
 from edged.engine import Delta, Engine, Failed, Finished, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
+from edged.transports.http.errors import error_response
 from edged.transports.tcp import origin_of, peer_of
 
 log = structlog.get_logger(__name__)
@@ -134,8 +135,7 @@ def _body(model: type[BaseModel]) -> dict[str, Any]:
 
 def ollama_error(error: EdgedError) -> JSONResponse:
     """Ollama's error shape, ``{"error": "..."}``, with the HTTP status of edged's code."""
-    headers = {"Retry-After": str(error.retry_after)} if hasattr(error, "retry_after") else None
-    return JSONResponse({"error": error.message}, status_code=error.http_status, headers=headers)
+    return error_response(error, "ollama")
 
 
 def _now() -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import json
 import math
 import socket
 import ssl
@@ -26,7 +25,8 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edged.config import HttpConfig, is_loopback
-from edged.errors import ConfigError, TransportError
+from edged.errors import ConfigError, NotFound, RateLimited, TransportError, Unauthorized
+from edged.transports.http.errors import send_error, shape_of
 from edged.transports.limits import ACCEPT_BACKLOG, address_key, tcp_limits
 
 log = structlog.get_logger(__name__)
@@ -166,7 +166,7 @@ class KeyGate:
         client = scope.get("client") or ("?", 0)
         address = str(client[0])
         if path in NOT_ON_TCP:
-            await _refuse(send, path, 404, "not_found", f"{path} is not served on the TCP listener")
+            await send_error(send, NotFound(f"{path} is not served on the TCP listener"), shape_of(path))
             return
         if path in OPEN_ON_TCP:
             await self.app(scope, receive, send)
@@ -185,12 +185,10 @@ class KeyGate:
                         refused_total=self.refused_keys,
                     )
                 message = "a wrong API key" if presented is not None else "no API key"
-                await _refuse(
+                await send_error(
                     send,
-                    path,
-                    401,
-                    "unauthorized",
-                    f"{message}: send 'Authorization: Bearer <key>' (a key from http.api_keys)",
+                    Unauthorized(f"{message}: send 'Authorization: Bearer <key>' (a key from http.api_keys)"),
+                    shape_of(path),
                     {"www-authenticate": 'Bearer realm="edged"'},
                 )
                 return
@@ -198,14 +196,11 @@ class KeyGate:
         wait = self.limiter.take(name if name != "anonymous" else f"anonymous@{client_key(address)}")
         if wait > 0:
             retry = max(1, math.ceil(wait))
-            await _refuse(
-                send,
-                path,
-                429,
-                "rate_limited",
+            limited = RateLimited(
                 f"key {name!r} is over http.rate_limit_per_min ({self.limiter.per_min}); retry in {retry} s",
-                {"retry-after": str(retry)},
+                retry_after=retry,
             )
+            await send_error(send, limited, shape_of(path), {"retry-after": str(retry)})
             return
         scope["state"]["edged_caller"] = Caller(key=name, address=address)
         await self.app(scope, receive, send)
@@ -259,22 +254,6 @@ def _bearer(scope: Scope) -> str | None:
         if name == b"x-api-key":  # what some clients send instead
             return value.decode("latin-1").strip()
     return None
-
-
-async def _refuse(
-    send: Send, path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> None:
-    """An error in the shape the route's clients read: Ollama's under /api/, OpenAI's elsewhere."""
-    body: dict[str, Any]
-    if path.startswith("/api/"):
-        body = {"error": message}
-    else:
-        body = {"error": {"code": code, "message": message, "type": "invalid_request_error", "param": None}}
-    data = json.dumps(body).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": data})
 
 
 def bind_tcp(config: HttpConfig) -> socket.socket:

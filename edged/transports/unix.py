@@ -36,8 +36,9 @@ from edged.errors import (
     NotSupported,
     PayloadTooLarge,
     TransportError,
-    Unavailable,
+    error_codes,
 )
+from edged.transports.http.errors import error_response
 from edged.transports.jobs_api import add_job_routes
 from edged.transports.limits import SOCKET_LIMITS, LimitedH11Protocol, ListenerLimits, ServerConfig
 from edged.transports.ollama import BODIES as OLLAMA_BODIES
@@ -279,11 +280,6 @@ class CompletionRequest(ChatCompletionRequest):
 # -- limits and errors -----------------------------------------------------------------------------
 
 
-def error_response(error: EdgedError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Unavailable) else None
-    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
-
-
 def _describe_validation(errors: list[Any]) -> InvalidRequest:
     problems = []
     param = None
@@ -324,31 +320,14 @@ def _body_ref(model: type[BaseModel]) -> dict[str, Any]:
 
 # -- /openapi.json: bodies, errors, streams ------------------------------------------------------------
 
-ErrorCode = Literal[
-    "invalid_request",
-    "context_length_exceeded",
-    "payload_too_large",
-    "not_found",
-    "model_not_found",
-    "queue_full",
-    "thermal_paused",
-    "not_ready",
-    "storage_unavailable",
-    "rate_limited",
-    "deadline_exceeded",
-    "cancelled",
-    "backend_failed",
-    "not_supported",
-    "invalid_output",
-    "unauthorized",
-]
-"""contract.md, "Error codes"."""
-
 
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    code: ErrorCode = Field(description="The stable code; its HTTP status is the contract's.")
+    code: str = Field(
+        description="The stable code; its HTTP status is the contract's.",
+        json_schema_extra={"enum": list[Any](error_codes())},  # edged.errors' classes are the list
+    )
     message: str = Field(description="What went wrong, for a person.")
     type: str = Field(description="OpenAI's error type.")
     param: str | None = Field(description="The request field at fault, if one is.")

@@ -20,6 +20,9 @@ CONTRACT: list[tuple[type[errors.EdgedError], str, int, str]] = [
     (errors.NotReady, "not_ready", 503, "server_error"),
     (JournalUnavailable, "storage_unavailable", 503, "server_error"),
     (errors.RateLimited, "rate_limited", 429, "rate_limit_error"),
+    (errors.Unauthorized, "unauthorized", 401, "invalid_request_error"),
+    (errors.ThermalPaused, "thermal_paused", 503, "server_error"),
+    (errors.StorageUnavailable, "storage_unavailable", 503, "server_error"),
     (errors.DeadlineExceeded, "deadline_exceeded", 504, "server_error"),
     (errors.Cancelled, "cancelled", 499, "invalid_request_error"),
     (errors.ShuttingDown, "cancelled", 499, "invalid_request_error"),
@@ -73,3 +76,25 @@ def test_a_config_error_keeps_each_problem() -> None:
     assert error.problems == ["model.ctx = 9999 (from file x): too big", "queue.max_depth = 'many' (...)"]
     assert error.message == "model.ctx = 9999 (from file x): too big; queue.max_depth = 'many' (...)"
     assert error.code == "config_error"
+
+
+def test_the_codes_a_client_can_receive_are_the_classes() -> None:
+    """One list, derived from the classes: the OpenAPI document and the contract read it."""
+    codes = errors.error_codes()
+    assert len(codes) == len(set(codes))
+    assert set(codes) == {code for cls, code, *_ in CONTRACT if cls.client_facing}
+    assert "config_error" not in codes and "transport_failed" not in codes, "operator errors"
+    assert {"unauthorized", "thermal_paused", "storage_unavailable", "backend_unavailable"} <= set(codes)
+
+
+def test_a_detail_cannot_replace_the_code_or_the_message() -> None:
+    error = errors.InvalidOutput("cut", content="{", code="forged", type="y")
+    body = error.to_dict()["error"]
+    assert (body["code"], body["message"], body["type"], body["param"]) == (
+        "invalid_output",
+        "cut",
+        "invalid_request_error",
+        None,
+    )
+    assert body["content"] == "{"
+    assert list(body)[:4] == ["code", "message", "type", "param"], "the core first, as before"

@@ -1,0 +1,1 @@
+"""The HTTP side of edged, shared by the Unix socket and the TCP listener."""
