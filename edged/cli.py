@@ -1,7 +1,7 @@
 """The `edged` command: run the daemon, ask it things, and inspect the board and configuration.
 
-Exit codes: 0 ok, 1 the daemon answered with an error, 2 usage, 3 daemon not reachable,
-78 bad configuration (EX_CONFIG).
+Exit codes (edged/cli_common.py): 0 ok, 1 the daemon answered with an error, 2 usage, 3 daemon not
+reachable, 78 bad configuration (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -11,17 +11,22 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from edged import __version__
-from edged.cli_options import ConfigOpt, JsonOpt, SocketOpt
-from edged.errors import BackendUnavailable, ConfigError, EdgedError
-from edged.fleet.cli import (  # paho, the aggregator and rich.live load only when fleet runs
+from edged.cli_common import (
+    EXIT_CONFIG,
+    EXIT_DAEMON_ERROR,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ConfigOpt,
+    JsonOpt,
     PasswordOpt,
+    SocketOpt,
     TlsCaOpt,
     TlsCertOpt,
     TlsKeyOpt,
@@ -29,10 +34,17 @@ from edged.fleet.cli import (  # paho, the aggregator and rich.live load only wh
     TlsVerifyOpt,
     UsernameOpt,
     broker_options,
-    fleet_app,
+    err,
+    exit_config_error,
+    fail,
+    load_settings_or_exit,
+    out,
 )
+from edged.errors import BackendUnavailable, ConfigError, EdgedError
+from edged.fleet.cli import fleet_app  # paho, the aggregator and rich.live load only when fleet runs
 
-EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CONFIG = 0, 1, 2, 3, 78
+if TYPE_CHECKING:
+    from edged.fleet.client import BrokerOptions
 
 app = typer.Typer(
     name="edged",
@@ -48,25 +60,6 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    err.print(f"[red]edged:[/red] {message}", markup=True)
-    raise typer.Exit(code)
-
-
-def _settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Any:
-    from edged.config import load_settings
-
-    try:
-        return load_settings(config, overrides)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]edged: config error:[/red] {problem}", markup=True)
-        raise typer.Exit(EXIT_CONFIG) from exc
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +106,7 @@ def serve(
 ) -> None:
     """Run the daemon: detect the board, load the model, answer on the Unix socket until SIGTERM."""
     started = time.perf_counter()
-    settings = _settings(
+    settings = load_settings_or_exit(
         config,
         _nest(
             {
@@ -142,12 +135,10 @@ def serve(
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config error", problem=problem)
-            err.print(f"edged: config error: {problem}")
-        raise typer.Exit(EXIT_CONFIG) from exc
+        exit_config_error(exc)
     except BackendUnavailable as exc:
         log.error("no usable backend", error=exc.message)
-        err.print(f"edged: {exc.message}")
-        raise typer.Exit(EXIT_CONFIG) from exc
+        fail(EXIT_CONFIG, exc.message)
     log.info(
         "starting",
         version=__version__,
@@ -164,15 +155,14 @@ def serve(
         code = asyncio.run(run_daemon(p, started))
     except EdgedError as exc:
         log.error("cannot start", code=exc.code, error=exc.message)
-        err.print(f"edged: {exc.message}")
-        raise typer.Exit(EXIT_DAEMON_ERROR) from exc
+        fail(EXIT_DAEMON_ERROR, exc.message)
     raise typer.Exit(code)
 
 
 def _client(config: Path | None, socket: Path | None) -> Any:
     from edged.client import Client
 
-    path = socket or _settings(config).socket.path
+    path = socket or load_settings_or_exit(config).socket.path
     return Client(path)
 
 
@@ -184,9 +174,9 @@ def _get(config: Path | None, socket: Path | None, path: str) -> Any:
         try:
             return client.get(path)
         except DaemonUnreachable as exc:
-            _fail(EXIT_UNREACHABLE, str(exc))
+            fail(EXIT_UNREACHABLE, str(exc))
         except DaemonError as exc:
-            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+            fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
 
 
 def _stats_line(result: dict[str, Any]) -> str:
@@ -261,7 +251,7 @@ def ask(
 
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text.strip():
-        _fail(EXIT_USAGE, "the prompt is empty")
+        fail(EXIT_USAGE, "the prompt is empty")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}
     ]
@@ -274,12 +264,12 @@ def ask(
         }
     )
     if schema is not None and json_object:
-        _fail(EXIT_USAGE, "give --schema FILE or --json-object, not both")
+        fail(EXIT_USAGE, "give --schema FILE or --json-object, not both")
     if schema is not None:
         try:
             loaded = json.loads(schema.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            _fail(EXIT_USAGE, f"--schema {schema}: not a JSON file: {exc}")
+            fail(EXIT_USAGE, f"--schema {schema}: not a JSON file: {exc}")
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": schema.stem[:64] or "response", "schema": loaded},
@@ -292,17 +282,18 @@ def ask(
         body["reasoning_budget"] = reasoning_budget
     if mqtt is not None:
         if bool(device) == fleet:
-            _fail(EXIT_USAGE, "with --mqtt give exactly one of --device ID or --fleet")
+            fail(EXIT_USAGE, "with --mqtt give exactly one of --device ID or --fleet")
+        cfg = load_settings_or_exit(config).mqtt
         try:
             options = broker_options(
-                _settings(config).mqtt, mqtt, username, password, tls, tls_ca, tls_cert, tls_key, tls_verify
+                cfg, mqtt, username, password, tls, tls_ca, tls_cert, tls_key, tls_verify
             )
         except ValueError as exc:  # BrokerSetupError: a malformed address, a missing TLS file
-            _fail(EXIT_USAGE, str(exc))
-        _ask_mqtt(config, options, device, body, as_json)
+            fail(EXIT_USAGE, str(exc))
+        _ask_mqtt(options, cfg.topic_prefix, device, body, as_json)
         return
     if device or fleet:
-        _fail(EXIT_USAGE, "--device and --fleet need --mqtt HOST[:PORT]")
+        fail(EXIT_USAGE, "--device and --fleet need --mqtt HOST[:PORT]")
     with _client(config, socket) as client:
         try:
             if as_json:
@@ -322,9 +313,9 @@ def ask(
             out.print()
             err.print(_stats_line(final), style="dim", markup=False)
         except DaemonUnreachable as exc:
-            _fail(EXIT_UNREACHABLE, str(exc))
+            fail(EXIT_UNREACHABLE, str(exc))
         except DaemonError as exc:
-            _fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
+            fail(EXIT_DAEMON_ERROR, f"{exc.error.get('message')} ({exc.error.get('code')})")
 
 
 def _print_delta(kind: str, text: str, in_reasoning: bool) -> bool:
@@ -339,26 +330,25 @@ def _print_delta(kind: str, text: str, in_reasoning: bool) -> bool:
 
 
 def _ask_mqtt(
-    config: Path | None, options: Any, device: str | None, body: dict[str, Any], as_json: bool
+    options: BrokerOptions, prefix: str, device: str | None, body: dict[str, Any], as_json: bool
 ) -> None:
     from edged.fleet.ask import BrokerUnreachable, NoAnswer, ask_over_mqtt
 
-    cfg = _settings(config).mqtt
     final: dict[str, Any] = {}
     in_reasoning = False
     try:
-        for message in ask_over_mqtt(options, body, device=device, prefix=cfg.topic_prefix):
+        for message in ask_over_mqtt(options, body, device=device, prefix=prefix):
             if "status" in message:
                 final = message
             elif not as_json:
                 in_reasoning = _print_delta(message.get("kind", "content"), message["delta"], in_reasoning)
     except (BrokerUnreachable, NoAnswer) as exc:
-        _fail(EXIT_UNREACHABLE, str(exc))
+        fail(EXIT_UNREACHABLE, str(exc))
     if as_json:
         out.print_json(data=final)
     if final.get("status") != "done":
         error = final.get("error") or {}
-        _fail(EXIT_DAEMON_ERROR, f"{error.get('message')} ({error.get('code')})")
+        fail(EXIT_DAEMON_ERROR, f"{error.get('message')} ({error.get('code')})")
     if not as_json:
         out.print()
         err.print(f"[{final.get('device_id')}] " + _stats_line(final), style="dim", markup=False)
@@ -500,13 +490,11 @@ def board(
     from edged.board import detect_board, plan_cpus
     from edged.daemon import backend_report, board_report
 
-    settings = _settings(config, _nest({"board.root": root, "board.profile": profile}))
+    settings = load_settings_or_exit(config, _nest({"board.root": root, "board.profile": profile}))
     try:
         info = detect_board(settings.board.root, settings.board.profile, settings.board.profiles_dir)
     except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"edged: config error: {problem}")
-        raise typer.Exit(EXIT_CONFIG) from exc
+        exit_config_error(exc)
     report: dict[str, Any] = board_report(info)
     cpus = plan_cpus(info.profile, settings.model.threads)
     report["cpu"] = {"threads": cpus.threads, "affinity": cpus.affinity, "note": cpus.note}
@@ -550,7 +538,7 @@ def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Print the effective configuration after file, environment and defaults are merged."""
     from edged.config import dump_settings
 
-    data = dump_settings(_settings(config))
+    data = dump_settings(load_settings_or_exit(config))
     if as_json:
         out.print_json(data=data)
         return

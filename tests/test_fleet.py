@@ -32,7 +32,7 @@ from edged.fleet.aggregator import (
     FleetEvent,
     FleetMonitor,
 )
-from edged.fleet.ask import Target, ask_over_mqtt
+from edged.fleet.ask import ask_over_mqtt
 from edged.fleet.client import BrokerOptions, BrokerSetupError, BrokerUnreachable, parse_address
 
 BOARDS = {  # device id -> fixture board, board model, profile, hottest zone, °C, throttled, governor
@@ -154,7 +154,6 @@ def by_id(devices: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 )
 def test_parse_address(text: str, expected: tuple[str, int | None]) -> None:
     assert parse_address(text) == expected
-    assert (Target.parse(text).host, Target.parse(text).port) == expected
 
 
 @pytest.mark.parametrize(
@@ -536,7 +535,7 @@ def test_ipv6_broker_for_the_daemon_fleet_and_ask(start_daemon, tmp_path: Path) 
             )
         )
         assert answer[-1]["status"] == "done" and answer[-1]["device_id"] == "v6"
-        # `edged ask --mqtt [::1]:PORT` (the older Target call of edged/cli.py) parses it too now.
+        # `edged ask --mqtt [::1]:PORT` parses it too.
         r = run_edged("ask", "--mqtt", target, "--device", "v6", "--max-tokens", "4", "hi")
         assert r.returncode == 0, r.stderr
         assert "[v6]" in r.stderr

@@ -18,73 +18,34 @@ import json
 import queue
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from paho.mqtt import client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edged.fleet.client import (
-    TLS_PORT,
-    BrokerOptions,
-    BrokerSetupError,
-    BrokerUnreachable,
-    Connection,
-    parse_address,
-)
+from edged.fleet.client import BrokerOptions, BrokerSetupError, BrokerUnreachable, Connection
 
-__all__ = ["BrokerOptions", "BrokerUnreachable", "NoAnswer", "Target", "ask_over_mqtt"]
+__all__ = ["BrokerOptions", "BrokerUnreachable", "NoAnswer", "ask_over_mqtt"]
 
 
 class NoAnswer(Exception):
     """No answer arrived in time."""
 
 
-@dataclass(frozen=True)
-class Target:
-    """``HOST[:PORT]`` as given to ``--mqtt`` (``[::1]:1883`` for IPv6). Kept for callers that pass
-    the options one by one; new code passes a `BrokerOptions` to `ask_over_mqtt` instead."""
-
-    host: str
-    port: int | None
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        try:
-            return cls(*parse_address(text))
-        except BrokerSetupError:
-            return cls(text, None)  # the connection attempt reports it (exit 3), as before
-
-
-def _legacy_options(
-    target: Target, username: str | None, password: str | None, ca: Path | None
-) -> BrokerOptions:
-    """The options of the older call (`Target` plus user name, password and CA). It keeps that
-    call's one guess, TLS on port 8883 without a CA, until edged/cli.py passes `BrokerOptions`."""
-    tls = True if (ca is not None or target.port == TLS_PORT) else None
-    return BrokerOptions(target.host, target.port, username=username, password=password, tls=tls, ca=ca)
-
-
 def ask_over_mqtt(
-    target: Target | BrokerOptions,
+    broker: BrokerOptions,
     job: dict[str, Any],
     *,
     device: str | None,
     prefix: str = "edged",
-    username: str | None = None,
-    password: str | None = None,
-    ca: Path | None = None,
     timeout: float = 300.0,
 ) -> Iterator[dict[str, Any]]:
-    """Yield the answer's chunks and, last, the final message (``status`` done or error).
-
-    ``target`` is a `BrokerOptions` (then ``username``/``password``/``ca`` are ignored) or, for the
-    older call, a `Target`. The job always goes over MQTT 5 (it needs the Response Topic)."""
-    if isinstance(target, Target):
-        target = _legacy_options(target, username, password, ca)
-    options = replace(target, protocol="5")
+    """Yield the answer's chunks and, last, the final message (``status`` done or error), from the
+    device ``device`` or (None) the fleet. The job always goes over MQTT 5 (it needs the Response
+    Topic), whatever ``broker.protocol`` says."""
+    options = replace(broker, protocol="5")
     topic = f"{prefix}/{device}/jobs" if device else f"{prefix}/fleet/jobs"
     correlation = uuid.uuid4().hex
     expected = correlation.encode()

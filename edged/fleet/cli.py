@@ -2,42 +2,57 @@
 
 ``edged fleet --mqtt HOST[:PORT]`` shows a live table (the callback runs when no subcommand is
 given); ``--once`` prints one table, ``--json`` one JSON snapshot for scripts. The broker options
-are those of the shared client factory (`edged.fleet.client.BrokerOptions`) and default to the
-``mqtt.*`` settings, like `edged ask --mqtt`.
+(edged/cli_common.py) are those of the shared client factory (`edged.fleet.client.BrokerOptions`)
+and default to the ``mqtt.*`` settings, like `edged ask --mqtt`.
 
-Register it in edged/cli.py with::
-
-    app.add_typer(fleet_app, name="fleet")
+A subcommand takes the options that locate the fleet (--config, the broker options, --topic-prefix,
+--interval) both before and after its name: ``edged fleet --mqtt HOST serve`` and
+``edged fleet serve --mqtt HOST`` are the same, and one given in both places is taken from after.
+edged/cli.py mounts `fleet_app` as ``edged fleet``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from functools import partial
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from edged.cli_options import ConfigOpt
+from edged.cli_common import (
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    BrokerOpt,
+    ConfigOpt,
+    PasswordOpt,
+    ProtocolOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsOpt,
+    TlsVerifyOpt,
+    UsernameOpt,
+    broker_options,
+    err,
+    fail,
+    load_settings_or_exit,
+    out,
+)
 
 if TYPE_CHECKING:  # imported when the command runs: `edged --help` and the others stay quick
     from edged.fleet.aggregator import Aggregator, FleetMonitor
     from edged.fleet.client import BrokerOptions
 
-EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CONFIG = 2, 3, 78
 WIDE = 240
 """Columns for a table printed into a pipe or a file."""
 SETTLE_S = 0.5
 """--once: after the subscription, how long retained statuses may take before an early finish."""
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+_fail = partial(fail, program="edged fleet")
 
 HELP = "\n\n".join(
     (
@@ -61,78 +76,22 @@ HELP = "\n\n".join(
 
 fleet_app = typer.Typer(help=HELP, add_completion=False, no_args_is_help=False)
 
-
-# -- the broker options: the same flags wherever edged talks to a broker -----------------------------
-# `edged ask --mqtt` can declare the same parameters with these types and call `broker_options`.
-
-BrokerOpt = Annotated[
-    str | None,
+TopicPrefixOpt = Annotated[
+    str | None, typer.Option(help="First topic level(s) (default: mqtt.topic_prefix, edged).")
+]
+IntervalOpt = Annotated[
+    float | None,
     typer.Option(
-        "--mqtt",
-        metavar="HOST[:PORT]",
-        help="The broker: HOST, HOST:PORT, [IPV6]:PORT (default: mqtt.host and mqtt.port).",
+        min=0.2,
+        help="The devices' telemetry interval in seconds, used until their reports show it "
+        "(default: telemetry.interval_s, 10).",
     ),
 ]
-UsernameOpt = Annotated[str | None, typer.Option(help="Broker user name (default: mqtt.username).")]
-PasswordOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Broker password (default: mqtt.password). Prefer the environment variable "
-        "EDGED_MQTT__PASSWORD or the configuration file: the command line shows in ps."
-    ),
-]
-TlsOpt = Annotated[
-    bool | None,
-    typer.Option("--tls/--no-tls", help="Use TLS (default: on with a CA or client certificate)."),
-]
-TlsCaOpt = Annotated[
-    Path | None, typer.Option(help="CA certificate of the broker (default: mqtt.tls.ca).", dir_okay=False)
-]
-TlsCertOpt = Annotated[Path | None, typer.Option(help="Client certificate (with --tls-key).", dir_okay=False)]
-TlsKeyOpt = Annotated[Path | None, typer.Option(help="Client private key (with --tls-cert).", dir_okay=False)]
-TlsVerifyOpt = Annotated[
-    bool | None,
-    typer.Option("--tls-verify/--no-tls-verify", help="Verify the broker's certificate and host name."),
-]
-ProtocolOpt = Annotated[
-    str | None, typer.Option(help="MQTT protocol, 5 or 3.1.1 (default: mqtt.protocol, 5).")
-]
-
-
-def broker_options(
-    cfg: Any,
-    mqtt: str | None,
-    username: str | None = None,
-    password: str | None = None,
-    tls: bool | None = None,
-    tls_ca: Path | None = None,
-    tls_cert: Path | None = None,
-    tls_key: Path | None = None,
-    tls_verify: bool | None = None,
-    protocol: str | None = None,
-) -> BrokerOptions:
-    """The ``mqtt.*`` settings (``cfg``: `edged.config.MqttConfig`) overridden by the flags above;
-    raises `edged.fleet.client.BrokerSetupError` (a usage error, exit 2)."""
-    from edged.fleet.client import BrokerOptions, BrokerSetupError
-
-    if protocol is not None and protocol not in ("5", "3.1.1"):
-        raise BrokerSetupError(f"--protocol must be 5 or 3.1.1, not {protocol!r}")
-    overrides = {
-        "username": username,
-        "password": password,
-        "tls": tls,
-        "ca": tls_ca,
-        "cert": tls_cert,
-        "key": tls_key,
-        "verify": tls_verify,
-        "protocol": protocol,
-    }
-    return BrokerOptions.from_config(cfg, mqtt, overrides)
 
 
 @dataclass(frozen=True)
 class FleetOptions:
-    """The resolved options of `edged fleet`, handed to its subcommands in ``ctx.obj``."""
+    """The resolved options of `edged fleet` and its subcommands (`fleet_options`)."""
 
     broker: BrokerOptions
     topic_prefix: str
@@ -150,9 +109,38 @@ class FleetOptions:
         return FleetMonitor(self.broker, aggregator or self.aggregator())
 
 
-def _fail(code: int, message: str) -> NoReturn:
-    err.print(f"[red]edged fleet:[/red] {escape(message)}", markup=True)
-    raise typer.Exit(code)
+def fleet_options(ctx: typer.Context) -> FleetOptions:
+    """The options that locate the fleet, which `edged fleet` and each subcommand declare with the same
+    names and types (None: not given): each one given after the subcommand, else before it (on
+    `edged fleet`), else from the configuration. Exits 2 or 78 if they cannot work."""
+    from edged.fleet.client import BrokerSetupError
+
+    before = ctx.parent.params if ctx.parent is not None else {}
+
+    def given(name: str) -> Any:
+        value = ctx.params.get(name)
+        return before.get(name) if value is None else value
+
+    settings = load_settings_or_exit(given("config"))
+    try:
+        broker = broker_options(
+            settings.mqtt,
+            given("mqtt"),
+            username=given("username"),
+            password=given("password"),
+            tls=given("tls"),
+            tls_ca=given("tls_ca"),
+            tls_cert=given("tls_cert"),
+            tls_key=given("tls_key"),
+            tls_verify=given("tls_verify"),
+            protocol=given("protocol"),
+        )
+    except BrokerSetupError as exc:
+        _fail(EXIT_USAGE, str(exc))
+    prefix = (given("topic_prefix") or settings.mqtt.topic_prefix).strip("/")
+    if not prefix or "+" in prefix or "#" in prefix:
+        _fail(EXIT_USAGE, "--topic-prefix must be a topic without wildcards")
+    return FleetOptions(broker, prefix, given("interval") or settings.telemetry.interval_s)
 
 
 def _logs_to_stderr() -> None:
@@ -168,18 +156,6 @@ def _logs_to_stderr() -> None:
     )
 
 
-def _settings(config: Path | None) -> Any:
-    from edged.config import load_settings
-    from edged.errors import ConfigError
-
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            err.print(f"[red]edged: config error:[/red] {escape(str(problem))}", markup=True)
-        raise typer.Exit(EXIT_CONFIG) from exc
-
-
 @fleet_app.callback(invoke_without_command=True)
 def fleet(
     ctx: typer.Context,
@@ -193,9 +169,8 @@ def fleet(
     tls_key: TlsKeyOpt = None,
     tls_verify: TlsVerifyOpt = None,
     protocol: ProtocolOpt = None,
-    topic_prefix: Annotated[
-        str | None, typer.Option(help="First topic level(s) (default: mqtt.topic_prefix, edged).")
-    ] = None,
+    topic_prefix: TopicPrefixOpt = None,
+    interval: IntervalOpt = None,
     once: Annotated[bool, typer.Option("--once", help="Print one table after --wait and exit.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON snapshot (implies --once), for scripts.")
@@ -208,37 +183,14 @@ def fleet(
             "(default: --interval + 1). It ends sooner once every device not offline has reported.",
         ),
     ] = None,
-    interval: Annotated[
-        float | None,
-        typer.Option(
-            min=0.2,
-            help="The devices' telemetry interval in seconds, used until their reports show it "
-            "(default: telemetry.interval_s, 10).",
-        ),
-    ] = None,
     refresh: Annotated[float, typer.Option(min=0.1, help="Live table refresh period in seconds.")] = 1.0,
 ) -> None:
     from edged.fleet.client import BrokerSetupError, BrokerUnreachable
 
     _logs_to_stderr()
-    if ctx.invoked_subcommand is not None and ctx.resilient_parsing:
-        return
-    if ctx.invoked_subcommand is not None and {"--help", "-h"} & set(sys.argv[1:]):
-        return  # `edged fleet serve --help`: click runs this callback first; help needs no broker
-    settings = _settings(config)
-    try:
-        broker = broker_options(
-            settings.mqtt, mqtt, username, password, tls, tls_ca, tls_cert, tls_key, tls_verify, protocol
-        )
-    except BrokerSetupError as exc:
-        _fail(EXIT_USAGE, str(exc))
-    prefix = (topic_prefix or settings.mqtt.topic_prefix).strip("/")
-    if not prefix or "+" in prefix or "#" in prefix:
-        _fail(EXIT_USAGE, "--topic-prefix must be a topic without wildcards")
-    options = FleetOptions(broker, prefix, interval or settings.telemetry.interval_s)
     if ctx.invoked_subcommand is not None:
-        ctx.obj = options  # a subcommand (`edged fleet serve`) reads the resolved options here
-        return
+        return  # the subcommand resolves the options, its own first: `edged fleet serve --mqtt HOST`
+    options = fleet_options(ctx)
     once = once or as_json
     if wait is not None and not once:
         _fail(EXIT_USAGE, "--wait goes with --once or --json")
@@ -313,7 +265,7 @@ def _live(options: FleetOptions, monitor: FleetMonitor, refresh: float) -> None:
 
 
 # -- subcommands ---------------------------------------------------------------------------------
-# The broker options go before the subcommand: `edged fleet --mqtt HOST serve --listen ...`.
+# Each declares the options of `fleet_options` too, so that they may follow its name.
 
 SERVE_HELP = "\n\n".join(
     (
@@ -323,8 +275,10 @@ SERVE_HELP = "\n\n".join(
         "Also: /api/fleet (JSON), /api/devices/ID, /events (SSE), /health (503 while the broker is "
         "unreachable, or when no message at all arrived for 3 --interval periods, at least 10 s). "
         "The page has no login: keep --listen on loopback or behind an authenticating proxy.",
+        "The broker options, --config, --topic-prefix and --interval go before or after `serve`; "
+        "given in both places, the one after `serve` is used.",
         "Examples:",
-        "edged fleet --mqtt broker.lan serve   (http://127.0.0.1:8088/)",
+        "edged fleet serve --mqtt broker.lan   (http://127.0.0.1:8088/)",
         'EDGED_MQTT__PASSWORD="$(cat ~/.config/edged/broker-pass)" edged fleet --mqtt broker.lan '
         "--username dashboard serve --listen [::1]:9100   (not --password: ps shows it)",
         "Exit codes: 0 stopped (SIGINT/SIGTERM), 2 usage or --listen address unusable, 3 broker not "
@@ -336,6 +290,18 @@ SERVE_HELP = "\n\n".join(
 @fleet_app.command(help=SERVE_HELP)
 def serve(
     ctx: typer.Context,
+    mqtt: BrokerOpt = None,
+    config: ConfigOpt = None,
+    username: UsernameOpt = None,
+    password: PasswordOpt = None,
+    tls: TlsOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_verify: TlsVerifyOpt = None,
+    protocol: ProtocolOpt = None,
+    topic_prefix: TopicPrefixOpt = None,
+    interval: IntervalOpt = None,
     listen: Annotated[
         str,
         typer.Option(metavar="HOST:PORT", help="Address of the web server: HOST:PORT, [IPV6]:PORT."),
@@ -355,9 +321,7 @@ def serve(
     from edged.fleet.web import ListenError, bind, create_app, parse_listen, url_of
     from edged.fleet.web import serve as run_server
 
-    options: FleetOptions | None = ctx.obj
-    if options is None:  # not reached through the `edged fleet` callback
-        _fail(EXIT_USAGE, "run it as `edged fleet [--mqtt HOST] serve`")
+    options = fleet_options(ctx)
     points = round(history * 60 / resolution)
     if not 1 <= points <= 7200:
         _fail(EXIT_USAGE, f"--history {history:g} min at --resolution {resolution:g} s is {points} points")
