@@ -20,10 +20,10 @@ from edged.errors import Unavailable
 from edged.journal import (
     SCHEMA_VERSION,
     InvalidTransition,
-    JobState,
     Journal,
     JournalEntry,
     JournalUnavailable,
+    RecordState,
     idempotency_key,
 )
 
@@ -52,12 +52,12 @@ def test_accepted_entry_is_there_after_reopen(journal_path: Path, sync: str) -> 
     entry = mqtt_entry(1, job_id="job-1")
     with Journal.open(journal_path, sync=sync) as journal:  # type: ignore[arg-type]
         result = journal.accept(entry).result(WAIT)
-    assert result.new and result.state is JobState.ACCEPTED
+    assert result.new and result.state is RecordState.ACCEPTED
 
     with Journal.open(journal_path, sync=sync) as journal:  # type: ignore[arg-type]
         record = journal.get(entry.key)
     assert record is not None
-    assert record.state is JobState.ACCEPTED
+    assert record.state is RecordState.ACCEPTED
     assert record.payload == entry.payload
     assert record.response_topic == entry.response_topic
     assert record.correlation == entry.correlation
@@ -114,19 +114,19 @@ def test_duplicate_by_client_id_returns_the_stored_answer(journal_path: Path) ->
         # A redelivery after a crash: same id and requester (here even another payload), nothing written.
         again = journal.accept(mqtt_entry(2, job_id="job-7", correlation=b"corr-1")).result(WAIT)
         assert first.new and not again.new
-        assert again.state is JobState.ACCEPTED and again.answer is None
+        assert again.state is RecordState.ACCEPTED and again.answer is None
 
         journal.mark_running(first.record.key).result(WAIT)
-        assert journal.accept(mqtt_entry(1, job_id="job-7")).result(WAIT).state is JobState.RUNNING
+        assert journal.accept(mqtt_entry(1, job_id="job-7")).result(WAIT).state is RecordState.RUNNING
 
         answer = {"id": "job-7", "status": "ok", "text": "forty-two"}
         journal.mark_done(first.record.key, answer).result(WAIT)
         done = journal.accept(mqtt_entry(1, job_id="job-7")).result(WAIT)
-        assert not done.new and done.state is JobState.DONE and done.answer == answer
+        assert not done.new and done.state is RecordState.DONE and done.answer == answer
 
         journal.mark_answered(first.record.key).result(WAIT)
         answered = journal.accept(mqtt_entry(1, job_id="job-7")).result(WAIT)
-        assert not answered.new and answered.state is JobState.ANSWERED and answered.answer == answer
+        assert not answered.new and answered.state is RecordState.ANSWERED and answered.answer == answer
         assert len(journal.recent(10)) == 1
 
 
@@ -142,7 +142,7 @@ def test_duplicate_by_derived_key(journal_path: Path) -> None:
         error = {"code": "context_length_exceeded", "message": "too long"}
         journal.mark_failed(first.record.key, error).result(WAIT)
         failed = journal.accept(mqtt_entry(3)).result(WAIT)
-        assert not failed.new and failed.state is JobState.FAILED
+        assert not failed.new and failed.state is RecordState.FAILED
         assert failed.record.error == error and failed.answer is None
 
 
@@ -152,12 +152,12 @@ def test_states_flow_with_timings_and_refuse_bad_transitions(journal_path: Path)
         journal.mark_running(key).result(WAIT)
         journal.mark_running(key).result(WAIT)  # run again after a restart
         running = journal.get(key)
-        assert running is not None and running.state is JobState.RUNNING and running.attempts == 2
+        assert running is not None and running.state is RecordState.RUNNING and running.attempts == 2
         journal.mark_done(key, {"text": "hi"}).result(WAIT)
         journal.mark_answered(key).result(WAIT)
         journal.mark_answered(key).result(WAIT)  # a second PUBACK for a re-published answer is fine
         record = journal.get(key)
-        assert record is not None and record.state is JobState.ANSWERED
+        assert record is not None and record.state is RecordState.ANSWERED
         assert record.started_at is not None and record.finished_at is not None
         assert record.answered_at is not None
         assert record.accepted_at <= record.started_at <= record.finished_at <= record.answered_at
@@ -174,13 +174,13 @@ def test_states_flow_with_timings_and_refuse_bad_transitions(journal_path: Path)
             futures[0].result(WAIT)
         futures[1].result(WAIT)
         assert futures[2].result(WAIT).new
-        assert journal.get(other).state is JobState.RUNNING  # type: ignore[union-attr]
+        assert journal.get(other).state is RecordState.RUNNING  # type: ignore[union-attr]
 
         # A socket job has no acknowledgement: done and answered in one commit.
         socket_job = JournalEntry(origin="socket", payload=b'{"prompt": "hi"}', job_id="job-s")
         journal.accept(socket_job).result(WAIT)
         journal.mark_done(socket_job.key, {"text": "hello"}, answered=True).result(WAIT)
-        assert journal.get(socket_job.key).state is JobState.ANSWERED  # type: ignore[union-attr]
+        assert journal.get(socket_job.key).state is RecordState.ANSWERED  # type: ignore[union-attr]
 
 
 CRASHING_CHILD = r"""
@@ -250,7 +250,13 @@ def test_committed_entries_survive_sigkill(journal_path: Path, sync: str) -> Non
         assert record is not None, f"committed job {key} lost"
         assert record.payload.hex() == payload
     states = [records[key].state for key in keys]  # type: ignore[union-attr]
-    A, R, D, F, N = JobState.ACCEPTED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.ANSWERED
+    A, R, D, F, N = (
+        RecordState.ACCEPTED,
+        RecordState.RUNNING,
+        RecordState.DONE,
+        RecordState.FAILED,
+        RecordState.ANSWERED,
+    )
     assert states == [A, A, A, R, R, R, D, D, F, N, N, R]
     assert [r.key for r in pending] == keys[0:6] + keys[11:12]
     assert records[keys[11]].attempts == 2  # type: ignore[union-attr]
@@ -258,7 +264,7 @@ def test_committed_entries_survive_sigkill(journal_path: Path, sync: str) -> Non
     assert unanswered[0].answer == {"text": "answer " + keys[6]}
     assert unanswered[2].error == {"code": "backend_failed"}
     for record in late:
-        assert record.state is JobState.ACCEPTED and record.payload == f"late {record.job_id[5:]}".encode()  # type: ignore[index]
+        assert record.state is RecordState.ACCEPTED and record.payload == f"late {record.job_id[5:]}".encode()  # type: ignore[index]
 
 
 def test_prune_by_age_keeps_every_unanswered_row(journal_path: Path) -> None:
@@ -276,7 +282,7 @@ def test_prune_by_age_keeps_every_unanswered_row(journal_path: Path) -> None:
         assert journal.prune().result(WAIT) == 2
         left = {r.key: r.state for r in journal.recent(100)}
     assert set(left) == {keys[0], keys[1], keys[4], keys[5]}
-    assert left[keys[0]] is JobState.DONE and left[keys[1]] is JobState.FAILED
+    assert left[keys[0]] is RecordState.DONE and left[keys[1]] is RecordState.FAILED
 
     with Journal.open(journal_path, keep_s=3600) as journal:
         key = journal.accept(mqtt_entry(50)).result(WAIT).record.key
@@ -398,7 +404,7 @@ def test_write_on_a_full_disk_fails_with_storage_unavailable_and_keeps_committed
     with Journal.open(journal_path) as journal:
         for key in told["committed"]:
             record = journal.get(key)
-            assert record is not None and record.state is JobState.ACCEPTED, key
+            assert record is not None and record.state is RecordState.ACCEPTED, key
         assert journal.get(told["failure"]["key"]) is None, "a failed accept must not half-exist"
         assert journal.accept(mqtt_entry(1)).result(WAIT).new, "writable again once there is room"
 
@@ -492,7 +498,7 @@ def test_a_graceful_stop_does_not_count_as_an_attempt(journal_path: Path) -> Non
         journal.mark_running(key).result(WAIT)  # run again after a crash
         journal.mark_released(key).result(WAIT)  # then left by a shutdown
         record = journal.get(key)
-        assert record is not None and record.state is JobState.ACCEPTED and record.attempts == 1
+        assert record is not None and record.state is RecordState.ACCEPTED and record.attempts == 1
         with pytest.raises(InvalidTransition):
             journal.mark_released(key).result(WAIT)  # only a running job can be released
 
@@ -519,5 +525,5 @@ def test_max_bytes_drops_acknowledged_rows_then_refuses(journal_path: Path) -> N
         else:
             pytest.fail("100 unanswered 200 KB jobs fitted in a 2 MB journal")
         assert len(journal.pending()) >= 5, "unanswered rows are never dropped to make room"
-        assert all(r.state is JobState.ACCEPTED for r in journal.pending())
+        assert all(r.state is RecordState.ACCEPTED for r in journal.pending())
     assert journal_path.stat().st_size < budget * 1.5

@@ -6,7 +6,7 @@ acknowledged. At start, ``pending()`` jobs are run again and ``unanswered()`` an
 the idempotency key makes a redelivery after a crash answered once, never generated twice.
 """
 
-from edged.journal.records import AcceptResult, JobRecord, JobState, JournalEntry, idempotency_key
+from edged.journal.records import AcceptResult, JobRecord, JournalEntry, RecordState, idempotency_key
 from edged.journal.store import SCHEMA_VERSION, InvalidTransition, Journal, JournalUnavailable
 
 __all__ = [
@@ -14,9 +14,9 @@ __all__ = [
     "AcceptResult",
     "InvalidTransition",
     "JobRecord",
-    "JobState",
     "Journal",
     "JournalEntry",
     "JournalUnavailable",
+    "RecordState",
     "idempotency_key",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 from edged.errors import StorageUnavailable
 
 
-class JobState(str, enum.Enum):
+class RecordState(str, enum.Enum):
     """A journaled job's state. ``accepted`` and ``running`` are run again after a restart;
     ``done`` and ``failed`` hold an answer not yet acknowledged, so it is published again;
     ``answered`` rows are only kept for the dedup window."""
@@ -103,7 +103,7 @@ class JobRecord:
     """Monotonic row number, never reused: the paging cursor for ``Journal.recent(before=...)``."""
     key: str
     origin: str
-    state: JobState
+    state: RecordState
     payload: bytes
     job_id: str | None
     response_topic: str | None
@@ -128,7 +128,7 @@ class AcceptResult:
     record: JobRecord
 
     @property
-    def state(self) -> JobState:
+    def state(self) -> RecordState:
         return self.record.state
 
     @property
@@ -148,7 +148,7 @@ class InvalidTransition(ValueError):
     """A state change the journal refuses (unknown key, or e.g. ``done`` for an answered job).
     A bug in the caller, not a storage failure: nothing else in the same commit is undone."""
 
-    def __init__(self, key: str, state: JobState | None, wanted: JobState) -> None:
+    def __init__(self, key: str, state: RecordState | None, wanted: RecordState) -> None:
         where = "is not in the journal" if state is None else f"is {state.value}"
         super().__init__(f"job {key!r} {where}; cannot mark it {wanted.value}")
         self.key = key

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from edged.journal.records import JobRecord, JobState, JournalUnavailable
+from edged.journal.records import JobRecord, JournalUnavailable, RecordState
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +75,7 @@ def record_of(row: tuple[Any, ...]) -> JobRecord:
         seq=row[0],
         key=row[1],
         origin=row[2],
-        state=JobState(row[3]),
+        state=RecordState(row[3]),
         payload=bytes(row[4]),
         job_id=row[5],
         response_topic=row[6],

@@ -35,9 +35,9 @@ from edged.journal.records import (
     AcceptResult,
     InvalidTransition,
     JobRecord,
-    JobState,
     JournalEntry,
     JournalUnavailable,
+    RecordState,
 )
 from edged.journal.schema import COLUMNS, SCHEMA_VERSION, connect, dumps, get_record, record_of
 
@@ -162,8 +162,8 @@ class Journal:
         starts, so a job the daemon keeps dying in is recognised: ``journal.max_attempts``)."""
         return self._transition(
             key,
-            JobState.RUNNING,
-            (JobState.ACCEPTED, JobState.RUNNING),
+            RecordState.RUNNING,
+            (RecordState.ACCEPTED, RecordState.RUNNING),
             "started_at = ?, attempts = attempts + 1",
             (time.time(),),
         )
@@ -173,8 +173,8 @@ class Journal:
         this start is not counted against ``journal.max_attempts`` (only dying in it is)."""
         return self._transition(
             key,
-            JobState.ACCEPTED,
-            (JobState.RUNNING,),
+            RecordState.ACCEPTED,
+            (RecordState.RUNNING,),
             "attempts = max(attempts - 1, 0)",
             (),
         )
@@ -182,20 +182,20 @@ class Journal:
     def mark_done(self, key: str, answer: Mapping[str, Any], *, answered: bool = False) -> Future[None]:
         """Store the answer; it is published again after a restart until ``mark_answered``.
         ``answered=True`` (a socket job, whose answer has no acknowledgement) does both in one commit."""
-        return self._finish(key, JobState.DONE, "answer", dumps(answer), answered)
+        return self._finish(key, RecordState.DONE, "answer", dumps(answer), answered)
 
     def mark_failed(self, key: str, error: Mapping[str, Any], *, answered: bool = False) -> Future[None]:
         """Store the error body; like ``mark_done``. ``answered=True`` also closes a job nobody can
         be told about (a socket job found pending at start: its client has gone)."""
-        return self._finish(key, JobState.FAILED, "error", dumps(error), answered)
+        return self._finish(key, RecordState.FAILED, "error", dumps(error), answered)
 
     def mark_answered(self, key: str) -> Future[None]:
         """The answer's own PUBACK came back: keep the row only for the dedup window. Idempotent,
         since a re-published answer can be acknowledged twice."""
         return self._transition(
             key,
-            JobState.ANSWERED,
-            (JobState.DONE, JobState.FAILED, JobState.ANSWERED),
+            RecordState.ANSWERED,
+            (RecordState.DONE, RecordState.FAILED, RecordState.ANSWERED),
             "answered_at = COALESCE(answered_at, ?)",
             (time.time(),),
         )
@@ -206,13 +206,13 @@ class Journal:
         Returns how many rows went. Also runs at open and every few hundred new jobs."""
         return self._submit(self._prune, "prune")
 
-    def _finish(self, key: str, state: JobState, column: str, body: str, answered: bool) -> Future[None]:
+    def _finish(self, key: str, state: RecordState, column: str, body: str, answered: bool) -> Future[None]:
         now = time.time()
-        target = JobState.ANSWERED if answered else state
+        target = RecordState.ANSWERED if answered else state
         return self._transition(
             key,
             target,
-            (JobState.ACCEPTED, JobState.RUNNING),
+            (RecordState.ACCEPTED, RecordState.RUNNING),
             f"{column} = ?, finished_at = ?, answered_at = ?",
             (body, now, now if answered else None),
         )
@@ -220,8 +220,8 @@ class Journal:
     def _transition(
         self,
         key: str,
-        target: JobState,
-        allowed: tuple[JobState, ...],
+        target: RecordState,
+        allowed: tuple[RecordState, ...],
         assignments: str,
         values: tuple[Any, ...],
     ) -> Future[None]:
@@ -233,7 +233,7 @@ class Journal:
             ).rowcount
             if not changed:
                 row = conn.execute("SELECT state FROM jobs WHERE key = ?", (key,)).fetchone()
-                raise InvalidTransition(key, JobState(row[0]) if row else None, target)
+                raise InvalidTransition(key, RecordState(row[0]) if row else None, target)
 
         return self._submit(write, f"mark {key} {target.value}")
 

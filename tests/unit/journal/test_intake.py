@@ -11,11 +11,11 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from edged.errors import BackendError
-from edged.journal import JobRecord, JobState
+from edged.journal import JobRecord, RecordState
 from edged.journal.intake import close_local_rows, exhausted
 
 
-def record(key: str, origin: str, state: JobState, attempts: int = 1) -> JobRecord:
+def record(key: str, origin: str, state: RecordState, attempts: int = 1) -> JobRecord:
     return JobRecord(
         seq=1,
         key=key,
@@ -64,11 +64,11 @@ class Book:
 def test_socket_and_tcp_rows_are_closed_and_mqtt_rows_left_to_run_again() -> None:
     book = Book(
         pending=[
-            record("s1", "socket", JobState.RUNNING),
-            record("m1", "mqtt", JobState.ACCEPTED),
-            record("t1", "tcp:kitchen", JobState.ACCEPTED),
+            record("s1", "socket", RecordState.RUNNING),
+            record("m1", "mqtt", RecordState.ACCEPTED),
+            record("t1", "tcp:kitchen", RecordState.ACCEPTED),
         ],
-        unanswered=[record("s2", "socket", JobState.DONE), record("m2", "mqtt", JobState.FAILED)],
+        unanswered=[record("s2", "socket", RecordState.DONE), record("m2", "mqtt", RecordState.FAILED)],
     )
     closed = asyncio.run(close_local_rows(book, "dev1"))  # type: ignore[arg-type]
     assert (closed.failed, closed.answered, closed.errors) == (2, 1, 0)
@@ -81,8 +81,8 @@ def test_socket_and_tcp_rows_are_closed_and_mqtt_rows_left_to_run_again() -> Non
 
 def test_one_row_that_cannot_be_closed_does_not_keep_the_others_open() -> None:
     book = Book(
-        pending=[record("bad", "socket", JobState.RUNNING), record("ok", "socket", JobState.RUNNING)],
-        unanswered=[record("bad", "socket", JobState.DONE), record("ok2", "socket", JobState.FAILED)],
+        pending=[record("bad", "socket", RecordState.RUNNING), record("ok", "socket", RecordState.RUNNING)],
+        unanswered=[record("bad", "socket", RecordState.DONE), record("ok2", "socket", RecordState.FAILED)],
         broken="bad",
     )
     with capture_logs() as logs:
@@ -94,7 +94,7 @@ def test_one_row_that_cannot_be_closed_does_not_keep_the_others_open() -> None:
 
 
 def test_nothing_left_open_is_nothing_to_say() -> None:
-    book = Book(pending=[record("m1", "mqtt", JobState.RUNNING)], unanswered=[])
+    book = Book(pending=[record("m1", "mqtt", RecordState.RUNNING)], unanswered=[])
     with capture_logs() as logs:
         closed = asyncio.run(close_local_rows(book, "dev1"))  # type: ignore[arg-type]
     assert (closed.failed, closed.answered, closed.errors) == (0, 0, 0)
@@ -102,9 +102,9 @@ def test_nothing_left_open_is_nothing_to_say() -> None:
 
 
 def test_a_job_is_run_again_until_the_daemon_died_in_it_max_attempts_times() -> None:
-    assert exhausted(record("k", "mqtt", JobState.RUNNING, attempts=0), 3) is None
-    assert exhausted(record("k", "mqtt", JobState.RUNNING, attempts=2), 3) is None
-    error = exhausted(record("k", "mqtt", JobState.RUNNING, attempts=3), 3)
+    assert exhausted(record("k", "mqtt", RecordState.RUNNING, attempts=0), 3) is None
+    assert exhausted(record("k", "mqtt", RecordState.RUNNING, attempts=2), 3) is None
+    error = exhausted(record("k", "mqtt", RecordState.RUNNING, attempts=3), 3)
     assert isinstance(error, BackendError) and error.code == "backend_failed"
     assert "stopped 3 times" in error.message and "journal.max_attempts = 3" in error.message
-    assert exhausted(record("k", "mqtt", JobState.RUNNING, attempts=7), 3) is not None
+    assert exhausted(record("k", "mqtt", RecordState.RUNNING, attempts=7), 3) is not None

@@ -12,9 +12,9 @@ from edged.journal import (
     AcceptResult,
     InvalidTransition,
     JobRecord,
-    JobState,
     JournalEntry,
     JournalUnavailable,
+    RecordState,
 )
 from edged.journal.records import idempotency_key
 
@@ -24,7 +24,7 @@ def record(**fields: object) -> JobRecord:
         "seq": 1,
         "key": "id:x",
         "origin": "mqtt",
-        "state": JobState.DONE,
+        "state": RecordState.DONE,
         "payload": b"{}",
         "job_id": "j1",
         "response_topic": "r/a",
@@ -67,16 +67,16 @@ def test_the_key_cannot_be_given_or_changed() -> None:
 
 
 def test_an_accept_result_reads_through_to_its_record() -> None:
-    found = AcceptResult(new=False, record=record(state=JobState.ANSWERED, answer={"text": "4"}))
-    assert (found.state, found.answer) == (JobState.ANSWERED, {"text": "4"})
+    found = AcceptResult(new=False, record=record(state=RecordState.ANSWERED, answer={"text": "4"}))
+    assert (found.state, found.answer) == (RecordState.ANSWERED, {"text": "4"})
 
 
 def test_invalid_transitions_say_what_the_row_is_and_what_was_wanted() -> None:
-    missing = InvalidTransition("id:abc", None, JobState.DONE)
+    missing = InvalidTransition("id:abc", None, RecordState.DONE)
     assert str(missing) == "job 'id:abc' is not in the journal; cannot mark it done"
-    answered = InvalidTransition("id:abc", JobState.ANSWERED, JobState.RUNNING)
+    answered = InvalidTransition("id:abc", RecordState.ANSWERED, RecordState.RUNNING)
     assert str(answered) == "job 'id:abc' is answered; cannot mark it running"
-    assert isinstance(answered, ValueError) and answered.wanted is JobState.RUNNING
+    assert isinstance(answered, ValueError) and answered.wanted is RecordState.RUNNING
 
 
 def test_a_journal_that_cannot_be_written_is_a_retryable_503() -> None:
