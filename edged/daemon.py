@@ -24,7 +24,7 @@ from edged.engine import Engine, EngineState
 from edged.errors import BackendUnavailable, EdgedError
 from edged.journal import Journal, JournalUnavailable
 from edged.journal.book import JobBook
-from edged.journal.intake import close_local_rows
+from edged.journal.intake import JobIntake, Recovery
 from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
@@ -125,7 +125,7 @@ def open_journal(settings: Settings) -> Journal | None:
     return journal
 
 
-async def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
+async def start_mqtt(p: Plan, engine: Engine, recovery: Recovery | None) -> MqttTransport:
     settings = p.settings
     discovery = None
     if settings.telemetry.homeassistant:
@@ -137,9 +137,9 @@ async def start_mqtt(p: Plan, engine: Engine) -> MqttTransport:
             topics.status,
             presence(p, engine),
         )
-    transport = MqttTransport(engine, settings, lambda: presence(p, engine), discovery, engine.book)
+    transport = MqttTransport(engine, settings, lambda: presence(p, engine), discovery, engine.intake)
     engine.on_backend_change(transport.publish_presence)
-    await transport.start()
+    await transport.start(recovery)
     return transport
 
 
@@ -169,13 +169,23 @@ async def serve(p: Plan, started: float) -> int:
             "cannot open the job journal", error=exc.message, hint="check journal.path, or journal.enabled"
         )
         return 78
-    book = JobBook(journal, content=settings.log.content) if journal is not None else None
-    if book is not None:  # every start, MQTT or not: the socket's rows are this process's to close
-        try:
-            await close_local_rows(book, settings.device_id)
+    intake = None
+    recovery = None
+    if journal is not None:
+        intake = JobIntake(
+            JobBook(journal, content=settings.log.content),
+            settings.device_id,
+            max_attempts=settings.journal.max_attempts,
+            local=settings.journal.socket,
+        )
+        try:  # every start, MQTT or not, before any job is taken
+            recovery = await intake.recover()
         except EdgedError as exc:
-            log.error("could not close the socket jobs left open in the journal", error=exc.message)
-    engine = Engine(settings, p.board, p.choice, book)
+            log.error("cannot read the job journal to recover the last run's jobs", error=exc.message)
+            if settings.mqtt.host:  # its MQTT jobs would wait unanswered until the next start
+                await asyncio.to_thread(journal.close)
+                return 1
+    engine = Engine(settings, p.board, p.choice, intake)
     fs = HostFS(settings.board.root)
     derate_s = settings.thermal.derate_pause_ms / 1000
 
@@ -270,7 +280,7 @@ async def serve(p: Plan, started: float) -> int:
         done, _ = await asyncio.wait({load_task, stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
         if load_task in done and load_task.exception() is None:
             if settings.mqtt.host:
-                mqtt = await start_mqtt(p, engine)
+                mqtt = await start_mqtt(p, engine, recovery)
                 transport = mqtt
                 background.append(
                     asyncio.create_task(

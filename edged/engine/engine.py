@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edged.backends import BackendChoice
-from edged.engine.answer import done_message, error_message
 from edged.engine.constraints import schema_cache_stats
 from edged.engine.job import Job, JobRequest, JobResult, JobState, Prepared, new_job_id
 from edged.engine.prepare import Preparer
@@ -35,13 +34,13 @@ from edged.errors import (
     QueueFull,
     ShuttingDown,
 )
-from edged.journal import JournalEntry
-from edged.journal.book import JobBook
 from edged.telemetry.throughput import window_label
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
     from edged.config import Settings
+    from edged.journal.book import JobBook
+    from edged.journal.intake import JobIntake, Ticket
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +61,10 @@ class Engine:
     """Queues jobs, hands them to the scheduler's slots, and settles them on the event loop."""
 
     def __init__(
-        self, settings: Settings, board: BoardInfo, choice: BackendChoice, book: JobBook | None = None
+        self, settings: Settings, board: BoardInfo, choice: BackendChoice, intake: JobIntake | None = None
     ) -> None:
         self.settings = settings
-        self.book = book
+        self.intake = intake
         """The job journal (None with ``journal.enabled = false``)."""
         self.board = board
         self.state = EngineState.LOADING
@@ -83,6 +82,11 @@ class Engine:
         self._backend_listeners: list[Callable[[], None]] = []
         self._loaded = asyncio.Event()  # set once loading ended, ready or failed
         self._settled = asyncio.Event()  # pulsed whenever results arrive (drain waits on it)
+
+    @property
+    def book(self) -> JobBook | None:
+        """The journal's reads (``/v1/jobs``), None with ``journal.enabled = false``."""
+        return self.intake.book if self.intake is not None else None
 
     def on_backend_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (on the loop) after a failed backend was replaced by the next one."""
@@ -171,7 +175,7 @@ class Engine:
         request: JobRequest,
         origin: str = "",
         *,
-        journal_key: str | None = None,
+        ticket: Ticket | None = None,
         peer: str | None = None,
         owner: str | None = None,
     ) -> Job:
@@ -180,11 +184,11 @@ class Engine:
         ``owner``: who the job's id belongs to (`owner_of` by default): another requester's job
         with the same id is a different job, and only its owner can read or cancel it on TCP/MQTT.
 
-        ``journal_key``: the transport journaled the job itself (MQTT: before its PUBACK) and
-        publishes and records its answer; its start is counted in the journal before anything
-        native touches it (``journal.max_attempts``). Without one, a socket job is journaled here
-        (with ``journal.socket``) and its row closed when it settles: its client gets the answer
-        directly. A job that arrives while the model loads waits for it within its own timeout.
+        ``ticket``: the transport journaled the job itself (MQTT: before its PUBACK); its start is
+        counted in the journal before anything native touches it (``journal.max_attempts``).
+        Without one, the job is journaled here (socket and TCP, with ``journal.socket``). What the
+        journal does with it from then on is the intake's (`edged.journal.intake`). A job that
+        arrives while the model loads waits for it within its own timeout.
         """
         owner = owner if owner is not None else owner_of(origin, peer)
         timeout = request.timeout_s or self.settings.jobs.timeout_s
@@ -210,36 +214,31 @@ class Engine:
             raise InvalidRequest(f"job {job_id!r} is already {existing.state.value}", param="id")
         self._refuse_when_full()
         await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
-        if journal_key is not None and self.book is not None:
-            await self.book.attempt(journal_key)
+        if ticket is not None and self.intake is not None:
+            await self.intake.attempt(ticket)
         prepared = await self._prepare(request)
         self._check_constrained(prepared)
         if self.state is not EngineState.READY:
-            self._release(journal_key)
-            raise NotReady(f"edged is {self.state.value}, not ready for jobs")
+            error = NotReady(f"edged is {self.state.value}, not ready for jobs")
+            if ticket is not None and self.intake is not None:
+                self.intake.not_started(ticket, job_id, error)
+            raise error
         job = Job(job_id, request, prepared, arrived + timeout)
         job.origin = origin
         job.peer = peer
         job.owner = owner
-        if (
-            journal_key is None
-            and self.book is not None
-            and self.settings.journal.socket
-            and origin != "mqtt"
-        ):
-            journal_key = await self._journal_socket_job(request, job_id, origin, owner)
-            job.closes_journal = True
-        job.journal_key = journal_key
+        if ticket is None and self.intake is not None:
+            ticket = await self.intake.accept_local(request, job_id, origin, owner)
+        job.ticket = ticket
         try:
             self.queue.push(job)  # checks the room again: it may have filled while we tokenized
         except QueueFull as exc:
             self.stats.rejected()
-            if not job.closes_journal:
-                self._release(journal_key)  # the transport submits it again: not a start to count
-            self._close_journal(job, None, exc)
+            if ticket is not None and self.intake is not None:
+                self.intake.not_started(ticket, job_id, exc)
             raise
-        if job.closes_journal and journal_key is not None and self.book is not None:
-            self.book.running(journal_key)
+        if ticket is not None and self.intake is not None:
+            self.intake.running(ticket)
         remaining = max(0.0, job.deadline - time.perf_counter())
         job.timer = asyncio.get_running_loop().call_later(remaining, self._expire, job)
         self._remember(job)
@@ -260,39 +259,6 @@ class Engine:
         except Exception as exc:
             log.exception("preparing a job failed", job_id=request.id)
             raise BackendError(f"edged could not prepare the job: {type(exc).__name__}") from exc
-
-    def _release(self, journal_key: str | None) -> None:
-        """A transport's journaled job counted as started (`JobBook.attempt`) that did not start
-        after all: the count is only of starts the daemon died in."""
-        if journal_key is not None and self.book is not None:
-            self.book.released(journal_key)
-
-    async def _journal_socket_job(self, request: JobRequest, job_id: str, origin: str, owner: str) -> str:
-        """Journal a socket job before it is queued; its request is kept only with ``log.content``."""
-        assert self.book is not None
-        payload = request.model_dump_json(exclude_none=True).encode() if self.book.content else b""
-        entry = JournalEntry(origin=origin, payload=payload, job_id=job_id, owner=owner)
-        accepted = await self.book.accept(entry)
-        if not accepted.new:
-            raise InvalidRequest(
-                f"job id {job_id!r} was already used (that job is {accepted.state.value});"
-                " job ids must be unique",
-                param="id",
-            )
-        return accepted.record.key
-
-    def _close_journal(self, job: Job, result: JobResult | None, error: EdgedError | None) -> None:
-        """A socket job's row is closed when it settles (``answered``: its client was told directly)."""
-        if not job.closes_journal or job.journal_key is None or self.book is None:
-            return
-        device = self.settings.device_id
-        if result is not None:
-            self.book.close_later(
-                job.journal_key, done_message(result, device, content=self.book.content), None
-            )
-        else:
-            failure = error or EdgedError("the job ended without a result")
-            self.book.close_later(job.journal_key, None, error_message(job.id, failure, device))
 
     def chat_template(self) -> str | None:
         """The loaded model's chat template (Jinja), if it has one."""
@@ -435,7 +401,7 @@ class Engine:
         job, result = outcome.job, outcome.result
         if not job.finish(JobState.DONE, result=result):
             return
-        self._close_journal(job, result, None)
+        self._journal_ended(job, result, None)
         self.stats.done(result)
         fields: dict[str, Any] = (
             {
@@ -463,9 +429,7 @@ class Engine:
         state = JobState.CANCELLED if isinstance(error, Cancelled) else JobState.FAILED
         if not job.finish(state, error=error):
             return
-        self._close_journal(job, None, error)
-        if isinstance(error, ShuttingDown) and job.journal_key and not job.closes_journal and self.book:
-            self.book.released(job.journal_key)  # runs again at the next start: not a crash
+        self._journal_ended(job, None, error)
         self.stats.failed(job, state)
         log.info(
             "job finished",
@@ -478,6 +442,10 @@ class Engine:
             completion_tokens=job.completion_tokens,
             total_ms=round((time.perf_counter() - job.submitted) * 1000, 1),
         )
+
+    def _journal_ended(self, job: Job, result: JobResult | None, error: EdgedError | None) -> None:
+        if job.ticket is not None and self.intake is not None:
+            self.intake.ended(job.ticket, job.id, result, error)
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -17,6 +17,9 @@ from edged.backends import Prompt, SamplingParams
 from edged.engine.constraints import Constraint
 from edged.engine.timings import Timings
 from edged.errors import BackendError, EdgedError
+
+if TYPE_CHECKING:
+    from edged.journal.intake import Ticket
 
 
 def new_job_id() -> str:
@@ -325,10 +328,8 @@ class Job:
         self.owner = ""
         """Who the job's id belongs to (``tcp:<key name>``, ``socket:uid=<n>``, ``mqtt:<reply
         topic>``): ids are unique per owner, and only the owner reads or cancels the job remotely."""
-        self.journal_key: str | None = None
-        """Its row in the job journal, if journaled."""
-        self.closes_journal = False
-        """The engine closes the row when the job settles (socket jobs); else the transport does."""
+        self.ticket: Ticket | None = None
+        """Its row in the job journal, if journaled (`edged.journal.intake`)."""
 
     @property
     def prompt(self) -> Prompt:

@@ -4,6 +4,7 @@ A job is journaled (``accepted``) before its client is told it was accepted, mov
 ``running`` to ``done`` / ``failed`` with its answer, and to ``answered`` once that answer was
 acknowledged. At start, ``pending()`` jobs are run again and ``unanswered()`` answers published again;
 the idempotency key makes a redelivery after a crash answered once, never generated twice.
+`edged.journal.intake.JobIntake` is how the daemon, the engine and the MQTT transport use it.
 """
 
 from edged.journal.records import AcceptResult, JobRecord, JournalEntry, RecordState, idempotency_key

@@ -45,9 +45,8 @@ from edged.errors import (
 )
 from edged.fleet.client import BrokerOptions, BrokerSetupError, make_client
 from edged.fleet.client import start as start_client
-from edged.journal import InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
-from edged.journal.book import JobBook
-from edged.journal.intake import REQUEUED_ORIGINS, exhausted
+from edged.journal import AcceptResult, InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
+from edged.journal.intake import JobIntake, Recovery, Ticket
 from edged.transports.tcp import RateLimiter
 
 if TYPE_CHECKING:
@@ -253,10 +252,10 @@ class MqttTransport:
         settings: Settings,
         presence: Callable[[], dict[str, Any]],
         discovery: dict[str, dict[str, Any]] | None = None,
-        book: JobBook | None = None,
+        intake: JobIntake | None = None,
     ) -> None:
         self.engine = engine
-        self.book = book
+        self.intake = intake
         """The job journal; None with ``journal.enabled = false`` (jobs then live only in memory)."""
         self.settings = settings
         self.config: MqttConfig = settings.mqtt
@@ -323,19 +322,13 @@ class MqttTransport:
         props.MaximumPacketSize = min(268_435_455, self.settings.jobs.max_payload_bytes + PACKET_HEADROOM)
         return props
 
-    async def start(self) -> None:
-        """Recover first, then connect: jobs the journal holds are queued before any new delivery
-        (the submit lock is taken here, before the connection, and released when recovery has
-        handed every held job to the engine)."""
-        if self.book is not None:
+    async def start(self, recovery: Recovery | None = None) -> None:
+        """Recover first, then connect: ``recovery`` (what this start's `JobIntake.recover` left to
+        MQTT) is queued before any new delivery (the submit lock is taken here, before the
+        connection, and released when recovery has handed every held job to the engine)."""
+        if self.intake is not None and recovery is not None:
             await self._submit_lock.acquire()
-            try:
-                pending = await self.book.pending()
-                unanswered = await self.book.unanswered()
-            except BaseException:
-                self._submit_lock.release()
-                raise
-            self._spawn_task(self._recover(pending, unanswered))
+            self._spawn_task(self._recover(recovery))
         self._connect()
 
     def _connect(self) -> None:
@@ -573,31 +566,32 @@ class MqttTransport:
             self._publish(reply, error_message(job_id, error, self.device_id))
             return True
 
-        if self.book is None:
+        if self.intake is None:
             known = self.engine.recent(job_id, self._owner(reply))
             if known is not None:
                 self._answer_known(known, reply)
                 return True
         async with self._submit_lock:  # one at a time, in arrival order, so room is not raced for
             await self.engine.wait_for_room()
-            if self.book is not None:
-                accepted = await self._journal(entry)
+            ticket = None
+            if self.intake is not None:
+                accepted = await self._journal(self.intake, entry)
                 if accepted is None:
                     return False  # shutting down while the journal could not be written: not taken
                 if not accepted.new:
                     self._answer_duplicate(accepted.record, reply)
                     return True
-            await self._submit(request, reply, entry.key if self.book is not None else None)
+                ticket = Ticket.of(accepted.record)
+            await self._submit(request, reply, ticket)
         return True
 
-    async def _journal(self, entry: JournalEntry) -> Any:
+    async def _journal(self, intake: JobIntake, entry: JournalEntry) -> AcceptResult | None:
         """Commit the entry, retrying while the journal cannot be written (disk full, read-only):
         the message stays unacknowledged meanwhile, so nothing is lost if edged dies waiting."""
-        assert self.book is not None
         attempt = 0
         while True:
             try:
-                return await self.book.accept(entry)
+                return await intake.accept(entry)
             except JournalUnavailable as exc:
                 if self._closing:
                     return None
@@ -613,14 +607,15 @@ class MqttTransport:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def _submit(self, request: JobRequest, reply: Reply, key: str | None) -> None:
+    async def _submit(self, request: JobRequest, reply: Reply, ticket: Ticket | None) -> None:
         """Hand a (journaled) job to the engine and relay its events; a job refused for good is
         answered with its error. Called with the submit lock held."""
+        key = ticket.key if ticket is not None else None
         while True:
             await self.engine.wait_for_room()
             try:
                 job = await self.engine.submit(
-                    request, origin="mqtt", journal_key=key, owner=self._owner(reply)
+                    request, origin="mqtt", ticket=ticket, owner=self._owner(reply)
                 )
                 break
             except QueueFull:
@@ -646,30 +641,26 @@ class MqttTransport:
         self._tasks.discard(task)
         self._relays.pop(task, None)
 
-    async def _recover(self, pending: list[JobRecord], unanswered: list[JobRecord]) -> None:
-        """Publish again the answers never acknowledged, run again the jobs never finished (the
-        submit lock, taken in `start`, is held until every one is queued). Each row on its own: one
-        that fails is answered with its error (or logged) and the others go on. A job the daemon
-        died in ``journal.max_attempts`` times is answered ``backend_failed`` instead of run.
-        Socket and TCP rows are the daemon's, closed at every start (`edged.journal.intake`)."""
-        assert self.book is not None
+    async def _recover(self, recovery: Recovery) -> None:
+        """Publish again the answers never acknowledged (and those of jobs given up after
+        ``journal.max_attempts``), run again the jobs never finished (the submit lock, taken in
+        `start`, is held until every one is queued). Each row on its own: one that fails is
+        answered with its error (or logged) and the others go on. Which rows those are, and what
+        happens to the socket's, is the intake's (`edged.journal.intake`)."""
         counts = {"rerun": 0, "republished": 0, "given_up": 0, "errors": 0}
         try:
-            for record in unanswered:
-                if record.origin not in REQUEUED_ORIGINS:
-                    continue
-                try:
-                    message = record.answer or record.error or {}
-                    _, reply = self._restore(record)
-                    self.counters["republished"] += 1
-                    counts["republished"] += 1
-                    self._publish(reply, message, key=record.key)
-                except Exception:
-                    counts["errors"] += 1
-                    log.exception("could not publish a journaled answer again", key=record.key)
-            for record in pending:
-                if record.origin not in REQUEUED_ORIGINS:
-                    continue
+            for counter, records in (("republished", recovery.republish), ("given_up", recovery.given_up)):
+                for record in records:
+                    try:
+                        message = record.answer or record.error or {}
+                        _, reply = self._restore(record)
+                        counts[counter] += 1
+                        self.counters["republished" if counter == "republished" else "recovered"] += 1
+                        self._publish(reply, message, key=record.key)
+                    except Exception:
+                        counts["errors"] += 1
+                        log.exception("could not publish a journaled answer again", key=record.key)
+            for record in recovery.rerun:
                 try:
                     await self._recover_one(record, counts)
                 except Exception:
@@ -681,28 +672,14 @@ class MqttTransport:
             self._submit_lock.release()
 
     async def _recover_one(self, record: JobRecord, counts: dict[str, int]) -> None:
-        assert self.book is not None
         request, reply = self._restore(record)
         self.counters["recovered"] += 1
-        exhausted_error = exhausted(record, self.settings.journal.max_attempts)
-        if exhausted_error is not None:
-            counts["given_up"] += 1
-            log.error(
-                "journaled job given up: edged died while working on it",
-                key=record.key,
-                job_id=record.job_id,
-                attempts=record.attempts,
-            )
-            await self._answer(
-                record.key, reply, error_message(record.job_id, exhausted_error, self.device_id)
-            )
-            return
         if request is None:
             error = InvalidRequest("the journaled job can no longer be read")
             await self._answer(record.key, reply, error_message(record.job_id, error, self.device_id))
             return
         counts["rerun"] += 1
-        await self._submit(request, reply, record.key)
+        await self._submit(request, reply, Ticket.of(record))
 
     def _restore(self, record: JobRecord) -> tuple[JobRequest | None, Reply]:
         """A journaled job as it was received: its request (None if it no longer parses) and reply."""
@@ -760,12 +737,9 @@ class MqttTransport:
     async def _answer(self, key: str | None, reply: Reply, message: dict[str, Any]) -> None:
         """Record the answer, then publish it: a crash in between publishes it again at the next
         start (once recorded it is never generated again)."""
-        if key is not None and self.book is not None:
+        if key is not None and self.intake is not None:
             try:
-                if message.get("status") == "done":
-                    await self.book.done(key, message)
-                else:
-                    await self.book.failed(key, message)
+                await self.intake.settle(key, message)
             except (JournalUnavailable, InvalidTransition) as exc:
                 log.error("could not record the answer; publishing it anyway", key=key, error=str(exc))
         self._publish(reply, message, key=key)
@@ -798,8 +772,8 @@ class MqttTransport:
             )
         except ValueError as exc:  # paho refuses the topic (a wildcard): nothing can be sent there
             log.error("mqtt publish refused", topic=topic, error=str(exc))
-            if key is not None and self.book is not None:
-                self.book.answered(key)  # the answer stays in the journal; nobody can be told
+            if key is not None and self.intake is not None:
+                self.intake.answered(key)  # the answer stays in the journal; nobody can be told
             return None
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.error("mqtt publish failed", topic=topic, rc=paho.error_string(info.rc))
@@ -811,8 +785,8 @@ class MqttTransport:
                 self._awaiting[info.mid] = key
                 if key is not None:
                     self._unacked_answers += 1
-        if early and key is not None and self.book is not None:
-            self.book.answered(key)
+        if early and key is not None and self.intake is not None:
+            self.intake.answered(key)
         return info
 
     def _on_publish(
@@ -825,11 +799,11 @@ class MqttTransport:
             key = self._awaiting.pop(mid)
             if key is not None:
                 self._unacked_answers -= 1
-        if key is None or self.book is None:
+        if key is None or self.intake is None:
             return
         if reason.is_failure:
             log.error("the broker refused an answer; not sent again", key=key, reason=str(reason))
-        self.book.answered(key)
+        self.intake.answered(key)
 
     def publish_telemetry(self, report: dict[str, Any]) -> None:
         """QoS 0 and not queued while offline: a stale reading is worth less than the next one."""
@@ -841,7 +815,7 @@ class MqttTransport:
             "host": self.broker.host,
             "port": self.broker.effective_port,
             "connected": self._client.is_connected(),
-            "journal": self.book is not None,
+            "journal": self.intake is not None,
             "counters": dict(self.counters),
             "topics": {
                 "jobs": self.topics.jobs,
