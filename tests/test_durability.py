@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Daemon, wait_until
 from mqtt_helpers import Broker, Probe, free_port
@@ -220,6 +221,73 @@ def test_sigterm_drains_running_jobs_and_the_next_start_answers_the_queued(
         collector.close()
         broker.stop()
     assert all(m["status"] == "done" for ms in answers.by_id.values() for m in ms)
+
+
+def socket_rows(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return list(conn.execute("SELECT job_id, state FROM jobs WHERE origin = 'socket' ORDER BY seq"))
+
+
+def test_kill_9_without_mqtt_and_the_next_start_closes_the_socket_rows(start_daemon, tmp_path: Path) -> None:
+    """No MQTT: kill -9 while one socket job streams and another waits in the queue. Their clients
+    went with the connections, so the next start closes both rows failed (cancelled), before it
+    takes a job, and serves again."""
+    journal = tmp_path / "journal.sqlite3"
+    env = {"EDGED_JOURNAL__PATH": str(journal), "EDGED_ENGINE__PARALLEL": "1"}
+    d = start_daemon(**env)
+    long_job = {
+        "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+    }
+    streaming = threading.Event()
+
+    def stream() -> None:
+        body = {**long_job, "stream": True}
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            d.client() as c,
+            c.stream("POST", "/v1/chat/completions", json=body) as r,
+        ):
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 3:
+                    streaming.set()
+
+    def wait_in_queue() -> None:
+        with contextlib.suppress(httpx.HTTPError), d.client() as c:
+            c.post("/v1/chat/completions", json=long_job)
+
+    clients = [
+        threading.Thread(target=stream, daemon=True),
+        threading.Thread(target=wait_in_queue, daemon=True),
+    ]
+    clients[0].start()
+    assert streaming.wait(120), d.log()
+    clients[1].start()
+    wait_until(lambda: len(socket_rows(journal)) == 2, 20, "both socket jobs journaled")
+    with d.client() as c:
+        wait_until(lambda: c.get("/status").json()["engine"]["queue"]["depth"] == 1, 20, "one job queued")
+    left = socket_rows(journal)
+    assert {state for _, state in left} <= {"accepted", "running"}, left
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    for client in clients:
+        client.join(10)
+    assert socket_rows(journal) == left, "the kill left both rows open"
+
+    d2 = start_daemon(**env)
+    with d2.client() as c:
+        for job_id, _ in left:
+            document = c.get(f"/v1/jobs/{job_id}").json()
+            assert document["state"] == "answered", document
+            assert document["error"]["code"] == "cancelled" and "restarted" in document["error"]["message"]
+        short = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
+        assert c.post("/v1/chat/completions", json=short).status_code == 200
+    closed = [json.loads(line) for line in d2.log().splitlines() if "socket jobs left open" in line]
+    assert len(closed) == 1 and (closed[0]["failed"], closed[0]["answered"]) == (2, 0), closed
+    wait_until(lambda: {state for _, state in socket_rows(journal)} == {"answered"}, 10, "every row closed")
+    assert d2.stop() == 0, d2.log()
 
 
 def test_a_job_sent_while_the_model_loads_waits_for_it(start_daemon) -> None:
