@@ -29,7 +29,8 @@ def _log_failure(future: Future[Any], what: str, key: str) -> None:
 
 
 class JobBook:
-    """Awaitable journal writes for transports and the engine."""
+    """Awaitable journal writes and reads. Writes go through `edged.journal.intake.JobIntake`,
+    which holds the journal's policy; ``/v1/jobs`` reads here."""
 
     def __init__(self, journal: Journal, *, content: bool) -> None:
         self.journal = journal
