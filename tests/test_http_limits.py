@@ -37,7 +37,8 @@ from edged.transports.limits import (
     TCP_MAX_CONNECTIONS_PER_CLIENT,
 )
 from edged.transports.ollama import MAX_OPTIONS, _options
-from edged.transports.tcp import KeyGate, RateLimiter, client_key, listener_options
+from edged.transports.ratelimit import RateLimiter, client_key
+from edged.transports.tcp import KeyGate, listener_options
 
 KEY = "sk-edged-test-0123456789abcdef"
 KEYS = json.dumps({"homeassistant": KEY})

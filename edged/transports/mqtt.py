@@ -47,7 +47,7 @@ from edged.fleet.client import BrokerOptions, BrokerSetupError, make_client
 from edged.fleet.client import start as start_client
 from edged.journal import AcceptResult, InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
 from edged.journal.intake import JobIntake, Recovery, Ticket
-from edged.transports.tcp import RateLimiter
+from edged.transports.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from edged.config import MqttConfig, Settings

@@ -1,5 +1,6 @@
-"""The TCP listener's gate, in-process: API keys (stored hashed), the token-bucket rate limit per key
-or client, what TCP never serves, and errors in the shape each route's clients read."""
+"""The TCP listener's gate, in-process: API keys (stored hashed), the rate limit per key or client
+(the bucket itself: test_ratelimit.py), what TCP never serves, and errors in the shape each route's
+clients read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,62 +15,11 @@ from pydantic import SecretStr
 
 from edged.config import HttpConfig
 from edged.errors import ConfigError
-from edged.transports import tcp
-from edged.transports.tcp import Caller, KeyGate, RateLimiter, client_key, hash_key, load_keys
+from edged.transports.tcp import Caller, KeyGate, hash_key, load_keys
+
+from .conftest import Clock
 
 KEY = "k3y-for-the-kitchen-tablet"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """The rate limiter's monotonic clock, moved by the test."""
-    fake = Clock()
-    monkeypatch.setattr(tcp, "time", SimpleNamespace(monotonic=fake))
-    return fake
-
-
-# -- the token bucket ------------------------------------------------------------------------------
-
-
-def test_a_burst_of_per_min_then_one_request_per_refill(clock: Clock) -> None:
-    limiter = RateLimiter(per_min=6)  # one token every 10 s
-    assert [limiter.take("a") for _ in range(6)] == [0.0] * 6
-    assert limiter.take("a") == pytest.approx(10.0)
-    assert limiter.refused == 1
-    clock.t += 9.0
-    assert limiter.take("a") == pytest.approx(1.0), "a refused request does not cost a token"
-    clock.t += 1.0
-    assert limiter.take("a") == 0.0
-    assert limiter.take("a") == pytest.approx(10.0)
-    assert limiter.refused == 3
-
-
-def test_clients_have_their_own_buckets_and_rest_refills_only_to_a_full_one(clock: Clock) -> None:
-    limiter = RateLimiter(per_min=2)
-    assert limiter.take("a") == limiter.take("a") == 0.0
-    assert limiter.take("a") > 0
-    assert limiter.take("b") == 0.0, "another client is not held back by a"
-    clock.t += 3600  # an hour of rest is worth a full bucket, not 120 requests
-    assert [limiter.take("a") == 0.0 for _ in range(3)] == [True, True, False]
-
-
-def test_zero_per_min_is_no_limit(clock: Clock) -> None:
-    limiter = RateLimiter(per_min=0)
-    assert all(limiter.take("a") == 0.0 for _ in range(1000))
-    assert limiter.refused == 0
-
-
-def test_an_address_that_is_no_ip_is_its_own_client() -> None:
-    assert client_key("testclient") == "testclient"
-    assert client_key("10.1.2.3") != client_key("10.1.2.4"), "IPv4 is per address, not per network"
 
 
 # -- keys ------------------------------------------------------------------------------------------
