@@ -39,7 +39,7 @@ from edged.errors import (
     error_codes,
 )
 from edged.transports.http.errors import error_response
-from edged.transports.jobs_api import add_job_routes
+from edged.transports.http.jobs import add_job_routes
 from edged.transports.limits import SOCKET_LIMITS, LimitedH11Protocol, ListenerLimits, ServerConfig
 from edged.transports.ollama import BODIES as OLLAMA_BODIES
 from edged.transports.ollama import add_ollama_routes, tool_result
