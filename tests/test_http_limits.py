@@ -29,6 +29,7 @@ from structlog.testing import capture_logs
 
 from edged.config import HttpConfig
 from edged.errors import InvalidRequest
+from edged.transports.http.ollama import MAX_OPTIONS, _options
 from edged.transports.limits import (
     IDLE_TIMEOUT_S,
     RECEIVE_TIMEOUT_S,
@@ -36,7 +37,6 @@ from edged.transports.limits import (
     TCP_MAX_CONNECTIONS,
     TCP_MAX_CONNECTIONS_PER_CLIENT,
 )
-from edged.transports.ollama import MAX_OPTIONS, _options
 from edged.transports.ratelimit import RateLimiter, client_key
 from edged.transports.tcp import KeyGate, listener_options
 

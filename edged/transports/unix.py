@@ -40,9 +40,9 @@ from edged.errors import (
 )
 from edged.transports.http.errors import error_response
 from edged.transports.http.jobs import add_job_routes
+from edged.transports.http.ollama import BODIES as OLLAMA_BODIES
+from edged.transports.http.ollama import add_ollama_routes, tool_result
 from edged.transports.limits import SOCKET_LIMITS, LimitedH11Protocol, ListenerLimits, ServerConfig
-from edged.transports.ollama import BODIES as OLLAMA_BODIES
-from edged.transports.ollama import add_ollama_routes, tool_result
 from edged.transports.tcp import on_tcp, origin_of, peer_of, public_status
 
 log = structlog.get_logger(__name__)

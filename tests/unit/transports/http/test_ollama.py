@@ -10,7 +10,14 @@ from structlog.testing import capture_logs
 
 from edged.engine.job import JobRequest
 from edged.errors import InvalidRequest, ModelNotFound, NotSupported
-from edged.transports.ollama import ChatRequest, GenerateRequest, _format, _options, chat_job, generate_job
+from edged.transports.http.ollama import (
+    ChatRequest,
+    GenerateRequest,
+    _format,
+    _options,
+    chat_job,
+    generate_job,
+)
 
 MODEL = "smollm2"
 
