@@ -29,11 +29,12 @@ from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
 from edged.telemetry.report import Telemetry, TelemetryCollector
+from edged.transports.http.app import create_app
 from edged.transports.limits import socket_limits
 from edged.transports.mqtt import MqttTransport, Topics
 from edged.transports.tcp import KeyGate, bind_tcp, check_tls, listener_options, load_keys
 from edged.transports.tcp import describe as describe_tcp
-from edged.transports.unix import bind_unix_socket, create_app, make_server, unlink_socket
+from edged.transports.unix_socket import bind_unix_socket, make_server, unlink_socket
 
 log = structlog.get_logger(__name__)
 

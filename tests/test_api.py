@@ -316,7 +316,7 @@ def test_health_is_503_and_jobs_not_ready_while_the_model_loads(model_path) -> N
     from edged.board import detect_board
     from edged.config import load_settings
     from edged.engine import Engine
-    from edged.transports.unix import create_app
+    from edged.transports.http.app import create_app
 
     settings = load_settings(
         None, {"model": {"path": str(model_path)}, "board": {"root": str(BOARDS / "x86")}}

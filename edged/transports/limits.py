@@ -218,7 +218,7 @@ class LimitedH11Protocol(H11Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        assert isinstance(config, ServerConfig), "made by edged.transports.unix.make_server"
+        assert isinstance(config, ServerConfig), "made by edged.transports.unix_socket.make_server"
         self.listener = config.listener
         self.limits = config.listener.limits
         self.tls = config.ssl_context

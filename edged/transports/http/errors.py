@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-from edged.errors import EdgedError, Unavailable
+from edged.errors import EdgedError, InvalidRequest, Unavailable
 
 Shape = Literal["openai", "ollama"]
 
@@ -28,6 +28,21 @@ def render(error: EdgedError, shape: Shape = "openai") -> tuple[int, dict[str, A
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Unavailable) else {}
     body: dict[str, Any] = {"error": error.message} if shape == "ollama" else error.to_dict()
     return error.http_status, body, headers
+
+
+def describe_validation(errors: list[Any]) -> InvalidRequest:
+    """Pydantic's errors about a request as one `InvalidRequest` naming the fields (malformed JSON
+    as such), for the OpenAI bodies, FastAPI's query parameters and the body reader."""
+    problems = []
+    param = None
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            return InvalidRequest(f"malformed JSON: {ctx.get('error', err.get('msg'))}")
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        param = param or where
+        problems.append(f"{where}: {err.get('msg')}")
+    return InvalidRequest("invalid request: " + "; ".join(problems), param=param)
 
 
 def error_response(

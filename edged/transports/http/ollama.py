@@ -23,6 +23,7 @@ from edged.engine import Delta, Engine, Failed, Finished, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
 from edged.transports.http.errors import error_response
+from edged.transports.http.openapi import body_ref
 from edged.transports.tcp import origin_of, peer_of
 
 log = structlog.get_logger(__name__)
@@ -126,11 +127,6 @@ class ShowRequest(BaseModel):
 
 BODIES: tuple[type[BaseModel], ...] = (ShowRequest, ChatRequest, GenerateRequest)
 """The request bodies the routes parse themselves; the app adds them to /openapi.json's components."""
-
-
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def ollama_error(error: EdgedError) -> JSONResponse:
@@ -384,7 +380,7 @@ def add_ollama_routes(
     @app.post(
         "/api/show",
         summary="Ollama: a model's details, template and capabilities",
-        openapi_extra=_body(ShowRequest),
+        openapi_extra=body_ref(ShowRequest),
     )
     async def show(request: Request) -> Any:
         try:
@@ -413,7 +409,7 @@ def add_ollama_routes(
         }
 
     @app.post(
-        "/api/chat", summary="Ollama: chat (NDJSON stream by default)", openapi_extra=_body(ChatRequest)
+        "/api/chat", summary="Ollama: chat (NDJSON stream by default)", openapi_extra=body_ref(ChatRequest)
     )
     async def chat(request: Request) -> Any:
         try:
@@ -443,7 +439,7 @@ def add_ollama_routes(
     @app.post(
         "/api/generate",
         summary="Ollama: completion of one prompt (NDJSON stream by default)",
-        openapi_extra=_body(GenerateRequest),
+        openapi_extra=body_ref(GenerateRequest),
     )
     async def generate(request: Request) -> Any:
         try:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from edged.engine.job import JobRequest
 from edged.errors import InvalidRequest, NotSupported
-from edged.transports.unix import ChatCompletionRequest, CompletionRequest
+from edged.transports.http.openai import ChatCompletionRequest, CompletionRequest
 
 HI = [{"role": "user", "content": "hi"}]
 

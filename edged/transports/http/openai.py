@@ -1,0 +1,211 @@
+"""OpenAI's API (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``): its request bodies
+translated into the engine's one `JobRequest`, and its answers (a completion object, or server-sent
+chunks) shaped from the job's result."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edged.engine import JobRequest, JobResult
+from edged.engine.job import JsonInt, OptionalJsonInt, job_schema_rules
+from edged.errors import InvalidRequest, NotSupported
+from edged.transports.http.errors import describe_validation
+from edged.transports.http.ollama import tool_result
+
+log = structlog.get_logger(__name__)
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+
+class OpenAIMessage(BaseModel):
+    """A message as OpenAI's clients send it; turned into edged's plain text messages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="developer counts as system; tool and function results are told to the model as text."
+    )
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or content parts of which edged reads the text ones."
+    )
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+
+    def to_message(self, index: int) -> dict[str, Any]:
+        where = f"messages[{index}].content"
+        if isinstance(self.content, list):
+            texts = []
+            for part in self.content:
+                kind = part.get("type")
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                else:
+                    raise NotSupported(
+                        f"{where}: '{kind}' parts are not supported: the model on this board reads text",
+                        param=where,
+                    )
+            text = "\n".join(texts)
+        else:
+            text = self.content or ""
+        if self.role == "developer":
+            return {"role": "system", "content": text}
+        if self.role in ("tool", "function"):
+            return tool_result(self.name, text)
+        message: dict[str, Any] = {"role": self.role, "content": text}
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+def _chat_rules(schema: dict[str, Any]) -> None:
+    job_schema_rules(schema)
+    schema["properties"]["raw"]["const"] = False  # raw prompts go to /v1/completions
+
+
+def _completion_rules(schema: dict[str, Any]) -> None:
+    job_schema_rules(schema)
+    schema["allOf"].append(
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}}}
+    )
+
+
+class ChatCompletionRequest(JobRequest):
+    """OpenAI ``/v1/chat/completions`` body: every documented field is accepted; edged applies what
+    it supports, ignores what cannot change the answer and refuses the rest with ``not_supported``
+    naming the field. Fields OpenAI does not define are ``invalid_request``."""
+
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
+
+    messages: list[OpenAIMessage] | None = Field(None, min_length=1, description="Chat messages.")  # type: ignore[assignment]
+    max_completion_tokens: OptionalJsonInt = Field(
+        None, ge=1, description="OpenAI's newer name for max_tokens."
+    )
+    n: JsonInt = Field(1, ge=1, description="Number of choices; edged generates one (n > 1: not_supported).")
+    stream_options: dict[str, Any] | None = Field(None, description="Accepted; usage is always sent.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description="Accepted: with tool_choice absent, 'auto' or 'none' the model answers in text (no "
+        "tool calls); a forced tool_choice is not_supported.",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(None, description="none/auto: text answers.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tool calls).")
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated tools; as tools.")
+    function_call: str | dict[str, Any] | None = Field(None, description="Deprecated tool_choice.")
+    logprobs: bool | None = Field(None, description="true: not_supported.")
+    top_logprobs: OptionalJsonInt = Field(None, ge=0, le=20, description="With logprobs: not_supported.")
+    metadata: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored (edged stores no completions).")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, description="Accepted and ignored (edged caches prefixes).")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prediction: dict[str, Any] | None = Field(None, description="Accepted and ignored.")
+    verbosity: str | None = Field(None, description="Accepted and ignored.")
+    modalities: list[str] | None = Field(None, description="['text'] only.")
+    audio: dict[str, Any] | None = Field(None, description="Audio output: not_supported.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="none or minimal: think=false (no reasoning); others: the model's default."
+    )
+    web_search_options: dict[str, Any] | None = Field(None, description="not_supported.")
+
+    def _refuse_unsupported(self) -> None:
+        if self.n > 1:
+            raise NotSupported("n: edged generates one choice per request", param="n")
+        if self.logprobs or self.top_logprobs:
+            raise NotSupported("logprobs: edged does not return token log-probabilities", param="logprobs")
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if choice not in (None, "auto", "none"):
+            raise NotSupported(
+                "tool_choice: edged does not make tool calls; with tool_choice 'auto' or 'none' the model "
+                "answers in text",
+                param="tool_choice",
+            )
+        if self.modalities and set(self.modalities) != {"text"}:
+            raise NotSupported("modalities: edged answers in text only", param="modalities")
+        if self.audio is not None:
+            raise NotSupported("audio: edged answers in text only", param="audio")
+        if self.web_search_options is not None:
+            raise NotSupported("web_search_options: edged has no web search", param="web_search_options")
+
+    def to_job(self) -> JobRequest:
+        self._refuse_unsupported()
+        own = set(JobRequest.model_fields)
+        data = self.model_dump(include=own - {"messages"}, exclude_unset=True)
+        if self.messages is not None:
+            data["messages"] = [m.to_message(i) for i, m in enumerate(self.messages)]
+        if self.max_completion_tokens and not self.max_tokens:
+            data["max_tokens"] = self.max_completion_tokens
+        if self.reasoning_effort in ("none", "minimal") and self.think is None and not self.raw:
+            data["think"] = False
+        if self.tools or self.functions:
+            log.debug("tools accepted, answering in text", tools=len(self.tools or self.functions or []))
+        try:
+            return JobRequest.model_validate(data)
+        except ValidationError as exc:  # e.g. reasoning_effort "none" (think: false) with raw
+            raise describe_validation(exc.errors()) from exc
+
+
+class CompletionRequest(ChatCompletionRequest):
+    """OpenAI ``/v1/completions`` body: ``prompt`` is fed to the model as is."""
+
+    model_config = ConfigDict(json_schema_extra=_completion_rules)
+
+    def to_job(self) -> JobRequest:
+        job = super().to_job()
+        if not job.prompt:  # raw text: an empty prompt has no token to continue from
+            raise InvalidRequest(
+                "/v1/completions needs a non-empty 'prompt' (use /v1/chat/completions for messages)",
+                param="prompt",
+            )
+        return job.model_copy(update={"raw": True})
+
+
+BODIES: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
+"""The request bodies the routes parse themselves; the app adds them to /openapi.json's components."""
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+def _chat_body(result: JobResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.content}
+    if result.reasoning_content is not None:
+        message["reasoning_content"] = result.reasoning_content
+    return {
+        "id": result.id,
+        "object": "chat.completion",
+        "created": result.created,
+        "model": result.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "usage": result.usage.model_dump(),
+        "timings": result.timings.model_dump(),
+        **({"notes": result.notes} if result.notes else {}),
+    }
+
+
+def _completion_body(result: JobResult) -> dict[str, Any]:
+    return {
+        "id": result.id,
+        "object": "text_completion",
+        "created": result.created,
+        "model": result.model,
+        "choices": [
+            {"index": 0, "text": result.content, "logprobs": None, "finish_reason": result.finish_reason}
+        ],
+        "usage": result.usage.model_dump(),
+        "timings": result.timings.model_dump(),
+    }
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
