@@ -181,13 +181,6 @@ def origin_of(request: Any) -> str:
     return f"tcp:{caller.key}" if isinstance(caller, Caller) else "socket"
 
 
-def peer_of(request: Any) -> str | None:
-    """Who is on the other end: ``pid=.. uid=.. gid=..`` on the Unix socket (SO_PEERCRED), the
-    address on TCP."""
-    client = request.scope.get("client")
-    return str(client[0]) if client else None
-
-
 def _loopback_only(config: HttpConfig) -> bool:
     address = config.address
     return address is not None and is_loopback(address[0])

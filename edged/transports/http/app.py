@@ -1,6 +1,7 @@
 """The HTTP app both listeners serve (the Unix socket as is, TCP behind its key gate): OpenAI's and
-Ollama's routes, /v1/jobs, health, status and metrics, and what they share: the body reader and the
-exception handlers.
+Ollama's routes (`openai.py`, `ollama.py`), /v1/jobs (`jobs.py`), health, status and metrics, and
+what the routes share: the body reader, the exception handlers and `JobStream`, which runs one job
+for one request and writes its answer in the request's API (`Wire`).
 
 It only translates between HTTP and the engine's `JobRequest` / job events.
 """
@@ -8,10 +9,10 @@ It only translates between HTTP and the engine's `JobRequest` / job events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, ClassVar, TypeVar
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,27 +21,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edged import __version__
 from edged.config import Settings
-from edged.engine import Delta, Engine, Failed, Finished, Job, JobRequest, JobResult
+from edged.engine import Delta, Engine, Failed, Finished, Job, JobEvent, JobRequest, JobResult
 from edged.errors import EdgedError, InvalidRequest, NotFound, PayloadTooLarge
-from edged.transports.http.errors import describe_validation, error_response
+from edged.transports.http.errors import describe_validation, error_response, shape_of
 from edged.transports.http.jobs import add_job_routes
-from edged.transports.http.ollama import BODIES as OLLAMA_BODIES
-from edged.transports.http.ollama import add_ollama_routes
-from edged.transports.http.openai import BODIES as OPENAI_BODIES
-from edged.transports.http.openai import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    _chat_body,
-    _completion_body,
-    _sse,
-)
-from edged.transports.http.openapi import HealthBody, body_ref, document
-from edged.transports.tcp import on_tcp, origin_of, peer_of, public_status
-
-log = structlog.get_logger(__name__)
+from edged.transports.http.openapi import HealthBody, document
+from edged.transports.tcp import on_tcp, origin_of, public_status
 
 DISCONNECT_POLL_S = 0.25
+"""How often a job's request checks that its client is still there, between events."""
 
+
+# -- requests --------------------------------------------------------------------------------------
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -61,31 +53,125 @@ async def read_body(request: Request, model: type[B], limit: int) -> B:
         raise describe_validation(exc.errors()) from exc
 
 
-async def events_while_connected(job: Job, request: Request, engine: Engine) -> AsyncIterator[Any]:
-    """The job's events; if the client goes away first, the job is cancelled."""
-    events = job.events().__aiter__()
-    pending: asyncio.Task[Any] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(events.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
-            if not done:
-                if await request.is_disconnected():
-                    engine.cancel_job(job, "the client disconnected")
+def peer_of(request: Request) -> str | None:
+    """Who is on the other end: ``pid=.. uid=.. gid=..`` on the Unix socket (SO_PEERCRED), the
+    address on TCP."""
+    client = request.scope.get("client")
+    return str(client[0]) if client else None
+
+
+def tool_result(name: str | None, text: str) -> dict[str, str]:
+    """A tool's (or function's) result, told to the model as text: edged makes no tool calls, and
+    chat templates differ in what they do with a ``tool`` role. Both APIs' translations use this."""
+    who = f" {name}" if name else ""
+    return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+class Wire(ABC):
+    """How one API writes a job's answer: the whole result as one JSON body, or (a job with
+    ``stream``) a stream of chunks: an opening, one per delta, then the last one or the error."""
+
+    media_type: ClassVar[str]
+    """Of the stream."""
+    headers: ClassVar[dict[str, str]] = {}
+    """Of the stream, beside the job's id."""
+
+    @abstractmethod
+    def body(self, result: JobResult) -> dict[str, Any]:
+        """The answer of a job without ``stream``."""
+
+    def opening(self) -> Iterable[bytes]:
+        """Chunks before the first delta."""
+        return ()
+
+    @abstractmethod
+    def delta(self, delta: Delta) -> Iterable[bytes]: ...
+
+    @abstractmethod
+    def finished(self, result: JobResult) -> Iterable[bytes]: ...
+
+    @abstractmethod
+    def failed(self, error: EdgedError) -> Iterable[bytes]: ...
+
+
+class JobStream:
+    """One job for one HTTP request, as every job route runs it: submitted (`submit`), then
+    answered in the request's API (`answer`: one JSON body, or chunks as they come), and cancelled
+    if the client goes away before it ends (`events`)."""
+
+    def __init__(self, engine: Engine, request: Request, job: Job, stream: bool) -> None:
+        self.engine = engine
+        self.request = request
+        self.job = job
+        self.stream = stream
+        self.headers = {"X-Edged-Job-Id": job.id}
+
+    @classmethod
+    async def submit(cls, engine: Engine, request: Request, job_request: JobRequest) -> JobStream:
+        """Queue the job, from this request's listener and peer; raises the engine's `EdgedError`."""
+        job = await engine.submit(job_request, origin=origin_of(request), peer=peer_of(request))
+        return cls(engine, request, job, job_request.stream)
+
+    async def answer(self, wire: Wire) -> Response:
+        """The job's answer: the result's body, or its error in the route's shape; with ``stream``
+        the chunks as the job makes them."""
+        if self.stream:
+            headers = {**self.headers, **wire.headers}
+            return StreamingResponse(self._chunks(wire), media_type=wire.media_type, headers=headers)
+        outcome: JobEvent | None = None
+        async for event in self.events():
+            outcome = event
+        if isinstance(outcome, Finished):
+            return JSONResponse(wire.body(outcome.result), headers=self.headers)
+        error = outcome.error if isinstance(outcome, Failed) else EdgedError("the job ended without a result")
+        return error_response(error, shape_of(self.request.url.path))
+
+    async def _chunks(self, wire: Wire) -> AsyncIterator[bytes]:
+        for chunk in wire.opening():
+            yield chunk
+        async for event in self.events():
+            if isinstance(event, Delta):
+                chunks = wire.delta(event)
+            elif isinstance(event, Finished):
+                chunks = wire.finished(event.result)
+            else:
+                chunks = wire.failed(event.error)
+            for chunk in chunks:
+                yield chunk
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        """The job's events (deltas when streaming, then one `Finished` or `Failed`); if the client
+        goes away first, the job is cancelled and the events end."""
+        job, engine = self.job, self.engine
+        events = job.events().__aiter__()
+        pending: asyncio.Task[JobEvent] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(events.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+                if not done:
+                    if await self.request.is_disconnected():
+                        engine.cancel_job(job, "the client disconnected")
+                        return
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
                     return
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield event
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-        if not job.finished:
-            engine.cancel_job(job, "the client disconnected")
+                pending = None
+                yield event
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+            if not job.finished:
+                engine.cancel_job(job, "the client disconnected")
+
+
+# -- the app ---------------------------------------------------------------------------------------
 
 
 def create_app(
@@ -95,6 +181,9 @@ def create_app(
     metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The socket API. ``status`` builds the /status document, ``metrics`` the Prometheus exposition."""
+    # imported here, not above: the two APIs' routes import read_body, JobStream and Wire from this module
+    from edged.transports.http import ollama, openai
+
     app = FastAPI(
         title="edged",
         version=__version__,
@@ -103,8 +192,8 @@ def create_app(
     )
 
     @app.exception_handler(EdgedError)
-    async def _edged_error(_: Request, exc: EdgedError) -> JSONResponse:
-        return error_response(exc)
+    async def _edged_error(request: Request, exc: EdgedError) -> JSONResponse:
+        return error_response(exc, shape_of(request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,112 +207,7 @@ def create_app(
         # 405 keeps its Allow header (RFC 9110): which methods the route does take
         return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
-    async def run(
-        job_request: JobRequest,
-        request: Request,
-        shape: Callable[[JobResult], dict[str, Any]],
-        chunk_object: str,
-    ) -> Any:
-        job = await engine.submit(job_request, origin=origin_of(request), peer=peer_of(request))
-        headers = {"X-Edged-Job-Id": job.id}
-        if not job_request.stream:
-            async for event in events_while_connected(job, request, engine):
-                if isinstance(event, Finished):
-                    return JSONResponse(shape(event.result), headers=headers)
-                if isinstance(event, Failed):
-                    return error_response(event.error)
-            return error_response(EdgedError("the job ended without a result"))
-        return StreamingResponse(
-            _stream(job, request, chunk_object),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache"},
-        )
-
-    async def _stream(job: Job, request: Request, chunk_object: str) -> AsyncIterator[bytes]:
-        base = {
-            "id": job.id,
-            "object": chunk_object,
-            "created": job.created,
-            "model": engine.snapshot().model,
-        }
-        chat = chunk_object == "chat.completion.chunk"
-
-        def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            if chat:
-                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return {
-                **base,
-                "choices": [
-                    {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
-                ],
-            }
-
-        if chat:
-            yield _sse(choice({"role": "assistant", "content": ""}))
-        async for event in events_while_connected(job, request, engine):
-            if isinstance(event, Delta):
-                key = "reasoning_content" if event.kind == "reasoning" else "content"
-                if not chat and key != "content":
-                    continue
-                yield _sse(choice({key: event.text}))
-            elif isinstance(event, Finished):
-                last = choice({}, event.result.finish_reason)
-                last["usage"] = event.result.usage.model_dump()
-                last["timings"] = event.result.timings.model_dump()
-                if event.result.notes:
-                    last["notes"] = event.result.notes
-                yield _sse(last)
-                yield _sse("[DONE]")
-            elif isinstance(event, Failed):
-                yield _sse(event.error.to_dict())
-
-    limit = settings.jobs.max_payload_bytes
-
-    @app.post(
-        "/v1/chat/completions",
-        summary="Chat completion (OpenAI-compatible), streamed with SSE",
-        openapi_extra=body_ref(ChatCompletionRequest),
-    )
-    async def chat_completions(request: Request) -> Any:
-        job_request = (await read_body(request, ChatCompletionRequest, limit)).to_job()
-        if job_request.raw:
-            raise InvalidRequest("'raw' prompts go to /v1/completions", param="raw")
-        return await run(job_request, request, _chat_body, "chat.completion.chunk")
-
-    @app.post(
-        "/v1/completions",
-        summary="Raw text completion (OpenAI-compatible), streamed with SSE",
-        openapi_extra=body_ref(CompletionRequest),
-    )
-    async def completions(request: Request) -> Any:
-        body = await read_body(request, CompletionRequest, limit)
-        return await run(body.to_job(), request, _completion_body, "text_completion")
-
-    @app.get("/v1/models", summary="The loaded model")
-    async def models(request: Request) -> dict[str, Any]:
-        path = settings.model.path
-        snap = engine.snapshot()
-        meta: dict[str, Any] = {
-            "n_ctx": snap.n_ctx,
-            "backend": snap.backend,
-            "path": str(path) if path else None,
-            "state": snap.state.value,
-            "slots": snap.slots.total,
-        }
-        if on_tcp(request):
-            del meta["path"]  # where the board keeps its files is the socket's business only
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": snap.model,
-                    "object": "model",
-                    "created": int(snap.started_wall),
-                    "owned_by": "edged",
-                    "meta": meta,
-                }
-            ],
-        }
+    openai.add_openai_routes(app, settings, engine)
 
     @app.get(
         "/health",
@@ -263,6 +247,6 @@ def create_app(
         return Response(metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     add_job_routes(app, settings, engine)
-    add_ollama_routes(app, settings, engine, read_body, events_while_connected)
-    document(app, (*OPENAI_BODIES, *OLLAMA_BODIES), settings.jobs.max_timeout_s)
+    ollama.add_ollama_routes(app, settings, engine)
+    document(app, (*openai.BODIES, *ollama.BODIES), settings.jobs.max_timeout_s)
     return app

@@ -1,30 +1,32 @@
 """Ollama-compatible routes (``/api/*``), for Home Assistant, Open WebUI and the ``ollama`` clients.
 
 A translation layer only: each request becomes the engine's one `JobRequest`, each answer Ollama's
-NDJSON stream or object (field names, durations in nanoseconds, ``{"error": "..."}`` bodies). What
-edged cannot do (pull, push, create, copy, delete, embeddings) answers 501 with the reason.
+NDJSON stream or object (field names, durations in nanoseconds), run by the app's `JobStream`. The
+`EdgedError`s these routes raise reach the app's handler, which answers them in Ollama's
+``{"error": "..."}`` shape (`errors.shape_of`). What edged cannot do (pull, push, create, copy,
+delete, embeddings) answers 501 with the reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edged.config import Settings
-from edged.engine import Delta, Engine, Failed, Finished, JobRequest, JobResult
+from edged.engine import Delta, Engine, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
-from edged.transports.http.errors import error_response
+from edged.transports.http.app import JobStream, Wire, read_body, tool_result
 from edged.transports.http.openapi import body_ref
-from edged.transports.tcp import origin_of, peer_of
 
 log = structlog.get_logger(__name__)
 
@@ -129,11 +131,6 @@ BODIES: tuple[type[BaseModel], ...] = (ShowRequest, ChatRequest, GenerateRequest
 """The request bodies the routes parse themselves; the app adds them to /openapi.json's components."""
 
 
-def ollama_error(error: EdgedError) -> JSONResponse:
-    """Ollama's error shape, ``{"error": "..."}``, with the HTTP status of edged's code."""
-    return error_response(error, "ollama")
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -195,13 +192,6 @@ def _think(value: bool | str | None) -> dict[str, Any]:
     if value is False:
         return {"think": False}
     return {}  # true or a level: the model's template decides (it thinks by default)
-
-
-def tool_result(name: str | None, text: str) -> dict[str, str]:
-    """A tool's (or function's) result, told to the model as text: edged makes no tool calls, and
-    chat templates differ in what they do with a ``tool`` role. Both APIs' translations use this."""
-    who = f" {name}" if name else ""
-    return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
 
 
 def _content(message: OllamaMessage) -> dict[str, str]:
@@ -284,13 +274,61 @@ def _durations(result: JobResult) -> dict[str, Any]:
     }
 
 
-def add_ollama_routes(
-    app: FastAPI,
-    settings: Settings,
-    engine: Engine,
-    read_body: Callable[..., Any],
-    events_while_connected: Callable[..., AsyncIterator[Any]],
-) -> None:
+class _Answer(Wire):
+    """An Ollama job's answer: one object, or JSON lines (one per delta, then the ``done`` one),
+    each made by `shape`."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        """As the client named it."""
+
+    @abstractmethod
+    def shape(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
+        """One Ollama object of this route."""
+
+    def _last(self, content: str, thinking: str, result: JobResult) -> dict[str, Any]:
+        last = self.shape(content, thinking, True)
+        last.update(done_reason=result.finish_reason, **_durations(result))
+        return last
+
+    def body(self, result: JobResult) -> dict[str, Any]:
+        return self._last(result.content, result.reasoning_content or "", result)
+
+    def delta(self, delta: Delta) -> Iterable[bytes]:
+        content, thinking = (delta.text, "") if delta.kind == "content" else ("", delta.text)
+        return [_line(self.shape(content, thinking, False))]
+
+    def finished(self, result: JobResult) -> Iterable[bytes]:
+        return [_line(self._last("", "", result))]
+
+    def failed(self, error: EdgedError) -> Iterable[bytes]:
+        return [_line({"error": error.message})]
+
+
+class ChatAnswer(_Answer):
+    """``/api/chat``: the assistant's message (its thinking beside)."""
+
+    def shape(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        return {"model": self.model, "created_at": _now(), "message": message, "done": done}
+
+
+class GenerateAnswer(_Answer):
+    """``/api/generate``: the ``response`` text (and ``thinking``)."""
+
+    def shape(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "created_at": _now(), "response": content}
+        out["done"] = done
+        if thinking:
+            out["thinking"] = thinking
+        return out
+
+
+def add_ollama_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
     """Register ``/api/*`` on ``app`` (the same app serves the socket and the TCP listener)."""
     limit = settings.jobs.max_payload_bytes
 
@@ -326,40 +364,6 @@ def add_ollama_routes(
             "details": details(),
         }
 
-    async def answer(
-        job_request: JobRequest, request: Request, shape: Callable[[str, str, bool], dict[str, Any]]
-    ) -> Any:
-        """Run the job; ``shape(content, thinking, done)`` makes one Ollama object."""
-        try:
-            job = await engine.submit(job_request, origin=origin_of(request), peer=peer_of(request))
-        except EdgedError as exc:
-            return ollama_error(exc)
-        headers = {"X-Edged-Job-Id": job.id}
-        if not job_request.stream:
-            async for event in events_while_connected(job, request, engine):
-                if isinstance(event, Finished):
-                    result = event.result
-                    body = shape(result.content, result.reasoning_content or "", True)
-                    body.update(done_reason=result.finish_reason, **_durations(result))
-                    return JSONResponse(body, headers=headers)
-                if isinstance(event, Failed):
-                    return ollama_error(event.error)
-            return ollama_error(EdgedError("the job ended without a result"))
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for event in events_while_connected(job, request, engine):
-                if isinstance(event, Delta):
-                    content, thinking = (event.text, "") if event.kind == "content" else ("", event.text)
-                    yield _line(shape(content, thinking, False))
-                elif isinstance(event, Finished):
-                    last = shape("", "", True)
-                    last.update(done_reason=event.result.finish_reason, **_durations(event.result))
-                    yield _line(last)
-                elif isinstance(event, Failed):
-                    yield _line({"error": event.error.message})
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
-
     @app.get("/api/version", summary="Ollama: the API version these routes follow")
     async def version() -> dict[str, str]:
         return {"version": OLLAMA_API_VERSION}
@@ -383,12 +387,9 @@ def add_ollama_routes(
         openapi_extra=body_ref(ShowRequest),
     )
     async def show(request: Request) -> Any:
-        try:
-            body = await read_body(request, ShowRequest, limit)
-            snap = engine.snapshot()
-            _local_name(body.model or body.name or "", snap.model)
-        except EdgedError as exc:
-            return ollama_error(exc)
+        body = await read_body(request, ShowRequest, limit)
+        snap = engine.snapshot()
+        _local_name(body.model or body.name or "", snap.model)
         template = engine.chat_template() or ""
         capabilities = ["completion"]
         if "<think>" in template:
@@ -412,29 +413,19 @@ def add_ollama_routes(
         "/api/chat", summary="Ollama: chat (NDJSON stream by default)", openapi_extra=body_ref(ChatRequest)
     )
     async def chat(request: Request) -> Any:
-        try:
-            body = await read_body(request, ChatRequest, limit)
-            snap = engine.snapshot()
-            if not body.messages:  # Ollama's "load the model" call
-                _local_name(body.model, snap.model)
-                return {
-                    "model": body.model,
-                    "created_at": _now(),
-                    "message": {"role": "assistant", "content": ""},
-                    "done_reason": "load",
-                    "done": True,
-                }
-            job_request = chat_job(body, snap.model)
-        except EdgedError as exc:
-            return ollama_error(exc)
-
-        def shape(content: str, thinking: str, done: bool) -> dict[str, Any]:
-            message: dict[str, Any] = {"role": "assistant", "content": content}
-            if thinking:
-                message["thinking"] = thinking
-            return {"model": body.model, "created_at": _now(), "message": message, "done": done}
-
-        return await answer(job_request, request, shape)
+        body = await read_body(request, ChatRequest, limit)
+        snap = engine.snapshot()
+        if not body.messages:  # Ollama's "load the model" call
+            _local_name(body.model, snap.model)
+            return {
+                "model": body.model,
+                "created_at": _now(),
+                "message": {"role": "assistant", "content": ""},
+                "done_reason": "load",
+                "done": True,
+            }
+        stream = await JobStream.submit(engine, request, chat_job(body, snap.model))
+        return await stream.answer(ChatAnswer(body.model))
 
     @app.post(
         "/api/generate",
@@ -442,33 +433,20 @@ def add_ollama_routes(
         openapi_extra=body_ref(GenerateRequest),
     )
     async def generate(request: Request) -> Any:
-        try:
-            body = await read_body(request, GenerateRequest, limit)
-            snap = engine.snapshot()
-            if not body.prompt and not body.system:  # Ollama's "load the model" call
-                _local_name(body.model, snap.model)
-                loaded = {"model": body.model, "created_at": _now(), "response": "", "done": True}
-                return {**loaded, "done_reason": "load"}
-            job_request = generate_job(body, snap.model)
-        except EdgedError as exc:
-            return ollama_error(exc)
-
-        def shape(content: str, thinking: str, done: bool) -> dict[str, Any]:
-            out: dict[str, Any] = {"model": body.model, "created_at": _now(), "response": content}
-            out["done"] = done
-            if thinking:
-                out["thinking"] = thinking
-            return out
-
-        return await answer(job_request, request, shape)
+        body = await read_body(request, GenerateRequest, limit)
+        snap = engine.snapshot()
+        if not body.prompt and not body.system:  # Ollama's "load the model" call
+            _local_name(body.model, snap.model)
+            loaded = {"model": body.model, "created_at": _now(), "response": "", "done": True}
+            return {**loaded, "done_reason": "load"}
+        stream = await JobStream.submit(engine, request, generate_job(body, snap.model))
+        return await stream.answer(GenerateAnswer(body.model))
 
     def unsupported(what: str) -> Callable[[], Any]:
         async def handler() -> JSONResponse:
-            return ollama_error(
-                NotSupported(
-                    f"{what} is not supported: edged serves the one model of its configuration "
-                    f"(model.path = {settings.model.path}); install models with Ansible or by hand"
-                )
+            raise NotSupported(
+                f"{what} is not supported: edged serves the one model of its configuration "
+                f"(model.path = {settings.model.path}); install models with Ansible or by hand"
             )
 
         return handler

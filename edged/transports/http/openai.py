@@ -5,16 +5,22 @@ chunks) shaped from the job's result."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from functools import cached_property
 from typing import Any, Literal
 
 import structlog
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edged.engine import JobRequest, JobResult
+from edged.config import Settings
+from edged.engine import Delta, Engine, Job, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt, job_schema_rules
-from edged.errors import InvalidRequest, NotSupported
+from edged.errors import EdgedError, InvalidRequest, NotSupported
+from edged.transports.http.app import JobStream, Wire, read_body, tool_result
 from edged.transports.http.errors import describe_validation
-from edged.transports.http.ollama import tool_result
+from edged.transports.http.openapi import body_ref
+from edged.transports.tcp import on_tcp
 
 log = structlog.get_logger(__name__)
 
@@ -176,36 +182,152 @@ BODIES: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest)
 # -- answers ---------------------------------------------------------------------------------------
 
 
-def _chat_body(result: JobResult) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": result.content}
-    if result.reasoning_content is not None:
-        message["reasoning_content"] = result.reasoning_content
-    return {
-        "id": result.id,
-        "object": "chat.completion",
-        "created": result.created,
-        "model": result.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-        "usage": result.usage.model_dump(),
-        "timings": result.timings.model_dump(),
-        **({"notes": result.notes} if result.notes else {}),
-    }
+class ChatAnswer(Wire):
+    """A chat job's answer: a ``chat.completion``, or ``chat.completion.chunk`` events that open with
+    the assistant's role and end with the usage and timings, then ``[DONE]``."""
+
+    media_type = "text/event-stream"
+    headers = {"Cache-Control": "no-cache"}
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, job: Job, engine: Engine) -> None:
+        self.job = job
+        self.engine = engine
+
+    @cached_property
+    def _base(self) -> dict[str, Any]:
+        """What every chunk of the stream repeats (taken when the stream starts)."""
+        job = self.job
+        return {
+            "id": job.id,
+            "object": self.chunk_object,
+            "created": job.created,
+            "model": self.engine.snapshot().model,
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**self._base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    def body(self, result: JobResult) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.content}
+        if result.reasoning_content is not None:
+            message["reasoning_content"] = result.reasoning_content
+        return {
+            "id": result.id,
+            "object": "chat.completion",
+            "created": result.created,
+            "model": result.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+            "usage": result.usage.model_dump(),
+            "timings": result.timings.model_dump(),
+            **({"notes": result.notes} if result.notes else {}),
+        }
+
+    def opening(self) -> Iterable[bytes]:
+        return [_sse(self._chunk({"role": "assistant", "content": ""}))]
+
+    def delta(self, delta: Delta) -> Iterable[bytes]:
+        key = "reasoning_content" if delta.kind == "reasoning" else "content"
+        return [_sse(self._chunk({key: delta.text}))]
+
+    def finished(self, result: JobResult) -> Iterable[bytes]:
+        last = self._chunk({}, result.finish_reason)
+        last["usage"] = result.usage.model_dump()
+        last["timings"] = result.timings.model_dump()
+        if result.notes:
+            last["notes"] = result.notes
+        return [_sse(last), _sse("[DONE]")]
+
+    def failed(self, error: EdgedError) -> Iterable[bytes]:
+        return [_sse(error.to_dict())]
 
 
-def _completion_body(result: JobResult) -> dict[str, Any]:
-    return {
-        "id": result.id,
-        "object": "text_completion",
-        "created": result.created,
-        "model": result.model,
-        "choices": [
-            {"index": 0, "text": result.content, "logprobs": None, "finish_reason": result.finish_reason}
-        ],
-        "usage": result.usage.model_dump(),
-        "timings": result.timings.model_dump(),
-    }
+class CompletionAnswer(ChatAnswer):
+    """A raw completion's answer: a ``text_completion``, or chunks of the same object (the text
+    only: reasoning is not sent) that end as a chat's do."""
+
+    chunk_object = "text_completion"
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+        return {**self._base, "choices": [choice]}
+
+    def body(self, result: JobResult) -> dict[str, Any]:
+        return {
+            "id": result.id,
+            "object": "text_completion",
+            "created": result.created,
+            "model": result.model,
+            "choices": [
+                {"index": 0, "text": result.content, "logprobs": None, "finish_reason": result.finish_reason}
+            ],
+            "usage": result.usage.model_dump(),
+            "timings": result.timings.model_dump(),
+        }
+
+    def opening(self) -> Iterable[bytes]:
+        return ()
+
+    def delta(self, delta: Delta) -> Iterable[bytes]:
+        return () if delta.kind == "reasoning" else super().delta(delta)
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n".encode()
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def add_openai_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
+    """Register OpenAI's routes on ``app`` (the same app serves the socket and the TCP listener)."""
+    limit = settings.jobs.max_payload_bytes
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="Chat completion (OpenAI-compatible), streamed with SSE",
+        openapi_extra=body_ref(ChatCompletionRequest),
+    )
+    async def chat_completions(request: Request) -> Any:
+        job_request = (await read_body(request, ChatCompletionRequest, limit)).to_job()
+        if job_request.raw:
+            raise InvalidRequest("'raw' prompts go to /v1/completions", param="raw")
+        stream = await JobStream.submit(engine, request, job_request)
+        return await stream.answer(ChatAnswer(stream.job, engine))
+
+    @app.post(
+        "/v1/completions",
+        summary="Raw text completion (OpenAI-compatible), streamed with SSE",
+        openapi_extra=body_ref(CompletionRequest),
+    )
+    async def completions(request: Request) -> Any:
+        body = await read_body(request, CompletionRequest, limit)
+        stream = await JobStream.submit(engine, request, body.to_job())
+        return await stream.answer(CompletionAnswer(stream.job, engine))
+
+    @app.get("/v1/models", summary="The loaded model")
+    async def models(request: Request) -> dict[str, Any]:
+        path = settings.model.path
+        snap = engine.snapshot()
+        meta: dict[str, Any] = {
+            "n_ctx": snap.n_ctx,
+            "backend": snap.backend,
+            "path": str(path) if path else None,
+            "state": snap.state.value,
+            "slots": snap.slots.total,
+        }
+        if on_tcp(request):
+            del meta["path"]  # where the board keeps its files is the socket's business only
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": snap.model,
+                    "object": "model",
+                    "created": int(snap.started_wall),
+                    "owned_by": "edged",
+                    "meta": meta,
+                }
+            ],
+        }
