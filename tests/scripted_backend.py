@@ -9,7 +9,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from edged.backends import BackendChoice, CacheStats, Capabilities, Prompt, SamplingParams, SeqOutput
+from edged.backends import (
+    BackendChoice,
+    CacheStats,
+    Capabilities,
+    Grammar,
+    Prompt,
+    SamplingParams,
+    SeqOutput,
+)
 from edged.errors import BackendError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -18,11 +26,18 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 class ScriptTokenizer:
     """One token per character; a chat is rendered as its last message's text."""
 
+    n_vocab = 0x110000
+    """Every Unicode code point."""
+    template = None
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return messages[-1]["content"]
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         return [ord(c) for c in text]
+
+    def grammar_problem(self, grammar: Grammar) -> str | None:
+        return None
 
 
 @dataclass
@@ -128,6 +143,9 @@ class ScriptedBackend:
             self.script.released.append(slot)
         return None
 
+    def job_notes(self, params: SamplingParams) -> list[str]:
+        return []
+
     def cache_stats(self) -> CacheStats | None:
         return None
 
@@ -139,4 +157,4 @@ class ScriptedBackend:
 
 
 def scripted_choice() -> BackendChoice:
-    return BackendChoice(name="scripted", cls=ScriptedBackend, considered=[], forced=True)  # type: ignore[arg-type]
+    return BackendChoice(name="scripted", cls=ScriptedBackend, considered=[], forced=True)

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 
-B = TypeVar("B", bound=type)
+B = TypeVar("B", bound="type[Backend]")
+"""A backend class: the decorator makes mypy check it against the `Backend` Protocol."""
 
 BACKENDS: dict[str, type[Backend]] = {}
 """Registered backends by name, filled when `edged.backends` imports its modules below."""
@@ -60,7 +61,7 @@ def register_backend(name: str) -> Callable[[B], B]:
     def decorate(cls: B) -> B:
         if name in BACKENDS:
             raise RuntimeError(f"backend {name!r} registered twice")
-        cls.name = name  # type: ignore[attr-defined]
+        cls.name = name
         BACKENDS[name] = cls
         return cls
 

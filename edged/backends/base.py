@@ -116,6 +116,16 @@ class CacheStats:
 class Tokenizer(Protocol):
     """The model's chat template and tokenizer; every method is safe from any thread."""
 
+    @property
+    def n_vocab(self) -> int:
+        """Tokens in the vocabulary: valid ids are ``0 .. n_vocab - 1`` (``logit_bias`` is checked)."""
+        ...
+
+    @property
+    def template(self) -> str | None:
+        """The model's chat template (Jinja source) as it ships it, or None when it has none."""
+        ...
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The model's own chat template applied to ``messages``, ending with the assistant's turn."""
         ...
@@ -137,6 +147,10 @@ class Backend(Protocol):
     """
 
     name: ClassVar[str]
+
+    def __init__(self, board: BoardInfo, settings: Settings) -> None:
+        """Nothing heavy: `load` does the work, on the engine's backend thread."""
+        ...
 
     @classmethod
     def available(cls, board: BoardInfo, settings: Settings) -> tuple[bool, str]:
@@ -179,6 +193,11 @@ class Backend(Protocol):
         """End the sequence in ``slot`` (finished, stopped or cancelled) and free its cells at once
         (or park them for the prefix cache). Returns the runtime's own counters of the sequence
         (prefill_ms, generate_ms, generate_tokens) where it keeps them, else None."""
+        ...
+
+    def job_notes(self, params: SamplingParams) -> list[str]:
+        """The job's settings this backend did not apply, each with what it used instead (the answer
+        carries them: never silently). Empty when it applies them all."""
         ...
 
     def cache_stats(self) -> CacheStats | None:

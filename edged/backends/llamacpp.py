@@ -523,6 +523,9 @@ class LlamaCppBackend:
         self._index.insert(("kv", seq.seq_id), tokens)
         return None
 
+    def job_notes(self, params: SamplingParams) -> list[str]:
+        return []  # every sampling field reaches llama.cpp's sampler chain
+
     def cache_stats(self) -> CacheStats:
         stats = self._stats
         stats.parked = len(self._parked)

@@ -73,8 +73,8 @@ class Preparer:
             if problem is not None:
                 param = "grammar" if constraint.kind == "grammar" else "response_format"
                 raise InvalidRequest(f"{param}: {problem}", param=param)
-        n_vocab = getattr(tokenizer, "n_vocab", None)
-        if request.logit_bias and isinstance(n_vocab, int):
+        if request.logit_bias:
+            n_vocab = tokenizer.n_vocab
             wrong = [t for t in request.logit_bias if not 0 <= t < n_vocab]
             if wrong:
                 raise InvalidRequest(

@@ -137,7 +137,7 @@ class Scheduler:
         self.settings = settings
         self.board = board
         self.queue = queue
-        self.backend: Backend = choice.cls(board, settings)  # type: ignore[call-arg]
+        self.backend: Backend = choice.cls(board, settings)
         self.state = SchedulerState(backend_name=choice.name)
         self._fallbacks = list(choice.fallbacks)
         self._deliver = deliver
@@ -264,7 +264,7 @@ class Scheduler:
         name, cls = self._fallbacks.pop(0)
         log.warning("switching backend", failed=self.state.backend_name, to=name, reason=reason)
         self.state.fallback_reasons.append(reason)
-        self.backend = cls(self.board, self.settings)  # type: ignore[call-arg]
+        self.backend = cls(self.board, self.settings)
         self.state.backend_name = name
 
     def _switch_after_failure(self, error: EdgedError) -> None:
@@ -473,9 +473,7 @@ class Scheduler:
             ),
             timings=timings,
         )
-        job_notes = getattr(self.backend, "job_notes", None)
-        if job_notes is not None:
-            result.notes = job_notes(job.prepared.params) or None
+        result.notes = self.backend.job_notes(job.prepared.params) or None
         constraint = job.prepared.constraint
         if constraint is not None:
             try:

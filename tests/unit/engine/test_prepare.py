@@ -22,6 +22,10 @@ class CharTokenizer:
     """One token per character; a chat is ``role: content`` lines, then the template's own opening
     ``<think>`` if ``opens_think`` (as DeepSeek-R1's template does)."""
 
+    n_vocab = 0x110000
+    """Every Unicode code point."""
+    template = None
+
     def __init__(self, *, opens_think: bool = False, problem: str | None = None) -> None:
         self.opens_think = opens_think
         self.problem = problem
