@@ -3,7 +3,8 @@
 Data flows one way: transport -> engine -> backend -> engine -> transport. The package splits as
 llama.cpp's server does: `job` (the job schema, states and events), `queue` (bounded FIFO and
 back-pressure), `prepare` (template, tokens, cap, sampling), `scheduler` (the slots loop on the
-backend's thread), `timings`, `stats`, `snapshot` (the one read view) and `engine` (the facade).
+backend's thread), `backend_host` (loading the backend, falling back), `timings`, `stats`,
+`snapshot` (the one read view) and `engine` (the facade).
 """
 
 from edged.engine.engine import Engine

@@ -7,7 +7,8 @@ right where tokens come out, so a stop string ends its sequence in the same step
 Results go to the event loop in one ``call_soon_threadsafe`` per step.
 
 Load, steps and close all run on this one thread: llama.cpp keeps per-thread state (its OpenMP
-team), and decode speed halved when calls hopped between executor threads.
+team), and decode speed halved when calls hopped between executor threads. Loading the backend and
+replacing a failed one by the next of the profile is `edged.engine.backend_host`'s part.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import structlog
 
 from edged.backends import Backend, BackendChoice, Capabilities, SeqOutput
+from edged.engine.backend_host import BackendHost, BackendState
 from edged.engine.constraints import check_answer
 from edged.engine.job import Delta, Job, JobResult, JobState, Usage
 from edged.engine.queue import JobQueue
@@ -114,16 +116,6 @@ class Thermal:
     derate_s: float = 0.0
 
 
-@dataclass
-class SchedulerState:
-    """What the facade reads for snapshots (written by the scheduler thread)."""
-
-    backend_name: str
-    fallback_reasons: list[str] = field(default_factory=list)
-    capabilities: Capabilities | None = None
-    load_error: str | None = None
-
-
 class Scheduler:
     def __init__(
         self,
@@ -134,15 +126,12 @@ class Scheduler:
         deliver: Callable[[list[Outcome]], None],
         on_backend: Callable[[bool], None],
     ) -> None:
-        self.settings = settings
-        self.board = board
         self.queue = queue
-        self.backend: Backend = choice.cls(board, settings)
-        self.state = SchedulerState(backend_name=choice.name)
-        self._fallbacks = list(choice.fallbacks)
         self._deliver = deliver
         self._on_backend = on_backend
         """Told False while a failed backend is being replaced, True once the next one is loaded."""
+        self.host = BackendHost(settings, board, choice, self._post_backend)
+        """The backend, its loading and its replacement by a fallback (all on this one thread)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -221,14 +210,21 @@ class Scheduler:
         return [run.job for run in list(self._active.values())]
 
     def requested_slots(self) -> int:
-        parallel = self.settings.engine.parallel
-        return self.board.profile.engine.parallel if parallel == "auto" else int(parallel)
+        return self.host.requested_slots()
+
+    @property
+    def backend(self) -> Backend:
+        return self.host.backend
+
+    @property
+    def state(self) -> BackendState:
+        return self.host.state
 
     # -- the thread ---------------------------------------------------------------------------
 
     def _main(self) -> None:
         try:
-            caps = self._load_first()
+            caps = self.host.load_first()
         except BaseException as exc:
             self.loaded.set_exception(exc)
             self.finished.set_result(None)
@@ -240,54 +236,8 @@ class Scheduler:
             log.exception("the scheduler crashed")
             self._fail_all(BackendError(f"the engine's scheduler failed: {exc}"))
         finally:
-            try:
-                self.backend.close()
-            except Exception:
-                log.exception("closing the backend failed")
+            self.host.close()
             self.finished.set_result(None)
-
-    def _load_first(self) -> Capabilities:
-        slots = self.requested_slots()
-        while True:
-            try:
-                caps = self.backend.load(slots)
-                self.state.capabilities = caps
-                return caps
-            except EdgedError as exc:
-                if not self._fallbacks:
-                    self.state.load_error = exc.message
-                    raise
-                self._fall_back(f"{self.state.backend_name} failed to load: {exc.message}")
-
-    def _fall_back(self, reason: str) -> None:
-        """Replace the backend by the next available one of the profile (not loaded yet)."""
-        name, cls = self._fallbacks.pop(0)
-        log.warning("switching backend", failed=self.state.backend_name, to=name, reason=reason)
-        self.state.fallback_reasons.append(reason)
-        self.backend = cls(self.board, self.settings)
-        self.state.backend_name = name
-
-    def _switch_after_failure(self, error: EdgedError) -> None:
-        """A backend that failed mid-job is replaced before the next job runs, without a restart."""
-        if not self._fallbacks:
-            return
-        self._post_backend(False)
-        try:
-            self.backend.close()
-        except Exception:
-            log.exception("closing the failed backend failed")
-        while True:
-            self._fall_back(f"{self.state.backend_name} failed during a job: {error.message}")
-            try:
-                self.state.capabilities = self.backend.load(self.requested_slots())
-                break
-            except EdgedError as exc:
-                error = exc
-                if not self._fallbacks:
-                    self.state.load_error = exc.message
-                    log.error("no backend left", error=exc.message)
-                    break
-        self._post_backend(True)
 
     def _post_backend(self, ready: bool) -> None:
         if self._loop is not None:
@@ -326,7 +276,7 @@ class Scheduler:
                     self._release(run)
                     outcomes.append(Fail(run.job, failure))
                 self._send(outcomes)
-                self._switch_after_failure(failure)
+                self.host.replace_after_failure(failure)
                 continue
             finally:
                 self.busy_since = None
