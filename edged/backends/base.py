@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from edged.config import Settings
 
 
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+THINK_END = "\n" + THINK_CLOSE + "\n\n"
+"""How edged itself ends a reasoning block, in DeepSeek-R1's layout: right after the template's
+``<think>\n`` for ``think: false``, and by forced tokens at a job's reasoning budget."""
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A prompt ready for a backend: the exact text and its tokens under the model's tokenizer."""
@@ -54,7 +61,7 @@ class SamplingParams:
     in_think: bool = False
     """The output starts inside a ``<think>`` block (the chat template opened it)."""
     reasoning_budget: int | None = None
-    """Most tokens inside the ``<think>`` block; then the backend closes it (``\n</think>\n\n``)."""
+    """Most tokens inside the ``<think>`` block; then the backend closes it (`THINK_END`)."""
 
 
 @dataclass(frozen=True)

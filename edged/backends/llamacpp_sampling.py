@@ -17,13 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from edged.backends.base import SamplingParams
+from edged.backends.base import THINK_CLOSE, THINK_END, SamplingParams
 from edged.backends.gguf_prompt import GgufTokenizer
 
 PENALTY_LAST_N = 64
-CLOSE_THINKING = "\n</think>\n\n"
-"""What closes a reasoning block at the job's reasoning budget (DeepSeek-R1's own layout)."""
-THINK_CLOSE_BYTES = b"</think>"
+THINK_CLOSE_BYTES = THINK_CLOSE.encode()
 
 
 @dataclass
@@ -57,7 +55,7 @@ class Sampling:
         self._n_vocab = n_vocab
         self._cand = np.empty(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
         self._ids = np.arange(n_vocab, dtype=np.int32)
-        close = tokenizer.tokenize("</think>", chat=True)
+        close = tokenizer.tokenize(THINK_CLOSE, chat=True)
         self._think_close_token = close[0] if len(close) == 1 else -1
 
     def start(self, params: SamplingParams, history: list[int]) -> SeqSampler:
@@ -104,7 +102,7 @@ class Sampling:
             s.think_tokens += 1
         budget = s.params.reasoning_budget
         if budget is not None and s.think_tokens >= budget and not s.forced:
-            s.forced = self._tokenizer.tokenize(CLOSE_THINKING, chat=True)
+            s.forced = self._tokenizer.tokenize(THINK_END, chat=True)
 
     def _grammar(self, params: SamplingParams) -> tuple[Any, str | None]:
         """The job's grammar sampler (kept beside its chain, as llama.cpp's common sampler does), or

@@ -10,13 +10,13 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from edged.backends import Prompt, SamplingParams, Tokenizer
+from edged.backends.base import THINK_END, THINK_OPEN
 from edged.config import FALLBACK_SAMPLING, sampling_defaults
 from edged.engine.constraints import constraint_of
 from edged.engine.job import JobRequest, Prepared
 from edged.errors import ContextLengthExceeded, InvalidRequest
-from edged.streamtext import THINK_CLOSE, THINK_OPEN
 
-SKIP_THINKING = "\n" + THINK_CLOSE + "\n\n"
+SKIP_THINKING = THINK_END
 """Appended after the template's ``<think>\n`` for ``think: false`` (DeepSeek-R1's empty reasoning)."""
 
 if TYPE_CHECKING:

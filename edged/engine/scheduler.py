@@ -2,8 +2,9 @@
 
 Like llama.cpp server's ``update_slots``: between steps, stopped jobs leave their slots and waiting
 jobs take free ones (arrival order); each step advances every active sequence by one forward pass.
-Text handling (incremental UTF-8, stop strings, ``<think>`` split, token counting) happens here,
-right where tokens come out, so a stop string ends its sequence in the same step that completed it.
+Text handling (incremental UTF-8, stop strings, ``<think>`` split: `edged.engine.text`) and token
+counting happen here, right where tokens come out, so a stop string ends its sequence in the same
+step that completed it.
 Results go to the event loop in one ``call_soon_threadsafe`` per step.
 
 Load, steps and close all run on this one thread: llama.cpp keeps per-thread state (its OpenMP
@@ -14,7 +15,6 @@ replacing a failed one by the next of the profile is `edged.engine.backend_host`
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
 import contextlib
 import threading
@@ -30,6 +30,7 @@ from edged.engine.backend_host import BackendHost, BackendState
 from edged.engine.constraints import check_answer
 from edged.engine.job import Delta, Job, JobResult, JobState, Usage
 from edged.engine.queue import JobQueue
+from edged.engine.text import SeqText
 from edged.engine.timings import Clock, compute_timings
 from edged.errors import (
     BackendError,
@@ -38,7 +39,6 @@ from edged.errors import (
     InvalidOutput,
     ShuttingDown,
 )
-from edged.streamtext import StopMatcher, ThinkSplitter
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
@@ -70,32 +70,6 @@ class Fail:
 
 
 Outcome = Emit | Done | Fail
-
-
-class SeqText:
-    """A sequence's output text: bytes -> UTF-8 -> stop strings -> reasoning/content."""
-
-    def __init__(self, stops: list[str], in_think: bool) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stopper = StopMatcher(stops)
-        self._splitter = ThinkSplitter(in_think=in_think)
-        self.parts: dict[str, list[str]] = {"content": [], "reasoning": []}
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopper.stopped
-
-    def feed(self, piece: bytes) -> list[tuple[str, str]]:
-        return self._keep(self._splitter.feed(self._stopper.feed(self._decoder.decode(piece))))
-
-    def flush(self) -> list[tuple[str, str]]:
-        tail = self._stopper.feed(self._decoder.decode(b"", final=True))
-        return self._keep(self._splitter.feed(tail + self._stopper.flush()) + self._splitter.flush())
-
-    def _keep(self, pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        for kind, text in pieces:
-            self.parts[kind].append(text)
-        return pieces
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Stop strings and <think> splitting must not depend on how the text was cut into tokens."""
+"""`edged.engine.text`: stop strings and <think> splitting must not depend on how the text was cut
+into tokens."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import itertools
 
 import pytest
 
-from edged.streamtext import StopMatcher, ThinkSplitter
+from edged.engine.text import SeqText, StopMatcher, ThinkSplitter
 
 
 def pieces(text: str, size: int) -> list[str]:
@@ -62,3 +63,15 @@ def test_earliest_stop_wins_and_no_stop_passes_through() -> None:
     m = StopMatcher(["xyz"])
     assert m.feed("abcx") == "abc"
     assert m.flush() == "x"
+
+
+def test_seq_text_joins_split_characters_stops_and_splits_the_reasoning() -> None:
+    """`SeqText` as the scheduler feeds it: token bytes that may cut a UTF-8 character."""
+    data = "<think>ö?</think>\n\nGrüße, fertig. STOP und mehr".encode()
+    text = SeqText(["STOP"], in_think=False)
+    out = [part for i in range(len(data)) for part in text.feed(data[i : i + 1])]
+    assert text.stopped
+    out += text.flush()
+    assert "".join(t for k, t in out if k == "reasoning") == "ö?"
+    assert "".join(t for k, t in out if k == "content") == "Grüße, fertig. "
+    assert ("".join(text.parts["reasoning"]), "".join(text.parts["content"])) == ("ö?", "Grüße, fertig. ")

@@ -1,13 +1,16 @@
-"""Incremental post-processing of generated text: stop strings and ``<think>`` reasoning.
+"""A sequence's output text, piece by piece: UTF-8, stop strings and ``<think>`` reasoning.
 
-Both work on a stream of small pieces and hold back only as much text as could still turn out to
-be the start of a stop string or a tag, so streamed output stays as fresh as the tokens.
+The scheduler feeds each sequence's token bytes to its `SeqText` right where tokens come out, so a
+stop string ends its sequence in the same step that completed it. Each stage works on a stream of
+small pieces and holds back only as much text as could still turn out to be the start of a stop
+string, a tag or a character, so streamed output stays as fresh as the tokens.
 """
 
 from __future__ import annotations
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+import codecs
+
+from edged.backends.base import THINK_CLOSE, THINK_OPEN
 
 
 def _partial_suffix(text: str, needles: list[str]) -> int:
@@ -96,3 +99,29 @@ class ThinkSplitter:
         out: list[tuple[str, str]] = []
         self._emit(out, text)
         return out
+
+
+class SeqText:
+    """A sequence's output text: bytes -> UTF-8 -> stop strings -> reasoning/content."""
+
+    def __init__(self, stops: list[str], in_think: bool) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stopper = StopMatcher(stops)
+        self._splitter = ThinkSplitter(in_think=in_think)
+        self.parts: dict[str, list[str]] = {"content": [], "reasoning": []}
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopper.stopped
+
+    def feed(self, piece: bytes) -> list[tuple[str, str]]:
+        return self._keep(self._splitter.feed(self._stopper.feed(self._decoder.decode(piece))))
+
+    def flush(self) -> list[tuple[str, str]]:
+        tail = self._stopper.feed(self._decoder.decode(b"", final=True))
+        return self._keep(self._splitter.feed(tail + self._stopper.flush()) + self._splitter.flush())
+
+    def _keep(self, pieces: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for kind, text in pieces:
+            self.parts[kind].append(text)
+        return pieces
