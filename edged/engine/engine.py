@@ -264,7 +264,7 @@ class Engine:
         """The loaded model's chat template (Jinja), if it has one."""
         if self.state is not EngineState.READY:
             return None
-        template = getattr(self.scheduler.backend.tokenizer, "template", None)
+        template = self.scheduler.backend.tokenizer.template
         return template if isinstance(template, str) else None
 
     def structured_output(self) -> tuple[bool, str | None]:
