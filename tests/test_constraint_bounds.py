@@ -428,6 +428,14 @@ def test_validating_an_answer_is_bounded_whatever_the_schema() -> None:
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("grammar", ["", "   \n# a comment only\n", 'start ::= ("a"?){0,20} "b"'])
+def test_a_grammar_without_rules_or_root_is_left_to_llama_cpps_refusal(grammar: str) -> None:
+    """Found by the schemathesis fuzzing: ``grammar: ""`` raised IndexError in the stack measure (a
+    500); it is measured (nothing to measure) and refused by name before the sampler is made."""
+    cost = measure(grammar, bounds.GRAMMAR_LIMITS)
+    assert cost.fanout >= 1
+
+
 def test_the_measure_of_a_grammar_stops_at_the_nesting_cap() -> None:
     """A million levels cost what the cap does: the parse stops there."""
     start = time.monotonic()

@@ -624,6 +624,14 @@ SOCKET_FOUND = [
         400,
         "invalid_request",
     ),
+    # 500 "edged could not prepare the job: IndexError": an empty grammar in the stack measure of the
+    # bounds (make fuzz, schemathesis, 2026-12-07)
+    (post("/v1/completions", b'{"prompt": "0", "raw": true, "grammar": "", "max_tokens": 1}'), 400, None),
+    (
+        post("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "grammar": ""}'),
+        400,
+        "invalid_request",
+    ),
     # no answer until the job's deadline: an empty raw prompt has no token to evaluate
     (post("/v1/completions", b'{"prompt": "", "max_tokens": 1}'), 400, "invalid_request"),
     # 200: wrong types were coerced ("max_tokens": true became 1, "stream": "true" streamed, " 1" a

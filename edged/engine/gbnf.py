@@ -108,7 +108,7 @@ def measure(text: str, limits: Limits) -> GbnfCost:
     parser = _Parser(text, limits)
     rules = parser.parse()
     stacks, frames, rule_stacks, empty = _stacks(rules, limits)
-    fanout = _fanout(rules, parser.names.get("root", 0), rule_stacks, empty, limits)
+    fanout = _fanout(rules, parser.names.get("root", len(rules)), rule_stacks, empty, limits)
     calls, depth = _left_recursion_checks(rules, limits)
     return GbnfCost(
         nesting=parser.nesting,
@@ -500,8 +500,13 @@ def _fanout(
                     else:
                         after[position] = (stacks[item], False)
             rest[(rule, a)] = after
+    if not rules:
+        return 1  # an empty grammar: llama.cpp refuses it itself (`GgufTokenizer.grammar_problem`)
     popped = [0] * len(rules)  # stacks a rule's end pops to, for the worst chain of callers
-    popped[root] = 1  # the empty stack: the end of the text
+    if root < len(rules):
+        popped[root] = 1  # the empty stack: the end of the text
+    else:  # no rule named root (refused later, by name): measure it from every rule
+        popped = [1] * len(rules)
     for _ in range(len(rules) + 1):  # a longest-path relaxation; still growing after that: a cycle
         changed = False
         for callee, caller, tail_stacks, tail_empty in sites:
