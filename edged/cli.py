@@ -6,7 +6,7 @@ reachable, 78 bad configuration (EX_CONFIG).
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import json
 import sys
 import time
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
+from typer.core import TyperGroup
 
 from edged import __version__
 from edged.cli_common import (
@@ -41,12 +41,37 @@ from edged.cli_common import (
     out,
 )
 from edged.errors import BackendUnavailable, ConfigError, EdgedError
-from edged.fleet.cli import fleet_app  # paho, the aggregator and rich.live load only when fleet runs
 
 if TYPE_CHECKING:
     from edged.fleet.client import BrokerOptions
 
+
+class _Commands(TyperGroup):
+    """`edged`'s commands, `bench` and `fleet` imported only when one of them runs or `--help` lists
+    them: `edged serve` loads what start-up needs and nothing else (tests/unit/test_startup_imports.py)."""
+
+    LAZY = {"bench": ("edged.bench.cli", "bench_app"), "fleet": ("edged.fleet.cli", "fleet_app")}
+
+    def list_commands(self, ctx: Any) -> list[str]:  # ctx: typer's own click Context
+        return [*super().list_commands(ctx), *(name for name in self.LAZY if name not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            module, attribute = self.LAZY[cmd_name]
+            command = typer.main.get_command(getattr(importlib.import_module(module), attribute))
+            command.name = cmd_name
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and args[0] not in self.LAZY:
+            for name in self.LAZY:  # not a command: load them all, so that Typer suggests among them
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="edged",
     help=(
         "LLM inference daemon for small boards (RK3588, Raspberry Pi).\n\n"
@@ -122,6 +147,8 @@ def serve(
             }
         ),
     )
+    import asyncio
+
     from edged.daemon import plan
     from edged.daemon import serve as run_daemon
     from edged.logs import configure_logging
@@ -357,6 +384,8 @@ def _ask_mqtt(
 @app.command()
 def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
     """Show what the running daemon is doing: board, backend, model, queue, throughput."""
+    from rich.table import Table
+
     doc = _get(config, socket, "/status")
     if as_json:
         out.print_json(data=doc)
@@ -441,6 +470,8 @@ def jobs(
     """
     from urllib.parse import urlencode
 
+    from rich.table import Table
+
     query = {"limit": limit, "before": before, "origin": origin}
     path = "/v1/jobs?" + urlencode({k: v for k, v in query.items() if v is not None})
     doc = _get(config, socket, path)
@@ -486,6 +517,8 @@ def board(
     as_json: JsonOpt = False,
 ) -> None:
     """Detect the board and show the profile and the backend `edged serve` would choose, and why."""
+    from rich.table import Table
+
     from edged.backends import choose_backend
     from edged.board import detect_board, plan_cpus
     from edged.daemon import backend_report, board_report
@@ -551,13 +584,6 @@ def config_show(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             out.print(f"{prefix} = {json.dumps(node)}", markup=False)
 
     walk("", data)
-
-
-from edged.bench.cli import bench_app  # noqa: E402  (after `app`; the bench's modules import lazily)
-
-app.add_typer(bench_app, name="bench")
-
-app.add_typer(fleet_app, name="fleet")
 
 
 def main() -> None:

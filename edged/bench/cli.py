@@ -13,8 +13,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from edged.bench.jobs import BenchError
-from edged.bench.report import progress_bar
-from edged.bench.workloads import WORKLOADS
+from edged.bench.workloads import WORKLOADS  # the report (pydantic, rich.progress) loads when a command runs
 
 R1_SHAPED = "r1-shaped"
 R1_SHAPED_FILE = "r1-shaped-q4_k_m.gguf"
@@ -48,6 +47,7 @@ def cache_dir() -> Path:
 
 def build_synth_model(out: Path, *, layers: int, force: bool, console: Console) -> Path:
     """`edged.bench.synth.build` with a progress bar per phase (tensors written, tensors quantized)."""
+    from edged.bench.report import progress_bar
     from edged.bench.synth import build
 
     with progress_bar(console) as progress:
