@@ -61,7 +61,13 @@ class Target(Protocol):
     name: str
     notes: list[str]
 
-    def start(self) -> None: ...
+    def start(self) -> float:
+        """Start (load the model); the seconds until the target was ready to answer."""
+        ...
+
+    def start_again(self) -> float:
+        """Stop and start again as after a crash or a deploy; the seconds until ready."""
+        ...
 
     def run(self, jobs: list[Job]) -> list[JobSample]:
         """Submit ``jobs`` at once (or, where the target cannot, one after another) and measure each."""

@@ -32,9 +32,12 @@ class RawTarget:
         self.llm: Any = None
         self.tokenizer: ChatTokenizer | None = None
 
-    def start(self) -> None:
+    def start(self) -> float:
+        """Load the model; the seconds `Llama()` took (raw's start-up: this process runs already, with
+        llama_cpp imported)."""
         import llama_cpp
 
+        began = time.perf_counter()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.model),
@@ -47,7 +50,14 @@ class RawTarget:
             )
         except ValueError as exc:  # llama-cpp-python's way of saying llama.cpp returned NULL
             raise BenchError(f"llama-cpp-python could not load {self.model}: {exc}") from exc
+        seconds = time.perf_counter() - began
         self.tokenizer = ChatTokenizer(self.llm)
+        return seconds
+
+    def start_again(self) -> float:
+        """Close the model and load it again (a new tokenizer too); seconds `Llama()` took."""
+        self.close()
+        return self.start()
 
     def pid(self) -> int | None:
         return os.getpid()
