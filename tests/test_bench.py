@@ -197,6 +197,17 @@ def test_bench_json_edged_against_raw(tmp_path: Path, model_path: Path) -> None:
         assert set(ratios) >= {"ttft_ms", "prefill_tok_s", "decode_tok_s", "aggregate_tok_s", "rss_anon_mb"}
         for key, ratio in ratios.items():
             assert ratio == pytest.approx(figures["edged"][key]["mean"] / figures["raw"][key]["mean"]), key
+    # Without --restart: the first start of each target, seconds to ready.
+    startup = report["startup"]
+    assert set(startup["figures"]) == {"edged", "raw"}
+    for target in ("edged", "raw"):
+        fig = startup["figures"][target]
+        assert fig["n"] == 1 and fig["median"] == fig["values"][0] > 0, target
+    edged_s, raw_s = startup["figures"]["edged"]["median"], startup["figures"]["raw"]["median"]
+    assert edged_s < 300  # the bench's own bound on a start
+    assert startup["ratios"]["edged/raw"] == pytest.approx(edged_s / raw_s)
+    assert startup["differences_s"]["edged/raw"] == pytest.approx(edged_s - raw_s)
+    assert "ready_s" in report["definitions"]
 
 
 def test_bench_table_with_prefix_repeat_and_restart(tmp_path: Path) -> None:
@@ -208,6 +219,31 @@ def test_bench_table_with_prefix_repeat_and_restart(tmp_path: Path) -> None:
     for text in ("prefix-repeat", "TTFT cold ms", "TTFT warm/cold", "TTFT after restart ms", "edged/raw"):
         assert text in table, table
     assert "restarted 1 times" in table
+    assert "startup" in table and "ready s, median (min-max)" in table, table
+
+
+def test_bench_restart_measures_a_start_per_run(tmp_path: Path) -> None:
+    """With --restart every target starts once per run: the start-up figure is over --runs starts,
+    and restarting edged for start-up is not counted as prefix-repeat's restart."""
+    done = bench(
+        "--runs", "3", "--restart", "--workload", "seeds", "--max-tokens", "4", "--json",
+        *daemon_env(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    startup = report["startup"]
+    for target in ("edged", "raw"):
+        fig = startup["figures"][target]
+        assert fig["n"] == 3 and len(fig["values"]) == 3 and min(fig["values"]) > 0, target
+        assert fig["median"] == sorted(fig["values"])[1], target
+    assert startup["ratios"]["edged/raw"] == pytest.approx(
+        startup["figures"]["edged"]["median"] / startup["figures"]["raw"]["median"]
+    )
+    edged = next(t for t in report["targets"] if t["name"] == "edged")
+    assert not any("restarted" in note for note in edged["notes"]), edged["notes"]
+    # The runs after the restarts still answer (the raw target's model and tokenizer were made anew).
+    seeds = report["workloads"][0]["figures"]
+    assert seeds["raw"]["ttft_ms"]["n"] == 3 and seeds["edged"]["ttft_ms"]["n"] == 3
 
 
 def test_bench_reports_a_daemon_that_cannot_start(tmp_path: Path) -> None:

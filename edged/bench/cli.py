@@ -122,7 +122,10 @@ RUN_HELP = _paragraphs(
     "tok/s: per job, tokens after the first over the time after the first. aggregate tok/s: all tokens "
     "generated in a run over its wall time. s per 1k tokens: 1000 / aggregate tok/s. RssAnon peak: the "
     "target process's anonymous memory (KV cache and buffers; the mapped weights are not counted; raw's "
-    "is this whole process). --json prints all of them, per run, with the machine and the model.",
+    "is this whole process). startup, ready s: edged and llama-server from starting the process to "
+    "/health answering 200, raw the construction of Llama() on the model; the median (min-max) of the "
+    "first start, and with --restart of one start per run. --json prints all of them, per run, with "
+    "the machine and the model.",
     "[bold]llama-server to compare with[/bold], built from the very llama.cpp that the pinned "
     "llama-cpp-python vendors (about 15 minutes on 2 cores; keep it outside the checkout):",
     f"  pip download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_PIN}\n"
@@ -173,7 +176,12 @@ def run(
         int | None, typer.Option("--max-tokens", min=1, help="Generated tokens per job for every workload.")
     ] = None,
     restart: Annotated[
-        bool, typer.Option("--restart", help="prefix-repeat: also measure edged after a daemon restart.")
+        bool,
+        typer.Option(
+            "--restart",
+            help="Start every target again once per further run (start-up: median over --runs starts); "
+            "prefix-repeat: also measure edged after a daemon restart.",
+        ),
     ] = False,
     llama_server: Annotated[
         Path | None, typer.Option("--llama-server", help="A llama-server binary to compare with (see below).")

@@ -57,14 +57,23 @@ METRICS = (
     Metric("rss_anon_mb", "RssAnon peak MB", "peak anonymous memory of the target's process during the run"),
 )
 METRIC_KEYS = [m.key for m in METRICS]
+STARTUP = Metric(
+    "ready_s",
+    "ready s, median (min-max)",
+    "start-up: edged and llama-server from starting the process to /health answering 200; raw the "
+    "construction of Llama() on the model (in the running bench, llama_cpp imported); the model file "
+    "in the page cache for all (the bench reads it first); the first start, and with --restart one "
+    "more per further run",
+)
 RATIO_PAIRS = (("edged", "raw"), ("edged", "llama-server"))
 
 
 class Figure(BaseModel):
-    """One figure over the runs: mean ± sample standard deviation (None with a single run)."""
+    """One figure over the runs: mean ± sample standard deviation (None with a single run), median."""
 
     mean: float
     std: float | None
+    median: float
     n: int
     values: list[float]
 
@@ -73,6 +82,7 @@ class Figure(BaseModel):
         return cls(
             mean=statistics.fmean(values),
             std=statistics.stdev(values) if len(values) > 1 else None,
+            median=statistics.median(values),
             n=len(values),
             values=values,
         )
@@ -86,6 +96,18 @@ class WorkloadResult(BaseModel):
     figures: dict[str, dict[str, Figure]] = Field(description="target -> metric -> figure over the runs")
     ratios: dict[str, dict[str, float]] = Field(
         description="'edged/raw', 'edged/llama-server' -> metric -> mean of edged / mean of the other"
+    )
+
+
+class StartupResult(BaseModel):
+    """Seconds from start to ready per target (`STARTUP`): medians, as one slow start must not move it."""
+
+    figures: dict[str, Figure] = Field(description="target -> seconds from start to ready, over the starts")
+    ratios: dict[str, float] = Field(
+        description="'edged/raw', 'edged/llama-server' -> median of edged / median of the other"
+    )
+    differences_s: dict[str, float] = Field(
+        description="'edged/raw', 'edged/llama-server' -> median of edged - median of the other, seconds"
     )
 
 
@@ -122,6 +144,7 @@ class BenchReport(BaseModel):
         description="EDGED_ENGINE__PARALLEL and llama-server -np (None: edged's default)"
     )
     targets: list[TargetInfo]
+    startup: StartupResult | None = None
     workloads: list[WorkloadResult]
     definitions: dict[str, str]
 
@@ -187,10 +210,37 @@ def summarise(
     return figures, ratios
 
 
+def summarise_startup(per_target: dict[str, list[float]]) -> StartupResult:
+    """The start-up figures of the targets that were started, and edged's against the others'."""
+    figures = {target: Figure.of(seconds) for target, seconds in per_target.items() if seconds}
+    ratios: dict[str, float] = {}
+    differences: dict[str, float] = {}
+    for a, b in RATIO_PAIRS:
+        if a in figures and b in figures:
+            differences[f"{a}/{b}"] = figures[a].median - figures[b].median
+            if figures[b].median > 0:
+                ratios[f"{a}/{b}"] = figures[a].median / figures[b].median
+    return StartupResult(figures=figures, ratios=ratios, differences_s=differences)
+
+
+def _digits(value: float) -> int:
+    return 2 if abs(value) < 10 else 1 if abs(value) < 1000 else 0
+
+
+def _median_cell(figure: Figure | None) -> str:
+    if figure is None:
+        return "-"
+    digits = _digits(figure.median)
+    text = f"{figure.median:.{digits}f}"
+    if figure.n == 1:
+        return text
+    return f"{text} ({min(figure.values):.{digits}f}-{max(figure.values):.{digits}f})"
+
+
 def _cell(figure: Figure | None) -> str:
     if figure is None:
         return "-"
-    digits = 2 if abs(figure.mean) < 10 else 1 if abs(figure.mean) < 1000 else 0
+    digits = _digits(figure.mean)
     text = f"{figure.mean:.{digits}f}"
     return text if figure.std is None else f"{text} ± {figure.std:.{digits}f}"
 
@@ -212,6 +262,15 @@ def render_table(report: BenchReport, console: Console) -> None:
     for pair in pairs:
         table.add_column(pair, justify="right")
     labels = {m.key: m.label for m in METRICS}
+    startup = report.startup
+    if startup is not None:
+        table.add_row(
+            "startup",
+            STARTUP.label,
+            *[_median_cell(startup.figures.get(t)) for t in targets],
+            *["-" if pair not in startup.ratios else f"{startup.ratios[pair]:.3f}" for pair in pairs],
+            end_section=True,
+        )
     for workload in report.workloads:
         keys = [k for k in METRIC_KEYS if any(k in workload.figures.get(t, {}) for t in targets)]
         for i, key in enumerate(keys):
@@ -224,6 +283,12 @@ def render_table(report: BenchReport, console: Console) -> None:
                 end_section=i == len(keys) - 1,
             )
     console.print(table)
+    if startup is not None and "edged/llama-server" in startup.differences_s:
+        n = startup.figures["edged"].n
+        console.print(
+            f"startup: edged - llama-server = {startup.differences_s['edged/llama-server']:+.2f} s "
+            f"(medians of {n} start{'s' if n > 1 else ''} each)"
+        )
     for target in report.targets:
         for note in target.notes:
             console.print(f"[dim]{target.name}: {note}[/dim]")

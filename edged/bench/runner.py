@@ -13,6 +13,7 @@ from edged.bench.prompts import ChatTokenizer, document
 from edged.bench.raw import RawTarget
 from edged.bench.report import (
     METRICS,
+    STARTUP,
     BenchReport,
     ModelInfo,
     TargetInfo,
@@ -20,11 +21,13 @@ from edged.bench.report import (
     machine_info,
     progress_bar,
     summarise,
+    summarise_startup,
 )
 from edged.bench.servers import EdgedTarget, LlamaServerTarget
 from edged.bench.workloads import WORKLOADS, Options, Samples, Step
 
 WARMUP_TOKENS = 4
+PAGE_IN_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -66,27 +69,49 @@ def _run_workload_once(target: Target, steps: list[Step], restartable: bool) -> 
     return samples
 
 
+def page_in(model: Path) -> None:
+    """Read the model file once, so every target's first start finds it in the page cache (the first
+    to start would otherwise pay the disk for the others)."""
+    with model.open("rb", buffering=0) as f:
+        buffer = bytearray(PAGE_IN_CHUNK)
+        while f.readinto(buffer):
+            pass
+
+
+def start_up(targets: list[Target], first: dict[str, float], runs: int) -> dict[str, list[float]]:
+    """Seconds to ready per target: its ``first`` start, then ``runs - 1`` more starts of each (stop,
+    start), the targets in a rotating order."""
+    seconds = {name: [s] for name, s in first.items()}
+    for run in range(1, runs):
+        shift = run % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            seconds[target.name].append(target.start_again())
+    return seconds
+
+
 def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
-    """Every selected workload, ``runs`` times on every target, targets in a rotating order per run
-    (drift such as a warming board then hits all alike)."""
+    """The start-up of every target, then every selected workload, ``runs`` times on every target,
+    targets in a rotating order per run (drift such as a warming board then hits all alike)."""
     slots = config.slots()
     options = Options(concurrency=config.concurrency, max_tokens=config.max_tokens, restart=config.restart)
     raw = RawTarget(config.model, config.threads)
     targets: list[Target] = []
     try:
-        raw.start()
-        assert raw.tokenizer is not None
-        tokenizer: ChatTokenizer = raw.tokenizer
+        page_in(config.model)
+        first = {raw.name: raw.start()}
         edged = EdgedTarget(config.model, config.threads, slots=slots, extra_env=config.edged_env)
         targets = [edged, raw]
-        edged.start()
+        first[edged.name] = edged.start()
         if slots is not None:
             edged.notes.append(f"EDGED_ENGINE__PARALLEL={slots}")
         if config.llama_server is not None:
             server = LlamaServerTarget(config.llama_server, config.model, config.threads, slots=slots or 1)
             targets.append(server)
-            server.start()
+            first[server.name] = server.start()
             server.notes.append(" ".join(["llama-server", *server.args]))
+        startup = summarise_startup(start_up(targets, first, config.runs if config.restart else 1))
+        assert raw.tokenizer is not None  # raw's last start made it
+        tokenizer: ChatTokenizer = raw.tokenizer
         warmup = [Job(document(tokenizer, "warmup", 32), WARMUP_TOKENS)]
         for target in targets:  # pages the weights in, so the first measured run is not the slow one
             target.run(warmup)
@@ -144,6 +169,7 @@ def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
         concurrency=config.concurrency,
         slots=slots,
         targets=infos,
+        startup=startup,
         workloads=results,
-        definitions={m.key: m.meaning for m in METRICS},
+        definitions={m.key: m.meaning for m in (*METRICS, STARTUP)},
     )
