@@ -24,8 +24,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from edged.backends import Grammar
 from edged.engine import bounds
-from edged.engine.constraints import schema_to_grammar
+from edged.engine.constraints import Constraint, check_answer, schema_to_grammar
+from edged.errors import InvalidOutput
 from edged.tools.family import Family
 from edged.tools.markup import (
     HERMES_CLOSE,
@@ -36,7 +38,7 @@ from edged.tools.markup import (
     R1_CALLS_END,
     R1_SEP,
 )
-from edged.tools.spec import ToolChoice, ToolSpec
+from edged.tools.spec import ToolCall, ToolChoice, ToolSpec
 
 # ruff: noqa: RUF002 - R1's markers are spelled with fullwidth bars and a lower block, as in its tokenizer.
 
@@ -49,7 +51,9 @@ class ToolGrammar:
     root: str = "root"
     trigger: str | None = None
     """None: the grammar holds from the answer's first token. A word: the grammar is lazy (text is
-    free until the model writes this word; the grammar then takes the text from the word on)."""
+    free until the model writes this word; the grammar then takes the text from the word on). For a
+    thinking model both count from ``</think>`` (the engine's ``Grammar.after_think``): the
+    reasoning stays free, and a trigger word inside it does not engage the grammar."""
 
 
 _TOKEN = re.compile(
@@ -145,3 +149,22 @@ def build_grammar(
     text = "\n".join(lines) + "\n"
     bounds.check_grammar(text, "tools (as a grammar)")
     return ToolGrammar(text, "root", trigger)
+
+
+def check_call(call: ToolCall, tools: list[ToolSpec], choice: ToolChoice) -> None:
+    """Raise `InvalidOutput` unless ``call`` names a tool the choice allows and its arguments validate
+    against that tool's schema as the client sent it (the grammar makes them well formed; the schema
+    may say more than a grammar can, or than the bounds let into it). Bounded as every answer is
+    (`edged.engine.constraints.check_answer`)."""
+    tool = next((t for t in choice.allowed(tools) if t.name == call.name), None)
+    if tool is None:
+        raise InvalidOutput(
+            f"the model called {call.name[:80]!r}, which is not a tool it may call", content=call.name
+        )
+    constraint = Constraint("json_schema", Grammar(""), tool.parameters, tool.name)
+    try:
+        check_answer(constraint, call.arguments_json)
+    except InvalidOutput as exc:
+        raise InvalidOutput(
+            f"the arguments of {tool.name}: {exc.message}", content=call.arguments_json
+        ) from None

@@ -10,10 +10,10 @@ import pytest
 
 from edged.engine import bounds
 from edged.engine.gbnf import measure
-from edged.errors import InvalidRequest
+from edged.errors import InvalidOutput, InvalidRequest
 from edged.tools.family import FAMILIES, Family
-from edged.tools.grammar import build_grammar, namespaced
-from edged.tools.spec import ToolChoice, ToolSpec, parse_tools
+from edged.tools.grammar import build_grammar, check_call, namespaced
+from edged.tools.spec import ToolCall, ToolChoice, ToolSpec, parse_tools
 
 from .conftest import WEATHER
 
@@ -92,3 +92,24 @@ def test_a_schema_the_converter_refuses_is_an_invalid_request_naming_the_tool() 
     assert caught.value.param is not None and caught.value.param.startswith("tools[1].function.parameters")
     # a named choice of another tool never converts it
     assert build_grammar("generic", tools, ToolChoice("named", "get_weather")) is not None
+
+
+def test_a_call_is_checked_against_the_schema_and_the_choice(tools: list[ToolSpec]) -> None:
+    good = ToolCall.of("c", "get_weather", {"location": "Paris", "unit": "celsius"})
+    check_call(good, tools, ToolChoice("auto"))
+    with pytest.raises(InvalidOutput, match="get_weather: the answer does not match the schema at unit"):
+        check_call(
+            ToolCall.of("c", "get_weather", {"location": "Paris", "unit": "kelvin"}),
+            tools,
+            ToolChoice("auto"),
+        )
+    with pytest.raises(InvalidOutput, match=r"at location: .* is too long"):
+        check_call(
+            ToolCall.of("c", "get_weather", {"location": "P" * 41, "unit": "celsius"}),
+            tools,
+            ToolChoice("auto"),
+        )
+    with pytest.raises(InvalidOutput, match="not a tool it may call"):
+        check_call(good, tools, ToolChoice("named", "HassTurnOn"))
+    with pytest.raises(InvalidOutput, match="not a tool it may call"):
+        check_call(ToolCall.of("c", "rm_rf", {}), tools, ToolChoice("auto"))
