@@ -156,35 +156,25 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-_HEX = frozenset("0123456789abcdefABCDEF")
+_STRING_RUN = re.compile(r'(?:[^"\\]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
+"""A JSON string's body up to its closing quote, or to an escape that is unfinished or wrong (a raw
+control character too: the converter's grammar admits them, see `_escape_controls`)."""
+_PARTIAL_ESCAPE_AT_END = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")
 
 
 def _scan_string(text: str, i: int) -> int | None:
     """The end (past the closing quote) of the JSON string opening at ``i``; None if the text ends
-    first."""
-    j, n = i + 1, len(text)
-    while j < n:
-        c = text[j]
-        if c == '"':
-            return j + 1
-        if c == "\\":
-            if j + 1 >= n:
-                return None
-            e = text[j + 1]
-            if e == "u":
-                digits = text[j + 2 : j + 6]
-                if any(d not in _HEX for d in digits):
-                    raise _Bad("bad \\u escape", j)
-                if len(digits) < 4:
-                    return None
-                j += 6
-                continue
-            if e not in '"\\/bfnrt':
-                raise _Bad("bad escape", j)
-            j += 2
-            continue
-        j += 1  # a raw control character too: the converter's grammar admits them (see _escape_controls)
-    return None
+    first. One regular expression: a stream re-scans its text at every piece."""
+    run = _STRING_RUN.match(text, i + 1)
+    assert run is not None  # it matches the empty string
+    j = run.end()
+    if j >= len(text):
+        return None
+    if text[j] == '"':
+        return j + 1
+    if _PARTIAL_ESCAPE_AT_END.fullmatch(text, j):
+        return None
+    raise _Bad("bad escape", j)
 
 
 _ATOM = re.compile(r"[-+.0-9eEa-z]+")
