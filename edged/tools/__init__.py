@@ -19,6 +19,11 @@ Three formats (`edged.tools.family`, recognised from the GGUF's chat template an
 the GBNF that makes calls well formed (lazy for ``auto`` where the format has a trigger), `parse`
 extracts calls from finished or streamed text (never leaving markup in the content), and `history`
 fits a long conversation into the context. Nothing here needs a model or a transport.
+
+Call ids are ``call_`` and 24 letters and digits, as OpenAI's. A job's calls take theirs from the job
+id and the call's index (`spec.call_ids_for`): the stream and the final message, and a journaled job
+run again after a restart, name each call the same. `spec.random_call_id` is for text parsed outside
+a job (the parsers' default).
 """
 
 # ruff: noqa: RUF002 - R1's markers are spelled with fullwidth bars and a lower block, as in its tokenizer.
