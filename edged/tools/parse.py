@@ -18,12 +18,12 @@ object; a call whose arguments are not a JSON object is malformed.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from edged.tools.family import Family
+from edged.tools.jsonscan import WS, Bad, escape_controls, scan_string, scan_value, skip_ws, string_prefix
 from edged.tools.markup import (
     HERMES_CLOSE,
     HERMES_OPEN,
@@ -36,16 +36,6 @@ from edged.tools.markup import (
 from edged.tools.spec import ToolCall, random_call_id
 
 # ruff: noqa: RUF001 - R1's markers are spelled with fullwidth bars and a lower block, as in its tokenizer.
-
-_WS = " \t\r\n"
-
-
-class _Bad(ValueError):
-    """The text cannot become what the format expects, whatever follows (from ``at``)."""
-
-    def __init__(self, message: str, at: int = 0) -> None:
-        super().__init__(message)
-        self.at = at
 
 
 @dataclass
@@ -73,13 +63,13 @@ class _Parsed:
         if call.args_start is None:
             return "{}" if call.complete else ""
         end = call.args_end if call.args_end is not None else len(self.text)
-        raw = self.text[call.args_start : end].rstrip(_WS)
+        raw = self.text[call.args_start : end].rstrip(WS)
         if raw.startswith('"'):
             if call.args_end is None:
                 return ""
             decoded = json.loads(raw, strict=False)
             raw = decoded.strip() if isinstance(decoded, str) else raw
-        return _escape_controls(raw)
+        return escape_controls(raw)
 
 
 @dataclass(frozen=True)
@@ -125,106 +115,14 @@ class StreamDelta:
 # -- JSON, scanned -------------------------------------------------------------------------------------
 
 
-_CONTROL_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
-
-
-def _escape_controls(raw: str) -> str:
-    """JSON text with the raw control characters inside its strings escaped: llama-cpp-python's
-    converter lets a string hold them (``char ::= [^"\\\\] | ...``), strict JSON parsers (the
-    OpenAI clients') refuse them. Character by character, so a prefix maps to a prefix."""
-    if all(ord(c) >= 0x20 for c in raw):
-        return raw
-    out: list[str] = []
-    in_string = escaped = False
-    for c in raw:
-        if in_string and not escaped and ord(c) < 0x20:
-            out.append(_CONTROL_ESCAPES.get(c) or f"\\u{ord(c):04x}")
-            continue
-        out.append(c)
-        if escaped:
-            escaped = False
-        elif c == "\\" and in_string:
-            escaped = True
-        elif c == '"':
-            in_string = not in_string
-    return "".join(out)
-
-
-def _skip_ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in _WS:
-        i += 1
-    return i
-
-
-_STRING_RUN = re.compile(r'(?:[^"\\]+|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*')
-"""A JSON string's body up to its closing quote, or to an escape that is unfinished or wrong (a raw
-control character too: the converter's grammar admits them, see `_escape_controls`)."""
-_PARTIAL_ESCAPE_AT_END = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?")
-
-
-def _scan_string(text: str, i: int) -> int | None:
-    """The end (past the closing quote) of the JSON string opening at ``i``; None if the text ends
-    first. One regular expression: a stream re-scans its text at every piece."""
-    run = _STRING_RUN.match(text, i + 1)
-    assert run is not None  # it matches the empty string
-    j = run.end()
-    if j >= len(text):
-        return None
-    if text[j] == '"':
-        return j + 1
-    if _PARTIAL_ESCAPE_AT_END.fullmatch(text, j):
-        return None
-    raise _Bad("bad escape", j)
-
-
-_ATOM = re.compile(r"[-+.0-9eEa-z]+")
-_CLOSE = {"}": "{", "]": "["}
-
-
-def _scan_value(text: str, i: int) -> int | None:
-    """The end of the JSON value starting at ``i`` (no leading space); None if the text ends first.
-    Brackets, strings and atoms are checked as they come; `_Bad` for what JSON cannot continue."""
-    n = len(text)
-    stack: list[str] = []
-    j = i
-    while j < n:
-        c = text[j]
-        if c in _WS or (stack and c in ",:"):
-            j += 1
-            continue
-        if c == '"':
-            end = _scan_string(text, j)
-            if end is None:
-                return None
-            j = end
-        elif c in "{[":
-            stack.append(c)
-            j += 1
-            continue
-        elif c in "}]":
-            if not stack or stack.pop() != _CLOSE[c]:
-                raise _Bad("unbalanced brackets")
-            j += 1
-        else:
-            match = _ATOM.match(text, j)
-            if match is None:
-                raise _Bad(f"unexpected {c!r}")
-            j = match.end()
-            if not stack and j >= n:
-                return None  # a bare number may go on
-        if not stack:
-            return j
-    return None
-
-
 def _call_object(text: str, i: int, call: _Call) -> int | None:
     """Scan ``{"name": ..., "arguments": ...}`` (in any order; ``parameters`` is read as arguments)
     at ``i`` into ``call``; the end of the object, or None if the text ends first."""
     if text[i] != "{":
-        raise _Bad("a call is a JSON object")
+        raise Bad("a call is a JSON object")
     j, n = i + 1, len(text)
     while True:
-        j = _skip_ws(text, j)
+        j = skip_ws(text, j)
         if j >= n:
             return None
         if text[j] == "}":
@@ -233,20 +131,20 @@ def _call_object(text: str, i: int, call: _Call) -> int | None:
             j += 1
             continue
         if text[j] != '"':
-            raise _Bad("expected a key")
-        key_end = _scan_string(text, j)
+            raise Bad("expected a key")
+        key_end = scan_string(text, j)
         if key_end is None:
             return None
         key = json.loads(text[j:key_end], strict=False)
-        j = _skip_ws(text, key_end)
+        j = skip_ws(text, key_end)
         if j >= n:
             return None
         if text[j] != ":":
-            raise _Bad("expected ':'")
-        j = _skip_ws(text, j + 1)
+            raise Bad("expected ':'")
+        j = skip_ws(text, j + 1)
         if j >= n:
             return None
-        end = _scan_value(text, j)
+        end = scan_value(text, j)
         if key in ("arguments", "parameters"):
             call.args_start, call.args_end = j, end
         if end is None:
@@ -254,7 +152,7 @@ def _call_object(text: str, i: int, call: _Call) -> int | None:
         if key == "name":
             name = json.loads(text[j:end], strict=False)
             if not isinstance(name, str):
-                raise _Bad("the name is not a string")
+                raise Bad("the name is not a string")
             call.name = name
         j = end
 
@@ -280,13 +178,13 @@ def _find_first(text: str, markers: tuple[str, ...], start: int) -> tuple[int, s
 
 
 def _expect(text: str, j: int, literal: str) -> int | None:
-    """Past ``literal`` at ``j``; None if the text ends inside it; `_Bad` if something else is there."""
+    """Past ``literal`` at ``j``; None if the text ends inside it; `Bad` if something else is there."""
     part = text[j : j + len(literal)]
     if part == literal:
         return j + len(literal)
     if literal.startswith(part) and j + len(part) == len(text):
         return None
-    raise _Bad(f"expected {literal!r}")
+    raise Bad(f"expected {literal!r}")
 
 
 # -- per family ----------------------------------------------------------------------------------------
@@ -302,17 +200,17 @@ class _Segments:
 
     def add(self, text: str, *, before_block: bool) -> None:
         if self.after_block:
-            text = text.lstrip(_WS)
+            text = text.lstrip(WS)
         if before_block:
-            text = text.rstrip(_WS)
+            text = text.rstrip(WS)
         self.parts.append(text)
         self.after_block = before_block
 
     def close(self, text: str, final: bool) -> None:
         if self.after_block:
-            text = text.lstrip(_WS)
+            text = text.lstrip(WS)
         if not final:
-            text = text.rstrip(_WS)
+            text = text.rstrip(WS)
         self.parts.append(text)
 
     def content(self) -> str:
@@ -344,7 +242,7 @@ def _parse_blocks(
         done = len(calls)
         try:
             end = block(text, start + len(opener), calls)
-        except _Bad:
+        except Bad:
             end = -1
         if end is None or end < 0:
             if final or end == -1:
@@ -357,7 +255,7 @@ def _parse_blocks(
 
 
 def _hermes_block(text: str, j: int, calls: list[_Call]) -> int | None:
-    j = _skip_ws(text, j)
+    j = skip_ws(text, j)
     if j >= len(text):
         return None
     call = _Call(raw_start=j)
@@ -366,8 +264,8 @@ def _hermes_block(text: str, j: int, calls: list[_Call]) -> int | None:
     if end is None:
         return None
     if call.name is None:
-        raise _Bad("a call without a name")
-    j = _skip_ws(text, end)
+        raise Bad("a call without a name")
+    j = skip_ws(text, end)
     after = _expect(text, j, HERMES_CLOSE)
     if after is None:
         return None
@@ -378,7 +276,7 @@ def _hermes_block(text: str, j: int, calls: list[_Call]) -> int | None:
 def _r1_block(text: str, j: int, calls: list[_Call]) -> int | None:
     n = len(text)
     while True:
-        j = _skip_ws(text, j)
+        j = skip_ws(text, j)
         if j >= n:
             return None
         if text.startswith(R1_CALLS_END, j):
@@ -392,7 +290,7 @@ def _r1_block(text: str, j: int, calls: list[_Call]) -> int | None:
         sep = text.find(R1_SEP, j)
         if sep < 0:
             if "\n" in text[j:] or len(text) - j > 32:
-                raise _Bad("expected function<｜tool▁sep｜>")
+                raise Bad("expected function<｜tool▁sep｜>")
             return None
         line_end = text.find("\n", sep)
         if line_end < 0:
@@ -401,101 +299,64 @@ def _r1_block(text: str, j: int, calls: list[_Call]) -> int | None:
         calls.append(call)
         name = text[sep + len(R1_SEP) : line_end].strip()
         if not name:
-            raise _Bad("a call without a name")
+            raise Bad("a call without a name")
         fence = _expect(text, line_end + 1, "```json")
         if fence is None:
             return None
         call.name = name
-        j = _skip_ws(text, fence)
+        j = skip_ws(text, fence)
         if j >= n:
             return None
         call.args_start = j
-        end = _scan_value(text, j)
+        end = scan_value(text, j)
         call.args_end = end
         if end is None:
             return None
-        closing = _expect(text, _skip_ws(text, end), "```")
+        closing = _expect(text, skip_ws(text, end), "```")
         if closing is None:
             return None
-        after = _expect(text, _skip_ws(text, closing), R1_CALL_END)
+        after = _expect(text, skip_ws(text, closing), R1_CALL_END)
         if after is None:
             return None
         call.complete = True
         j = after
 
 
-_PARTIAL_ESCAPE = re.compile(r"\\u(?:[0-9a-fA-F]{0,3}|[dD][89abAB][0-9a-fA-F]{2})$")
-"""The end of a string body that cannot be decoded yet: a ``\\u`` escape with fewer than four digits,
-or a high surrogate whose pair is still to come."""
-
-
-def _backslashes_before(body: str, end: int) -> int:
-    return end - len(body[:end].rstrip("\\"))
-
-
-def _decodable(body: str) -> str:
-    """The longest prefix of an unfinished string body that decodes the same whatever follows."""
-    while True:
-        if _backslashes_before(body, len(body)) % 2:
-            body = body[:-1]  # half an escape
-            continue
-        match = _PARTIAL_ESCAPE.search(body)
-        if match is not None and _backslashes_before(body, match.start()) % 2 == 0:
-            body = body[: match.start()]
-            continue
-        return body
-
-
-def _json_string_prefix(text: str, i: int) -> str:
-    """The decoded JSON string opening at ``i``, as far as it can be decoded for sure: all of it once
-    closed; while open, up to an unfinished escape; up to the fault in a string JSON cannot continue
-    (a raw control character, a bad escape). A lone surrogate becomes U+FFFD."""
-    try:
-        end = _scan_string(text, i)
-        body = text[i + 1 : end - 1] if end is not None else _decodable(text[i + 1 :])
-    except _Bad as exc:
-        body = _decodable(text[i + 1 : exc.at])
-    return _SURROGATE.sub("\ufffd", json.loads('"' + body + '"', strict=False))
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _parse_generic(text: str, final: bool) -> _Parsed:
-    i = _skip_ws(text, 0)
+    i = skip_ws(text, 0)
     if i >= len(text):
         return _Parsed(text if final else "", [], text)
     if text[i] != "{":
         return _Parsed(text, [], text)
     calls: list[_Call] = []
     try:
-        j = _skip_ws(text, i + 1)
+        j = skip_ws(text, i + 1)
         if j >= len(text):
             return _Parsed("" if not final else text, [], text)
         if text[j] != '"':
-            raise _Bad("not the envelope")
-        key_end = _scan_string(text, j)
+            raise Bad("not the envelope")
+        key_end = scan_string(text, j)
         if key_end is None:
             return _Parsed("" if not final else text, [], text)
         key = json.loads(text[j:key_end], strict=False)
         if key not in ("response", "tool_calls", "tool_call"):
-            raise _Bad("not the envelope")
-        j = _skip_ws(text, key_end)
+            raise Bad("not the envelope")
+        j = skip_ws(text, key_end)
         if j >= len(text):
             return _Parsed("", [], text)
         if text[j] != ":":
-            raise _Bad("expected ':'")
-        j = _skip_ws(text, j + 1)
+            raise Bad("expected ':'")
+        j = skip_ws(text, j + 1)
         if j >= len(text):
             return _Parsed("", [], text)
-    except _Bad:
+    except Bad:
         return _Parsed(text, [], text)  # some other JSON (or none): the answer is text
     malformed: list[str] = []
     if key == "response":
         if text[j] != '"':
-            value_end = _scan_value(text, j) if final else None
+            value_end = scan_value(text, j) if final else None
             return _Parsed(text[j:value_end].strip() if final else "", [], text)
-        return _Parsed(_json_string_prefix(text, j), [], text)
+        return _Parsed(string_prefix(text, j), [], text)
     try:
         if key == "tool_call":
             call = _Call(raw_start=j)
@@ -504,10 +365,10 @@ def _parse_generic(text: str, final: bool) -> _Parsed:
                 call.complete = call.name is not None
         else:
             if text[j] != "[":
-                raise _Bad("tool_calls is an array")
+                raise Bad("tool_calls is an array")
             j += 1
             while True:
-                j = _skip_ws(text, j)
+                j = skip_ws(text, j)
                 if j >= len(text) or text[j] == "]":
                     break
                 if text[j] == ",":
@@ -519,10 +380,10 @@ def _parse_generic(text: str, final: bool) -> _Parsed:
                 if end is None:
                     break
                 if call.name is None:
-                    raise _Bad("a call without a name")
+                    raise Bad("a call without a name")
                 call.complete = True
                 j = end
-    except _Bad:
+    except Bad:
         if calls and not calls[-1].complete:
             calls.pop()
         if final:
