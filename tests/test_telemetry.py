@@ -22,6 +22,13 @@ from test_mqtt import mqtt_env, wait_connected
 from edged.board import HostFS, ThermalLimits
 from edged.telemetry import hardware
 from edged.telemetry.governor import ThermalState, next_state, watched
+from edged.wire import Presence, StatusDocument, TelemetryReport, Wire
+
+
+def same_as_model(model: type[Wire], doc: dict) -> None:
+    """The document is exactly what its wire model writes: every field known, same order, same types."""
+    assert json.dumps(model.model_validate(doc).dump()) == json.dumps(doc)
+
 
 # -- parsing --------------------------------------------------------------------------------------
 
@@ -342,6 +349,17 @@ def test_telemetry_and_home_assistant_discovery_on_a_real_broker(
             assert zones["soc-thermal"]["watched"] and zones["gpu-thermal"]["watched"] is False
             assert message["thermals"]["npu"]["load_pct"]["core0"] == 12
             assert message["summary"]["hottest_c"] == 48.153
+            same_as_model(TelemetryReport, message)
+            with d.client() as c:
+                same_as_model(StatusDocument, c.get("/status").json())
+            presence = Probe(broker.port)
+            try:
+                presence.subscribe("edged/tele/status")
+                retained = presence.next(5)[1]
+                assert retained["state"] == "online" and retained["device_id"] == "tele"
+                same_as_model(Presence, retained)
+            finally:
+                presence.close()
 
             found = Probe(broker.port)
             try:

@@ -17,6 +17,7 @@ from edged.backends import Prompt, SamplingParams
 from edged.engine.constraints import Constraint
 from edged.engine.timings import Timings
 from edged.errors import BackendError, EdgedError
+from edged.wire import ErrorBody, JobInfo, Usage
 
 if TYPE_CHECKING:
     from edged.journal.intake import Ticket
@@ -243,12 +244,6 @@ class JobState(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class JobResult(BaseModel):
     id: str
     model: str
@@ -372,11 +367,11 @@ class Job:
             raise self.error or BackendError("job ended without a result")
         return self.result
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state.value,
-            "origin": self.origin,
-            "completion_tokens": self.completion_tokens,
-            "error": self.error.to_dict()["error"] if self.error else None,
-        }
+    def info(self) -> JobInfo:
+        return JobInfo(
+            id=self.id,
+            state=self.state.value,
+            origin=self.origin,
+            completion_tokens=self.completion_tokens,
+            error=ErrorBody(**self.error.to_dict()["error"]) if self.error else None,
+        )

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from edged.wire import EngineStatus, JobInfo
+
 
 class EngineState(str, enum.Enum):
     LOADING = "loading"
@@ -41,7 +43,7 @@ class EngineSnapshot:
     slots: SlotsInfo
     queue_depth: int
     queue_max_depth: int
-    running: list[dict[str, Any]]
+    running: list[JobInfo]
     counters: dict[str, int]
     totals: dict[str, float]
     thermal: dict[str, Any]
@@ -56,21 +58,25 @@ class EngineSnapshot:
     def ready(self) -> bool:
         return self.state is EngineState.READY
 
-    def status(self) -> dict[str, Any]:
+    def engine_status(self) -> EngineStatus:
         """The ``engine`` part of /status."""
-        return {
-            "state": self.state.value,
-            "backend": self.backend,
-            "fallback_reasons": list(self.fallback_reasons),
-            "load_error": self.load_error,
-            "slots": dataclasses.asdict(self.slots),
-            "queue": {"depth": self.queue_depth, "max_depth": self.queue_max_depth},
-            "running": self.running,
-            "jobs": dict(self.counters),
-            "totals": dict(self.totals),
-            "thermal": self.thermal,
-            "prefix_cache": self.prefix_cache,
-            "structured_output": self.structured_output,
-            "last_job": self.last_job,
-            "throughput": self.throughput,
-        }
+        return EngineStatus(
+            state=self.state.value,
+            backend=self.backend,
+            fallback_reasons=list(self.fallback_reasons),
+            load_error=self.load_error,
+            slots=dataclasses.asdict(self.slots),
+            queue={"depth": self.queue_depth, "max_depth": self.queue_max_depth},
+            running=self.running,
+            jobs=dict(self.counters),
+            totals=dict(self.totals),
+            thermal=self.thermal,
+            prefix_cache=self.prefix_cache,
+            structured_output=self.structured_output,
+            last_job=self.last_job,
+            throughput=self.throughput,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The ``engine`` part of /status, as JSON."""
+        return self.engine_status().dump()

@@ -48,6 +48,7 @@ from edged.fleet.client import start as start_client
 from edged.journal import AcceptResult, InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
 from edged.journal.intake import JobIntake, Recovery, Ticket
 from edged.transports.ratelimit import RateLimiter
+from edged.wire import ChunkMessage
 
 if TYPE_CHECKING:
     from edged.config import MqttConfig, Settings
@@ -727,7 +728,8 @@ class MqttTransport:
         seq = 0
         async for event in job.events():
             if isinstance(event, Delta):
-                self._publish(reply, {"id": job.id, "seq": seq, "delta": event.text, "kind": event.kind})
+                chunk = ChunkMessage(id=job.id, seq=seq, delta=event.text, kind=event.kind)
+                self._publish(reply, chunk.dump())
                 seq += 1
             elif isinstance(event, Failed) and isinstance(event.error, ShuttingDown) and key is not None:
                 log.info("job left in the journal for the next start", job_id=job.id)

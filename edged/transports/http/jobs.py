@@ -81,7 +81,7 @@ def add_job_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
     ) -> dict[str, Any]:
         book = engine.book
         if book is None:
-            jobs = [job.info() for job in engine.jobs() if origin is None or job.origin == origin]
+            jobs = [job.info().dump() for job in engine.jobs() if origin is None or job.origin == origin]
             jobs.reverse()
             return {"object": "list", "journal": False, "data": jobs[:limit], "next_before": None}
         records = await book.recent(limit, before=before, origin=origin)
@@ -96,7 +96,7 @@ def add_job_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
     async def get_job(request: Request, job_id: str) -> dict[str, Any]:
         owner = _scope(request)
         try:
-            return engine.get(job_id, owner).info()
+            return engine.get(job_id, owner).info().dump()
         except NotFound:
             if engine.book is None:
                 raise
@@ -107,7 +107,7 @@ def add_job_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
 
     @app.post("/v1/jobs/{job_id}/cancel", summary="Cancel a queued or running job")
     async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
-        return engine.cancel(job_id, owner=_scope(request)).info()
+        return engine.cancel(job_id, owner=_scope(request)).info().dump()
 
 
 def _scope(request: Request) -> str | None:
