@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -479,9 +478,11 @@ class Engine:
             throughput={
                 window_label(w): self.stats.throughput.summary(w) for w in self.settings.telemetry.windows_s
             },
-            prefix_cache=dataclasses.asdict(cache) if cache is not None else None,
+            prefix_cache=cache,
             started_wall=self.started_wall,
             structured_output=self._structured_output_status(),
+            profile=self.board.profile.name,
+            histograms=tuple(h.reading() for h in self.stats.histograms.values()),
         )
 
     def _structured_output_status(self) -> dict[str, Any]:

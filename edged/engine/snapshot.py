@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from edged.backends.base import CacheStats
+from edged.telemetry.histogram import HistogramReading
 from edged.wire import EngineStatus, JobInfo
 
 
@@ -49,10 +51,15 @@ class EngineSnapshot:
     thermal: dict[str, Any]
     last_job: dict[str, Any] | None
     throughput: dict[str, dict[str, object]]
-    prefix_cache: dict[str, Any] | None
+    prefix_cache: CacheStats | None
+    """None for a backend without one, or before the model is loaded."""
     started_wall: float
     structured_output: dict[str, Any] = dataclasses.field(default_factory=dict)
     """``available`` (JSON schemas, grammars, reasoning budgets) and ``reason`` when not."""
+    profile: str = ""
+    """The board profile's name."""
+    histograms: tuple[HistogramReading, ...] = ()
+    """The per-job histograms (cumulative since start), for /metrics and telemetry."""
 
     @property
     def ready(self) -> bool:
@@ -71,7 +78,7 @@ class EngineSnapshot:
             jobs=dict(self.counters),
             totals=dict(self.totals),
             thermal=self.thermal,
-            prefix_cache=self.prefix_cache,
+            prefix_cache=dataclasses.asdict(self.prefix_cache) if self.prefix_cache is not None else None,
             structured_output=self.structured_output,
             last_job=self.last_job,
             throughput=self.throughput,

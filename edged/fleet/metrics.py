@@ -35,129 +35,43 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from edged.fleet.aggregator import ONLINE, STATES, Aggregator, DeviceState
+from edged.telemetry.catalogue import DAEMON, FLEET_DEVICE, FLEET_WIDE, JOB_HISTOGRAMS, MetricSpec
 from edged.telemetry.governor import ThermalState
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The text format generate_latest writes (what a daemon's /metrics says too)."""
 
-HISTOGRAMS = {
-    "edged_ttft_seconds": "Submission to first token, per job (queue + prefill)",
-    "edged_decode_tokens_per_second": "Decode speed after the first token, per job",
-    "edged_prefill_tokens_per_second": "Prefill speed, per job",
-    "edged_queue_wait_seconds": "Time waiting for a slot, per job",
-}
-"""The per-job histograms a report carries (edged.telemetry.histogram.job_histograms)."""
+HISTOGRAMS = tuple(spec.name for spec in JOB_HISTOGRAMS.values())
+"""The per-job histograms a report carries (edged.telemetry.catalogue.JOB_HISTOGRAMS)."""
 MAX_LABEL = 200
 """Longest label value taken from a report (longer ones are cut)."""
 MAX_BUCKETS = 64
 
-# name, type, help, extra label names (besides ``device``). The order of the exposition.
-FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("edged", "info", "edged build and what it runs", ()),  # exposed as edged_info
-    ("edged_jobs", "counter", "Jobs by outcome", ("outcome",)),
-    ("edged_tokens", "counter", "Tokens processed", ("kind",)),
-    ("edged_queue_depth", "gauge", "Jobs waiting", ()),
-    ("edged_slots", "gauge", "Sequences the backend decodes together", ()),
-    ("edged_slots_effective", "gauge", "Slots in use under the thermal governor", ()),
-    ("edged_slots_active", "gauge", "Slots running a job now", ()),
-    ("edged_prefix_cache_lookups", "counter", "Prompts looked up in the prefix cache", ()),
-    ("edged_prefix_cache_hits", "counter", "Prompts that reused a cached prefix", ()),
-    ("edged_prefix_cache_hit_tokens", "counter", "Prompt tokens taken from the cache", ()),
-    ("edged_prefix_cache_disk_hits", "counter", "Prefixes loaded from the disk tier for a job", ()),
-    ("edged_prefix_cache_saved_prefill_seconds", "counter", "Prefill time the cache saved", ()),
-    *((name, "histogram", doc, ()) for name, doc in HISTOGRAMS.items()),
-    ("edged_seconds_per_1k_tokens", "gauge", "Seconds 1000 generated tokens take", ("window",)),
-    ("edged_generated_tokens_per_second", "gauge", "Generated tokens/s, all jobs together", ("window",)),
-    ("edged_thermal_zone_celsius", "gauge", "Thermal zone temperature", ("zone", "type")),
-    ("edged_cpu_frequency_hertz", "gauge", "CPU cluster clock", ("policy", "which")),
-    ("edged_npu_load_ratio", "gauge", "RK3588 NPU core load", ("core",)),
-    ("edged_throttled", "gauge", "Raspberry Pi firmware flags", ("flag", "when")),
-    ("edged_thermal_state", "gauge", "Current governor state (1 = current)", ("state",)),
-    ("edged_thermal_transitions", "counter", "Governor state changes", ("to",)),
-    ("edged_thermal_hottest_celsius", "gauge", "Hottest watched zone", ()),
-    ("edged_memory_available_bytes", "gauge", "MemAvailable", ()),
-    ("edged_load1", "gauge", "1-minute load average", ()),
-    # The fleet's own view.
-    ("edged_fleet_device_up", "gauge", "1 while the device reports (online), 0 when stale or offline", ()),
-    (
-        "edged_fleet_device_state",
-        "gauge",
-        "The device's fleet state, 1 for the current one (online, stale, offline)",
-        ("state",),
-    ),
-    (
-        "edged_fleet_last_seen_timestamp_seconds",
-        "gauge",
-        "Unix time the device's last telemetry report arrived",
-        (),
-    ),
-    (
-        "edged_fleet_device_interval_seconds",
-        "gauge",
-        "The telemetry interval the device is judged by (stale after 3 of them)",
-        (),
-    ),
-    (
-        "edged_fleet_reports",
-        "counter",
-        "Telemetry reports received from the device since the aggregator started",
-        (),
-    ),
-    (
-        "edged_fleet_report_problems",
-        "gauge",
-        "Fields of the device's last report left out for a wrong type or shape",
-        (),
-    ),
-)
-SPEC = {name: (kind, doc, labels) for name, kind, doc, labels in FAMILIES}
-
-FLEET_WIDE: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("edged_fleet_devices", "gauge", "Devices the aggregator holds, by state", ("state",)),
-    (
-        "edged_fleet_messages",
-        "counter",
-        "MQTT messages received, by kind (status, telemetry, ignored: not an edged topic)",
-        ("kind",),
-    ),
-    (
-        "edged_fleet_messages_skipped",
-        "counter",
-        "Messages skipped, by reason (malformed, unknown_schema)",
-        ("reason",),
-    ),
-    (
-        "edged_fleet_devices_evicted",
-        "counter",
-        "Devices dropped to make room for a new one (the fleet was full)",
-        (),
-    ),
-    ("edged_fleet_devices_refused", "counter", "New devices refused: the fleet was full of online ones", ()),
-    ("edged_fleet_listener_errors", "counter", "Fleet event listeners that raised", ()),
-    ("edged_fleet_broker_connected", "gauge", "1 while the aggregator is connected to its broker", ()),
-)
+FAMILIES: tuple[MetricSpec, ...] = (*(spec for spec in DAEMON if spec.fleet), *FLEET_DEVICE)
+"""Per device (a ``device`` label first): the daemon's metrics a report rebuilds, then the fleet's own
+view of the device. The order of the exposition."""
 
 
 class Families:
     """Metric families by name, made on first use with the labels of `FAMILIES` (``device`` first)."""
 
-    def __init__(self, specs: Iterable[tuple[str, str, str, tuple[str, ...]]], device_label: bool) -> None:
-        self._specs = {name: (kind, doc, labels) for name, kind, doc, labels in specs}
+    def __init__(self, specs: Iterable[MetricSpec], device_label: bool) -> None:
+        self._specs = {spec.name: spec for spec in specs}
         self._device = device_label
         self._families: dict[str, Metric] = {}
 
     def _family(self, name: str) -> Metric:
         family = self._families.get(name)
         if family is None:
-            kind, doc, labels = self._specs[name]
-            names = ["device", *labels] if self._device else list(labels)
+            spec = self._specs[name]
+            names = ["device", *spec.labels] if self._device else list(spec.labels)
             factory: Any = {
                 "gauge": GaugeMetricFamily,
                 "counter": CounterMetricFamily,
                 "histogram": HistogramMetricFamily,
                 "info": InfoMetricFamily,
-            }[kind]
-            family = factory(name, doc, labels=names)
+            }[spec.kind]
+            family = factory(name, spec.help, labels=names)
             self._families[name] = family
         return family
 

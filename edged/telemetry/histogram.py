@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import HistogramMetricFamily
 
+from edged.telemetry.catalogue import JOB_HISTOGRAMS
+
 
 @dataclass
 class Histogram:
@@ -42,41 +44,37 @@ class Histogram:
             buckets.append((bound, running))
         return buckets, total
 
-    def family(self) -> HistogramMetricFamily:
+    def reading(self) -> HistogramReading:
         buckets, total = self.cumulative()
-        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=total)
-
-    def snapshot(self) -> dict[str, object]:
-        """The JSON form carried in MQTT telemetry."""
-        buckets, total = self.cumulative()
-        return {"buckets": [list(b) for b in buckets], "sum": round(total, 6), "count": buckets[-1][1]}
+        return HistogramReading(self.name, self.doc, tuple(buckets), total)
 
 
 def _le(bound: float) -> str:
     return f"{bound:g}"
 
 
+@dataclass(frozen=True)
+class HistogramReading:
+    """A histogram's cumulative counts at one moment (what `EngineSnapshot` carries)."""
+
+    name: str
+    doc: str
+    buckets: tuple[tuple[str, int], ...]
+    """``(le, count of observations <= le)``, ending with ``+Inf``."""
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1]
+
+    def family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.doc, buckets=list(self.buckets), sum_value=self.sum)
+
+    def document(self) -> dict[str, object]:
+        """The JSON form carried in MQTT telemetry."""
+        return {"buckets": [list(b) for b in self.buckets], "sum": round(self.sum, 6), "count": self.count}
+
+
 def job_histograms() -> dict[str, Histogram]:
-    """The histograms the engine fills with one observation per finished job."""
-    return {
-        "ttft": Histogram(
-            "edged_ttft_seconds",
-            "Submission to first token, per job (queue + prefill)",
-            (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
-        ),
-        "decode": Histogram(
-            "edged_decode_tokens_per_second",
-            "Decode speed after the first token, per job",
-            (1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60, 100, 200),
-        ),
-        "prefill": Histogram(
-            "edged_prefill_tokens_per_second",
-            "Prefill speed, per job",
-            (5, 10, 20, 50, 100, 200, 500, 1000, 2000),
-        ),
-        "queue": Histogram(
-            "edged_queue_wait_seconds",
-            "Time waiting for a slot, per job",
-            (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
-        ),
-    }
+    """The histograms the engine fills with one observation per finished job (edged.telemetry.catalogue)."""
+    return {key: Histogram(spec.name, spec.help, spec.buckets) for key, spec in JOB_HISTOGRAMS.items()}

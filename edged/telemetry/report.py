@@ -1,33 +1,47 @@
-"""The telemetry document (MQTT, /status) and the Prometheus view of the same figures."""
+"""The telemetry document (MQTT, /status) and the Prometheus view of the same figures.
+
+Both read the engine only through its `EngineSnapshot`; the metrics' names, help and labels come from
+`edged.telemetry.catalogue` (the fleet's /metrics reads the same catalogue)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edged import __version__
 from edged.telemetry import hardware
+from edged.telemetry.catalogue import BY_NAME, MetricSpec
 from edged.telemetry.governor import ThermalGovernor, ThermalState
 from edged.telemetry.throughput import window_label
+from edged.wire import TelemetryReport
 
 if TYPE_CHECKING:
+    from edged.backends.base import CacheStats
     from edged.board import HostFS
     from edged.config import Settings
-    from edged.engine import Engine
+    from edged.engine.snapshot import EngineSnapshot
 
 SCHEMA = 1
+CACHE_SUMMARY = ("lookups", "hits", "hit_tokens", "saved_prefill_ms", "parked", "disk_entries", "disk_hits")
+"""The prefix cache's counters a telemetry report carries."""
+
+
+class Snapshots(Protocol):
+    """What telemetry needs of the engine: its snapshot, nothing else."""
+
+    def snapshot(self) -> EngineSnapshot: ...
 
 
 class Telemetry:
     """Collects what edged reports about itself; read by MQTT telemetry, /status and /metrics."""
 
-    def __init__(self, settings: Settings, engine: Engine, governor: ThermalGovernor, fs: HostFS) -> None:
+    def __init__(self, settings: Settings, engine: Snapshots, governor: ThermalGovernor, fs: HostFS) -> None:
         self.settings = settings
-        self.engine = engine
+        self.snapshot = engine.snapshot
         self.governor = governor
         self.fs = fs
 
@@ -39,8 +53,8 @@ class Telemetry:
         snapshot["governor"] = self.governor.status()
         return snapshot
 
-    def report(self) -> dict[str, Any]:
-        snap = self.engine.snapshot()
+    def document(self) -> TelemetryReport:
+        snap = self.snapshot()
         windows = self.settings.telemetry.windows_s
         thermals = self.thermals()
         first = snap.throughput[window_label(windows[0])]
@@ -56,46 +70,63 @@ class Telemetry:
             "throttled": self.governor.state in (ThermalState.DERATE, ThermalState.PAUSED)
             or bool(throttling and throttling["active"]),
         }
-        return {
-            "schema": SCHEMA,
-            "device_id": self.settings.device_id,
-            "ts": round(time.time(), 3),
-            "interval_s": self.settings.telemetry.interval_s,
-            "version": __version__,
-            "backend": snap.backend,
-            "model": snap.model,
-            "state": snap.state.value,
-            "queue": {"depth": snap.queue_depth, "max_depth": snap.queue_max_depth},
-            "slots": {
-                "total": snap.slots.total,
-                "effective": snap.slots.effective,
-                "active": snap.slots.active,
-            },
-            "jobs": dict(snap.counters),
-            "totals": dict(snap.totals),
-            "throughput": snap.throughput,
-            "prefix_cache": _cache_summary(snap.prefix_cache),
-            "summary": summary,
-            "last_job": snap.last_job,
-            "thermals": thermals,
+        return TelemetryReport(
+            schema_=SCHEMA,
+            device_id=self.settings.device_id,
+            ts=round(time.time(), 3),
+            interval_s=self.settings.telemetry.interval_s,
+            version=__version__,
+            backend=snap.backend,
+            model=snap.model,
+            state=snap.state.value,
+            queue={"depth": snap.queue_depth, "max_depth": snap.queue_max_depth},
+            slots={"total": snap.slots.total, "effective": snap.slots.effective, "active": snap.slots.active},
+            jobs=dict(snap.counters),
+            totals=dict(snap.totals),
+            throughput=snap.throughput,
+            prefix_cache=_cache_summary(snap.prefix_cache),
+            summary=summary,
+            last_job=snap.last_job,
+            thermals=thermals,
             # Cumulative per-job histograms since start, so a fleet aggregator can expose them to
             # Prometheus for boards it cannot scrape: {name: {"buckets": [[le, count]...], "sum", "count"}}.
-            "histograms": {h.name: h.snapshot() for h in self.engine.stats.histograms.values()},
-        }
+            histograms={h.name: h.document() for h in snap.histograms},
+        )
+
+    def report(self) -> dict[str, Any]:
+        """The telemetry message, as JSON (`TelemetryReport`)."""
+        return self.document().dump()
 
 
-def _cache_summary(cache: dict[str, Any] | None) -> dict[str, Any] | None:
+def _cache_summary(cache: CacheStats | None) -> dict[str, Any] | None:
     if cache is None:
         return None
-    keys = ("lookups", "hits", "hit_tokens", "saved_prefill_ms", "parked", "disk_entries", "disk_hits")
-    return {k: cache[k] for k in keys}
+    return {k: getattr(cache, k) for k in CACHE_SUMMARY}
 
 
-def _g(name: str, doc: str, value: float | None, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+def _spec(name: str, kind: str) -> MetricSpec:
+    spec = BY_NAME[name]
+    assert spec.kind == kind, f"{name} is a {spec.kind} in the catalogue"
+    return spec
+
+
+def _gauge(name: str, value: float | None = None, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
+    """The catalogue's gauge ``name``, with ``value`` if given (else empty, or for the caller to fill)."""
+    spec = _spec(name, "gauge")
+    family = GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
     if value is not None:
         family.add_metric(list((labels or {}).values()), value)
     return family
+
+
+def _counter(name: str) -> CounterMetricFamily:
+    spec = _spec(name, "counter")
+    return CounterMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+
+
+def _info(name: str) -> InfoMetricFamily:
+    spec = _spec(name, "info")
+    return InfoMetricFamily(spec.name, spec.help, labels=list(spec.labels))
 
 
 class TelemetryCollector(Collector):
@@ -106,61 +137,53 @@ class TelemetryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         t = self.telemetry
-        snap = t.engine.snapshot()
+        snap = t.snapshot()
         settings = t.settings
-        info = InfoMetricFamily("edged", "edged build and what it runs")
+        info = _info("edged")
         info.add_metric(
             [],
             {
                 "version": __version__,
                 "backend": snap.backend,
                 "model": snap.model,
-                "profile": t.engine.board.profile.name,
+                "profile": snap.profile,
                 "device_id": settings.device_id,
             },
         )
         yield info
-        jobs = CounterMetricFamily("edged_jobs", "Jobs by outcome", labels=["outcome"])
+        jobs = _counter("edged_jobs")
         for outcome, count in snap.counters.items():
             jobs.add_metric([outcome], count)
         yield jobs
-        tokens = CounterMetricFamily("edged_tokens", "Tokens processed", labels=["kind"])
-        tokens.add_metric(["prompt"], snap.totals["prompt_tokens"])
-        tokens.add_metric(["completion"], snap.totals["completion_tokens"])
-        tokens.add_metric(["cached_prompt"], snap.totals["cached_prompt_tokens"])
+        tokens = _counter("edged_tokens")
+        for kind in ("prompt", "completion", "cached_prompt"):
+            tokens.add_metric([kind], snap.totals[f"{kind}_tokens"])
         yield tokens
-        yield _g("edged_queue_depth", "Jobs waiting", snap.queue_depth)
-        yield _g("edged_slots", "Sequences the backend decodes together", snap.slots.total)
-        yield _g("edged_slots_effective", "Slots in use under the thermal governor", snap.slots.effective)
-        yield _g("edged_slots_active", "Slots running a job now", snap.slots.active)
+        yield _gauge("edged_queue_depth", snap.queue_depth)
+        yield _gauge("edged_slots", snap.slots.total)
+        yield _gauge("edged_slots_effective", snap.slots.effective)
+        yield _gauge("edged_slots_active", snap.slots.active)
         yield from _cache_metrics(snap.prefix_cache)
         window = min(settings.telemetry.windows_s)
         summary = snap.throughput[window_label(window)]
         label = {"window": window_label(window)}
         # Per-job distributions as histograms (aggregatable across a fleet); the window's figures
         # that are true gauges (rates over the window) stay gauges.
-        for histogram in t.engine.stats.histograms.values():
+        for histogram in snap.histograms:
             yield histogram.family()
-        for key, name, doc, scale in (
-            ("s_per_1k_tokens", "edged_seconds_per_1k_tokens", "Seconds 1000 generated tokens take", 1.0),
-            (
-                "tokens_per_s",
-                "edged_generated_tokens_per_second",
-                "Generated tokens/s, all jobs together",
-                1.0,
-            ),
+        for key, name in (
+            ("s_per_1k_tokens", "edged_seconds_per_1k_tokens"),
+            ("tokens_per_s", "edged_generated_tokens_per_second"),
         ):
             value = summary[key]
-            yield _g(name, doc, float(value) * scale if isinstance(value, (int, float)) else None, label)
+            yield _gauge(name, float(value) if isinstance(value, (int, float)) else None, label)
         hw = hardware.read_all(t.fs)
-        zones = GaugeMetricFamily(
-            "edged_thermal_zone_celsius", "Thermal zone temperature", labels=["zone", "type"]
-        )
+        zones = _gauge("edged_thermal_zone_celsius")
         for zone in hw["zones"]:
             if zone["temp_c"] is not None:
                 zones.add_metric([zone["zone"], zone["type"]], zone["temp_c"])
         yield zones
-        freq = GaugeMetricFamily("edged_cpu_frequency_hertz", "CPU cluster clock", labels=["policy", "which"])
+        freq = _gauge("edged_cpu_frequency_hertz")
         for policy in hw["cpufreq"]:
             for which in ("cur", "max", "hw_max"):
                 mhz = policy[f"{which}_mhz"]
@@ -168,52 +191,41 @@ class TelemetryCollector(Collector):
                     freq.add_metric([policy["policy"], which], mhz * 1e6)
         yield freq
         if hw["npu"] and hw["npu"]["load_pct"] is not None:
-            npu = GaugeMetricFamily("edged_npu_load_ratio", "RK3588 NPU core load", labels=["core"])
+            npu = _gauge("edged_npu_load_ratio")
             for core, pct in hw["npu"]["load_pct"].items():
                 npu.add_metric([core], pct / 100)
             yield npu
         if hw["throttling"]:
-            flags = GaugeMetricFamily(
-                "edged_throttled", "Raspberry Pi firmware flags", labels=["flag", "when"]
-            )
+            flags = _gauge("edged_throttled")
             for when in ("now", "since_boot"):
                 for flag, on in hw["throttling"][when].items():
                     flags.add_metric([flag, when], 1.0 if on else 0.0)
             yield flags
         gov = t.governor
-        state = GaugeMetricFamily(
-            "edged_thermal_state", "Current governor state (1 = current)", labels=["state"]
-        )
+        state = _gauge("edged_thermal_state")
         for s in ThermalState:
             state.add_metric([s.value], 1.0 if gov.state is s else 0.0)
         yield state
-        changes = CounterMetricFamily("edged_thermal_transitions", "Governor state changes", labels=["to"])
+        changes = _counter("edged_thermal_transitions")
         for to, count in gov.transitions.items():
             changes.add_metric([to], count)
         yield changes
-        yield _g("edged_thermal_hottest_celsius", "Hottest watched zone", gov.hottest_c)
+        yield _gauge("edged_thermal_hottest_celsius", gov.hottest_c)
         mem = hw["system"]["mem_available_mb"]
-        yield _g("edged_memory_available_bytes", "MemAvailable", mem * 1024 * 1024 if mem else None)
-        yield _g("edged_load1", "1-minute load average", hw["system"]["load_1m"])
+        yield _gauge("edged_memory_available_bytes", mem * 1024 * 1024 if mem else None)
+        yield _gauge("edged_load1", hw["system"]["load_1m"])
 
 
-def _cache_metrics(cache: dict[str, Any] | None) -> Iterator[Metric]:
+def _cache_metrics(cache: CacheStats | None) -> Iterator[Metric]:
     """The prefix cache's counters (absent for a backend without one)."""
     if cache is None:
         return
-    for key, name, doc in (
-        ("lookups", "edged_prefix_cache_lookups", "Prompts looked up in the prefix cache"),
-        ("hits", "edged_prefix_cache_hits", "Prompts that reused a cached prefix"),
-        ("hit_tokens", "edged_prefix_cache_hit_tokens", "Prompt tokens taken from the cache"),
-        ("disk_hits", "edged_prefix_cache_disk_hits", "Prefixes loaded from the disk tier for a job"),
-        ("disk_warmed", "edged_prefix_cache_disk_warmed", "Disk prefixes put into KV when the model loaded"),
-        ("evictions", "edged_prefix_cache_evictions", "Parked prefixes evicted for room"),
-    ):
-        family = CounterMetricFamily(name, doc)
-        family.add_metric([], cache[key])
+    for key in ("lookups", "hits", "hit_tokens", "disk_hits", "disk_warmed", "evictions"):
+        family = _counter(f"edged_prefix_cache_{key}")
+        family.add_metric([], getattr(cache, key))
         yield family
-    saved = CounterMetricFamily("edged_prefix_cache_saved_prefill_seconds", "Prefill time the cache saved")
-    saved.add_metric([], cache["saved_prefill_ms"] / 1000)
+    saved = _counter("edged_prefix_cache_saved_prefill_seconds")
+    saved.add_metric([], cache.saved_prefill_ms / 1000)
     yield saved
-    yield _g("edged_prefix_cache_parked_tokens", "Tokens of finished jobs kept in KV", cache["parked_tokens"])
-    yield _g("edged_prefix_cache_disk_bytes", "Bytes in the disk tier", cache["disk_bytes"])
+    yield _gauge("edged_prefix_cache_parked_tokens", cache.parked_tokens)
+    yield _gauge("edged_prefix_cache_disk_bytes", cache.disk_bytes)

@@ -17,7 +17,9 @@ from edged.engine.job import Job, JobRequest, JobResult, JobState, Prepared, Usa
 from edged.engine.snapshot import EngineSnapshot, EngineState, SlotsInfo
 from edged.engine.timings import Timings
 from edged.errors import InvalidRequest, QueueFull
+from edged.telemetry.report import CACHE_SUMMARY
 from edged.wire import (
+    CacheSummary,
     ChunkMessage,
     DoneMessage,
     ErrorMessage,
@@ -166,7 +168,7 @@ def snapshot(cache: CacheStats | None) -> EngineSnapshot:
             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
         },
         throughput={"1m": window},
-        prefix_cache=dataclasses.asdict(cache) if cache is not None else None,
+        prefix_cache=cache,
         started_wall=0.0,
         structured_output={"available": True, "reason": None, "schema_cache": {"hits": 0}},
     )
@@ -196,6 +198,7 @@ def test_the_engine_status_is_the_one_written_before(cache: CacheStats | None) -
 
 def test_the_wire_prefix_cache_has_every_counter_of_cache_stats() -> None:
     assert list(PrefixCache.model_fields) == [f.name for f in dataclasses.fields(CacheStats)]
+    assert list(CacheSummary.model_fields) == list(CACHE_SUMMARY), "telemetry's subset, in its order"
 
 
 # -- lenient ---------------------------------------------------------------------------------------
