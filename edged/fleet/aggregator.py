@@ -50,13 +50,16 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+from pydantic import BaseModel
 
 from edged.fleet.client import BrokerOptions, Connection
+from edged.wire import GovernorStatus, Presence, SlotFigures, TelemetryReport, Thermals, Unreadable, lenient
 
 log = structlog.get_logger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 SCHEMAS = frozenset({1})
 """Telemetry schemas this aggregator reads (edged.telemetry.report.SCHEMA)."""
@@ -238,30 +241,6 @@ class _Device:
     """Wall-clock time of the last state change."""
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _obj(doc: dict[str, Any], key: str, required: bool = False) -> dict[str, Any]:
-    value = doc.get(key)
-    if value is None and not required:
-        return {}
-    if not isinstance(value, dict):
-        raise Malformed(f"{key!r} is not an object")
-    return value
-
-
 def _decode(payload: bytes, limit: int) -> dict[str, Any]:
     if len(payload) > limit:
         raise Malformed(f"payload of {len(payload)} bytes exceeds {limit}")
@@ -276,71 +255,92 @@ def _decode(payload: bytes, limit: int) -> dict[str, Any]:
     return doc
 
 
+def _float(value: float | None) -> float | None:
+    """A number as the fleet keeps it (a float, as JSON writes the figures back)."""
+    return float(value) if value is not None else None
+
+
+def _read(model: type[M], doc: dict[str, Any], shapes: frozenset[str] = frozenset()) -> M:
+    """``doc`` as the wire model, each field of a wrong type left out; raises `Malformed`."""
+    try:
+        return lenient(model, doc, shapes=shapes)[0]
+    except Unreadable as exc:
+        raise Malformed(str(exc)) from None
+
+
+TELEMETRY_SHAPES = frozenset(
+    {
+        "queue",
+        "summary",
+        "slots",
+        "jobs",
+        "thermals",
+        "thermals.governor",
+        "thermals.zones",
+        "thermals.zones.*",
+    }
+)
+"""The parts of a telemetry report that must be objects (lists) for it to be read at all."""
+
+
 def parse_status(doc: dict[str, Any]) -> dict[str, Any]:
-    """The retained status document -> the fields kept; raises `Malformed`."""
+    """The retained status document (`edged.wire.Presence`) -> the fields kept; raises `Malformed`."""
     state = doc.get("state")
     if state not in (ONLINE, OFFLINE):
         raise Malformed(f"status state must be online or offline, not {state!r}")
+    presence = _read(Presence, doc)
     return {
         "state": state,
-        "board": _text(doc.get("board")),
-        "soc": _text(doc.get("soc")),
-        "profile": _text(doc.get("profile")),
-        "backend": _text(doc.get("backend")),
-        "model": _text(doc.get("model")),
-        "version": _text(doc.get("version")),
-        "slots": _int(doc.get("slots")),
-        "interval_s": _num(doc.get("interval_s")),
+        "board": presence.board,
+        "soc": presence.soc,
+        "profile": presence.profile,
+        "backend": presence.backend,
+        "model": presence.model,
+        "version": presence.version,
+        "slots": presence.slots,
+        "interval_s": _float(presence.interval_s),
     }
 
 
 def parse_telemetry(doc: dict[str, Any]) -> dict[str, Any]:
-    """A telemetry document (edged.telemetry.report) -> the fields kept; raises `UnknownSchema` or
-    `Malformed`."""
+    """A telemetry document (`edged.wire.TelemetryReport`) -> the fields kept; raises `UnknownSchema`
+    or `Malformed`."""
     schema = doc.get("schema")
     if isinstance(schema, bool) or schema not in SCHEMAS:
         raise UnknownSchema(f"telemetry schema {schema!r} (known: {sorted(SCHEMAS)})")
-    summary = _obj(doc, "summary", required=True)
-    queue = _obj(doc, "queue", required=True)
-    slots = _obj(doc, "slots")
-    jobs = _obj(doc, "jobs")
-    thermals = _obj(doc, "thermals")
-    governor = _obj(thermals, "governor")
-    zones = thermals.get("zones") or []
-    if not isinstance(zones, list):
-        raise Malformed("'thermals.zones' is not a list")
+    report = _read(TelemetryReport, doc, TELEMETRY_SHAPES)
+    summary = report.summary
+    thermals = report.thermals or Thermals()
+    governor = thermals.governor or GovernorStatus()
     hottest_c: float | None = None
     hottest_zone: str | None = None
-    for zone in zones:
-        if not isinstance(zone, dict):
-            raise Malformed("a thermal zone is not an object")
-        temp = _num(zone.get("temp_c"))
-        if temp is not None and (hottest_c is None or temp > hottest_c):
-            hottest_c, hottest_zone = temp, _text(zone.get("type")) or _text(zone.get("zone"))
+    for zone in thermals.zones or []:
+        if zone.temp_c is not None and (hottest_c is None or zone.temp_c > hottest_c):
+            hottest_c, hottest_zone = float(zone.temp_c), zone.type or zone.zone
     if hottest_c is None:
-        hottest_c = _num(summary.get("hottest_c"))
-        hottest_zone = _text(governor.get("hottest_zone"))
-    throttled = summary.get("throttled")
+        hottest_c = _float(summary.hottest_c)
+        hottest_zone = governor.hottest_zone
+    slots = report.slots or SlotFigures()
     return {
-        "backend": _text(doc.get("backend")),
-        "model": _text(doc.get("model")),
-        "version": _text(doc.get("version")),
-        "engine_state": _text(doc.get("state")),
-        "slots": _int(slots.get("total")),
-        "queue_depth": _int(queue.get("depth")),
-        "queue_max_depth": _int(queue.get("max_depth")),
-        "decode_tok_s": _num(summary.get("decode_tokens_per_s")),
-        "tokens_per_s": _num(summary.get("tokens_per_s")),
-        "s_per_1k_tokens": _num(summary.get("s_per_1k_tokens")),
-        "ttft_ms_p50": _num(summary.get("ttft_ms_p50")),
-        "window": _text(summary.get("window")),
+        "backend": report.backend,
+        "model": report.model,
+        "version": report.version,
+        "engine_state": report.state,
+        "slots": slots.total,
+        "queue_depth": report.queue.depth,
+        "queue_max_depth": report.queue.max_depth,
+        "decode_tok_s": _float(summary.decode_tokens_per_s),
+        "tokens_per_s": _float(summary.tokens_per_s),
+        "s_per_1k_tokens": _float(summary.s_per_1k_tokens),
+        "ttft_ms_p50": _float(summary.ttft_ms_p50),
+        "window": summary.window,
         "hottest_c": hottest_c,
         "hottest_zone": hottest_zone,
-        "throttled": throttled if isinstance(throttled, bool) else None,
-        "governor": _text(summary.get("thermal_state")) or _text(governor.get("state")),
-        "jobs_done": _int(jobs.get("done")),
-        "interval_s": _num(doc.get("interval_s")),
-        "event": _text(doc.get("event")),
+        "throttled": summary.throttled,
+        "governor": summary.thermal_state or governor.state,
+        "jobs_done": (report.jobs or {}).get("done"),
+        "interval_s": _float(report.interval_s),
+        "event": report.event,
     }
 
 

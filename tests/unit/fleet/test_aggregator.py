@@ -207,3 +207,18 @@ def test_every_message_is_told_to_the_listeners_and_a_failing_listener_is_counte
     unsubscribe()
     agg.handle("edged/a/telemetry", telemetry())
     assert len(seen) == 3
+
+
+def test_a_newer_edgeds_report_is_read_by_the_fields_it_shares(agg: Aggregator) -> None:
+    """Fields this aggregator does not know are ignored; a whole-number figure reads as a float."""
+    summary = {"window": "1m", "decode_tokens_per_s": 18, "hottest_c": 51, "gpu_load": {"x": [1]}}
+    agg.handle(
+        "edged/new/telemetry", telemetry(summary=summary, thermals=None, accelerators=[{"kind": "tpu"}])
+    )
+    d = agg.device("new")
+    assert d is not None and agg.counters()["malformed"] == 0
+    assert (d.decode_tok_s, d.hottest_c, d.window) == (18.0, 51.0, "1m")
+    assert isinstance(d.decode_tok_s, float) and isinstance(d.hottest_c, float)
+    agg.handle("edged/new/status", status(interval_s=30, api_level=2))
+    d = agg.device("new")
+    assert d is not None and d.interval_s == 30.0 and d.last_status == "online"
