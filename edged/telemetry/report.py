@@ -20,7 +20,6 @@ from edged.telemetry.throughput import window_label
 from edged.wire import TelemetryReport
 
 if TYPE_CHECKING:
-    from edged.backends.base import CacheStats
     from edged.board import HostFS
     from edged.config import Settings
     from edged.engine.snapshot import EngineSnapshot
@@ -84,7 +83,7 @@ class Telemetry:
             jobs=dict(snap.counters),
             totals=dict(snap.totals),
             throughput=snap.throughput,
-            prefix_cache=_cache_summary(snap.prefix_cache),
+            prefix_cache=_cache_summary(snap),
             summary=summary,
             last_job=snap.last_job,
             thermals=thermals,
@@ -98,7 +97,8 @@ class Telemetry:
         return self.document().dump()
 
 
-def _cache_summary(cache: CacheStats | None) -> dict[str, Any] | None:
+def _cache_summary(snap: EngineSnapshot) -> dict[str, Any] | None:
+    cache = snap.prefix_cache
     if cache is None:
         return None
     return {k: getattr(cache, k) for k in CACHE_SUMMARY}
@@ -163,7 +163,7 @@ class TelemetryCollector(Collector):
         yield _gauge("edged_slots", snap.slots.total)
         yield _gauge("edged_slots_effective", snap.slots.effective)
         yield _gauge("edged_slots_active", snap.slots.active)
-        yield from _cache_metrics(snap.prefix_cache)
+        yield from _cache_metrics(snap)
         window = min(settings.telemetry.windows_s)
         summary = snap.throughput[window_label(window)]
         label = {"window": window_label(window)}
@@ -216,8 +216,9 @@ class TelemetryCollector(Collector):
         yield _gauge("edged_load1", hw["system"]["load_1m"])
 
 
-def _cache_metrics(cache: CacheStats | None) -> Iterator[Metric]:
+def _cache_metrics(snap: EngineSnapshot) -> Iterator[Metric]:
     """The prefix cache's counters (absent for a backend without one)."""
+    cache = snap.prefix_cache
     if cache is None:
         return
     for key in ("lookups", "hits", "hit_tokens", "disk_hits", "disk_warmed", "evictions"):
