@@ -65,6 +65,10 @@ def test_the_ollama_client_lists_chats_streams_generates_and_formats(
     shown = client.show(name)
     assert "completion" in (shown.capabilities or [])
     assert shown.template  # the model's own chat template
+    details = models[0].details  # from the backend's ModelFacts: llama.cpp's "llama 135M Q8_0"-like line
+    assert details.family and details.parameter_size and details.quantization_level, details
+    assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == details.family
+    assert shown.modelinfo["general.parameter_count"] > 1_000_000 and (models[0].size or 0) > 1_000_000
 
     reply = client.chat(
         model=name, messages=[{"role": "user", "content": "Say hello"}], options={"num_predict": 8}

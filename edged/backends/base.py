@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from edged.backends.gguf_prompt import GgufTokenizer
     from edged.board import BoardInfo
     from edged.config import Settings
 
@@ -65,6 +66,29 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ModelFacts:
+    """What a backend says of its model, typed (the Ollama routes' ``details`` and ``model_info``), so
+    no transport parses a backend's own keys or compares backend names."""
+
+    format: str
+    """The model file's format: ``gguf``, ``rkllm``."""
+    family: str = ""
+    """The architecture (``qwen2``, ``llama``); empty when the backend cannot tell."""
+    parameter_size: str = ""
+    """As llama.cpp writes it: ``1.5B``, ``135M``."""
+    quantization: str = ""
+    """As llama.cpp writes it: ``Q4_K - Medium``."""
+    parameters: int = 0
+    """Parameter count; 0 when unknown."""
+    file_bytes: int = 0
+    """Size of the weights; 0 when unknown."""
+    description: str = ""
+    """The runtime's one-line description (llama.cpp's ``llama_model_desc``)."""
+    chat_template: bool = False
+    """The model file carries a chat template."""
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What the scheduler may ask of a loaded backend."""
 
@@ -77,6 +101,8 @@ class Capabilities:
     kv_bytes_per_cell: int | None = None
     constrained_output: bool = False
     """Sampling can obey a `Grammar` (JSON schemas, GBNF) and a reasoning budget."""
+    model: ModelFacts | None = None
+    """What the backend knows of the loaded model."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,27 @@ class Tokenizer(Protocol):
     def grammar_problem(self, grammar: Grammar) -> str | None:
         """Why the model's grammar sampler cannot take ``grammar`` (None: it can)."""
         ...
+
+
+class SettingsModel:
+    """The properties of a backend that runs the model of edged's settings with a GGUF tokenizer
+    (llama.cpp, RKLLM): a mixin, so the two cannot drift apart."""
+
+    _settings: Settings
+    _tokenizer: GgufTokenizer | None
+
+    @property
+    def model_name(self) -> str:
+        return self._settings.model.display_name
+
+    @property
+    def n_ctx(self) -> int:
+        return self._settings.model.ctx
+
+    @property
+    def tokenizer(self) -> GgufTokenizer:
+        assert self._tokenizer is not None, "tokenizer before load"
+        return self._tokenizer
 
 
 class Backend(Protocol):

@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 
 from edged.backends import register_backend
-from edged.backends.base import CacheStats, Capabilities, Prompt, SamplingParams, SeqOutput
+from edged.backends.base import (
+    CacheStats,
+    Capabilities,
+    ModelFacts,
+    Prompt,
+    SamplingParams,
+    SeqOutput,
+    SettingsModel,
+)
 from edged.backends.cpu_features import check_llama_cpu
 from edged.backends.gguf_prompt import GgufTokenizer, load_model, model_fingerprint
 from edged.backends.kv_streams import KvStreams
@@ -96,8 +104,24 @@ class _Seq:
         return self.n_past < len(self.prompt)
 
 
+def facts_of(description: str, *, parameters: int, file_bytes: int, chat_template: bool) -> ModelFacts:
+    """`ModelFacts` from llama.cpp's description of a model: ``"qwen2 1.5B Q4_K - Medium"`` is the
+    architecture, the parameter size and the quantization."""
+    family, size, quant = [*description.split(" ", 2), "", "", ""][:3] if description else ("", "", "")
+    return ModelFacts(
+        format="gguf",
+        family=family,
+        parameter_size=size,
+        quantization=quant,
+        parameters=parameters,
+        file_bytes=file_bytes,
+        description=description,
+        chat_template=chat_template,
+    )
+
+
 @register_backend("llamacpp")
-class LlamaCppBackend:
+class LlamaCppBackend(SettingsModel):
     """Generation on CPU cores with the model's own chat template, several sequences per pass."""
 
     name: ClassVar[str]
@@ -117,7 +141,7 @@ class LlamaCppBackend:
         self._sampling: Sampling | None = None
         self._kv: KvStreams | None = None
         """The streams as a prefix cache (from load on)."""
-        self._model_facts: dict[str, object] = {}
+        self._facts = ModelFacts(format="gguf")
         self._version = "?"
         self._log_callback: Any = None
         self._native_errors: deque[str] = deque(maxlen=32)
@@ -144,19 +168,6 @@ class LlamaCppBackend:
         except ModelFault as exc:
             return False, exc.message
         return True, f"llama-cpp-python {llama_cpp.__version__} on CPU"
-
-    @property
-    def model_name(self) -> str:
-        return self._settings.model.display_name
-
-    @property
-    def n_ctx(self) -> int:
-        return self._settings.model.ctx
-
-    @property
-    def tokenizer(self) -> GgufTokenizer:
-        assert self._tokenizer is not None, "tokenizer before load"
-        return self._tokenizer
 
     @property
     def _streams(self) -> KvStreams:
@@ -246,11 +257,12 @@ class LlamaCppBackend:
         self._tokenizer = GgufTokenizer(self._model)
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self._model, desc, 256)
-        self._model_facts = {
-            "model_desc": desc.value.decode(errors="replace"),  # "qwen2 1.5B Q4_K - Medium"
-            "model_params": int(llama_cpp.llama_model_n_params(self._model)),
-            "model_bytes": int(llama_cpp.llama_model_size(self._model)),
-        }
+        self._facts = facts_of(
+            desc.value.decode(errors="replace"),
+            parameters=int(llama_cpp.llama_model_n_params(self._model)),
+            file_bytes=int(llama_cpp.llama_model_size(self._model)),
+            chat_template=self._tokenizer.formatter is not None,
+        )
         self._sampling = Sampling(llama_cpp, self._ctx, self._tokenizer)
         kv_cells = llama_cpp.llama_n_ctx(self._ctx)
         self._kv = KvStreams(
@@ -267,6 +279,7 @@ class LlamaCppBackend:
             kv_cells=kv_cells,
             kv_bytes_per_cell=bytes_per_cell,
             constrained_output=True,
+            model=self._facts,
         )
         if self._engine_options.prefix_cache and self._engine_options.prefix_cache_dir is not None:
             key = "-".join(
@@ -325,7 +338,9 @@ class LlamaCppBackend:
             "kv_streams": self._kv.count if self._kv else 0,
             "kv_unified": False,
             "prefix_cache_dir": str(self._kv.disk.dir) if self._kv and self._kv.disk else None,
-            **self._model_facts,
+            "model_desc": self._facts.description,
+            "model_params": self._facts.parameters,
+            "model_bytes": self._facts.file_bytes,
         }
 
     def close(self) -> None:

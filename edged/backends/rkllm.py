@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 
 from edged.backends import register_backend
-from edged.backends.base import Capabilities, Prompt, SamplingParams, SeqOutput
+from edged.backends.base import Capabilities, ModelFacts, Prompt, SamplingParams, SeqOutput, SettingsModel
 from edged.backends.gguf_prompt import GgufTokenizer, gguf_problem, load_model
 from edged.backends.rkllm_abi import (
     INFER_GENERATE,
@@ -134,7 +134,7 @@ def _setup(lib: Any, abi: Abi) -> None:
 
 
 @register_backend("rkllm")
-class RkllmBackend:
+class RkllmBackend(SettingsModel):
     """Generation on the RK3588 NPU: one sequence at a time (the runtime runs one prompt per handle),
     driven on the engine's backend thread; the runtime's own worker calls back with each token."""
 
@@ -191,19 +191,6 @@ class RkllmBackend:
         if problem:
             return False, f"{problem} (rkllm needs the GGUF of the same model for its tokenizer)"
         return True, f"RKLLM runtime {runtime.version} (ABI {runtime.abi.name}) on {device}"
-
-    @property
-    def model_name(self) -> str:
-        return self._settings.model.display_name
-
-    @property
-    def n_ctx(self) -> int:
-        return self._settings.model.ctx
-
-    @property
-    def tokenizer(self) -> GgufTokenizer:
-        assert self._tokenizer is not None, "tokenizer before load"
-        return self._tokenizer
 
     def load(self, slots: int) -> Capabilities:
         options = self._options
@@ -268,7 +255,8 @@ class RkllmBackend:
             # edged renders the GGUF's template itself, so the runtime must not add its own.
             self._lib.rkllm_set_chat_template(self._handle, b"", b"", b"")
         log.info("rkllm model loaded", model=str(options.model), abi=abi.name, library=str(library))
-        return Capabilities(max_sequences=1, prefix_cache=False)
+        facts = ModelFacts(format="rkllm", chat_template=self.tokenizer.formatter is not None)
+        return Capabilities(max_sequences=1, prefix_cache=False, model=facts)
 
     def _load_tokenizer(self) -> None:
         try:

@@ -483,6 +483,9 @@ class Engine:
             structured_output=self._structured_output_status(),
             profile=self.board.profile.name,
             histograms=tuple(h.reading() for h in self.stats.histograms.values()),
+            model_facts=caps.model
+            if (caps := sched.state.capabilities) and self.state is EngineState.READY
+            else None,
         )
 
     def _structured_output_status(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from edged.backends.base import CacheStats
+from edged.backends.base import CacheStats, ModelFacts
 from edged.telemetry.histogram import HistogramReading
 from edged.wire import EngineStatus, JobInfo
 
@@ -60,6 +60,8 @@ class EngineSnapshot:
     """The board profile's name."""
     histograms: tuple[HistogramReading, ...] = ()
     """The per-job histograms (cumulative since start), for /metrics and telemetry."""
+    model_facts: ModelFacts | None = None
+    """What the backend knows of its model (None until loaded, or if it does not say)."""
 
     @property
     def ready(self) -> bool:

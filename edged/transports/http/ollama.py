@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edged.config import Settings
 from edged.engine import Delta, Engine, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt
+from edged.engine.snapshot import ModelFacts
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
 from edged.transports.http.app import JobStream, Wire, read_body, tool_result
 from edged.transports.http.openapi import body_ref
@@ -332,23 +333,25 @@ def add_ollama_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
     """Register ``/api/*`` on ``app`` (the same app serves the socket and the TCP listener)."""
     limit = settings.jobs.max_payload_bytes
 
-    def details() -> dict[str, Any]:
+    def facts() -> ModelFacts:
         snap = engine.snapshot()
-        desc = str(snap.backend_details.get("model_desc", ""))  # "qwen2 1.5B Q4_K - Medium"
-        family, size, quant = [*desc.split(" ", 2), "", "", ""][:3] if desc else ("", "", "")
+        return snap.model_facts or ModelFacts(format=snap.backend)  # not loaded yet
+
+    def details() -> dict[str, Any]:
+        model = facts()
         return {
             "parent_model": "",
-            "format": "gguf" if snap.backend == "llamacpp" else snap.backend,
-            "family": family,
-            "families": [family] if family else None,
-            "parameter_size": size,
-            "quantization_level": quant,
+            "format": model.format,
+            "family": model.family,
+            "families": [model.family] if model.family else None,
+            "parameter_size": model.parameter_size,
+            "quantization_level": model.quantization,
         }
 
     def model_entry() -> dict[str, Any]:
         snap = engine.snapshot()
         path = settings.model.path
-        size = int(snap.backend_details.get("model_bytes", 0) or 0)  # type: ignore[call-overload]
+        size = facts().file_bytes
         try:
             size = size or (path.stat().st_size if path else 0)
             modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) if path else None
@@ -403,7 +406,7 @@ def add_ollama_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
             "model_info": {
                 "general.architecture": family,
                 f"{family or 'model'}.context_length": snap.n_ctx,
-                "general.parameter_count": snap.backend_details.get("model_params", 0),
+                "general.parameter_count": facts().parameters,
             },
             "capabilities": capabilities,
             "modified_at": model_entry()["modified_at"],
