@@ -13,7 +13,7 @@ import socket as _socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -82,17 +82,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+"""Sampling temperature; 0 = greedy. The bounds of the config and of a job (`JobRequest`) alike."""
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+"""Nucleus sampling probability mass."""
+TopK = Annotated[int, Field(ge=0)]
+"""Keep only the k most likely tokens; 0 = off."""
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+"""Drop tokens below min_p x the top one."""
+RepeatPenalty = Annotated[float, Field(ge=0.01)]
+"""1 = off; llama.cpp divides logits by it, so 0 (or 1e-38) makes them infinite and sampling fails."""
+
+
 class SamplingConfig(_Section):
     """Sampling defaults; unset fields come from the board profile, then the job overrides them."""
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
-    top_k: int | None = Field(None, ge=0, description="Keep only the k most likely tokens; 0 = off.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top one.")
-    repeat_penalty: float | None = Field(
-        None,
-        ge=0.01,
-        description="Penalty for repeated tokens; 1 = off, 0.01 the least (0 would divide by zero).",
+    temperature: Temperature | None = Field(None, description="Sampling temperature; 0 = greedy.")
+    top_p: TopP | None = Field(None, description="Nucleus sampling probability mass.")
+    top_k: TopK | None = Field(None, description="Keep only the k most likely tokens; 0 = off.")
+    min_p: MinP | None = Field(None, description="Drop tokens below min_p x the top one.")
+    repeat_penalty: RepeatPenalty | None = Field(
+        None, description="Penalty for repeated tokens; 1 = off, 0.01 the least (0 would divide by zero)."
     )
 
 

@@ -248,9 +248,25 @@ def _type_text(annotation: Any) -> str:
     raise SystemExit(f"contract: no wording for the type {annotation!r}: teach _type_text")
 
 
+def _constraints(annotation: Any) -> list[Any]:
+    """The constraints inside an annotation: ``Annotated[float, Field(ge=0)] | None`` has ``Ge(0)``
+    (the shared sampling bounds are declared so, in edged.config)."""
+    found: list[Any] = []
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        for item in args[1:]:
+            found += item.metadata if isinstance(item, FieldInfo) else [item]
+        found += _constraints(args[0])
+    elif origin in (Union, types.UnionType):
+        for arg in args:
+            found += _constraints(arg)
+    return found
+
+
 def _bounds(field: FieldInfo) -> str:
     low = high = ""
-    for item in field.metadata:
+    for item in [*field.metadata, *_constraints(field.annotation)]:
         if isinstance(item, annotated_types.Ge):
             low = f"≥ {_num(item.ge)}"
         elif isinstance(item, annotated_types.Gt):

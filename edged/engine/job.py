@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from edged.backends import Prompt, SamplingParams
+from edged.config import MinP, RepeatPenalty, Temperature, TopK, TopP
 from edged.engine.constraints import Constraint
 from edged.engine.timings import Timings
 from edged.errors import BackendError, EdgedError
@@ -147,14 +148,14 @@ class JobRequest(BaseModel):
     max_tokens: OptionalJsonInt = Field(
         None, ge=1, description="Most tokens to generate; clamped to the cap."
     )
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: OptionalJsonInt = Field(None, ge=0, description="Top-k sampling; 0 = off.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p sampling.")
-    repeat_penalty: float | None = Field(
-        None,
-        ge=0.01,  # llama.cpp divides logits by it: 0 (or 1e-38) makes them infinite, sampling fails
-        description="Repetition penalty; 1 = off, above 1 penalises repeats, below 1 favours them.",
+    temperature: Temperature | None = Field(None, description="Sampling temperature.")
+    top_p: TopP | None = Field(None, description="Nucleus sampling mass.")
+    top_k: Annotated[TopK | None, BeforeValidator(_whole)] = Field(
+        None, description="Top-k sampling; 0 = off."
+    )
+    min_p: MinP | None = Field(None, description="Min-p sampling.")
+    repeat_penalty: RepeatPenalty | None = Field(
+        None, description="Repetition penalty; 1 = off, above 1 penalises repeats, below 1 favours them."
     )
     frequency_penalty: float | None = Field(
         None, ge=-2.0, le=2.0, description="Penalise tokens by how often they appeared (OpenAI's meaning)."

@@ -166,3 +166,21 @@ def test_the_published_schema_says_what_the_code_checks(doc: dict[str, Any], val
     except ValidationError:
         by_code = False
     assert (by_code, by_schema) == (valid, valid)
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+
+
+@pytest.mark.parametrize("field", SAMPLING_FIELDS)
+def test_a_job_and_the_config_take_the_same_sampling_bounds(field: str) -> None:
+    """Declared once (edged.config's Annotated types): the bounds in both JSON schemas are the same."""
+    from edged.config import SamplingConfig
+
+    bounds = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+
+    def constraints(schema: dict[str, Any]) -> dict[str, Any]:
+        (number,) = [s for s in schema["properties"][field]["anyOf"] if s["type"] != "null"]
+        return {k: v for k, v in number.items() if k in bounds}
+
+    job = constraints(JobRequest.model_json_schema())
+    assert job and job == constraints(SamplingConfig.model_json_schema())
