@@ -107,17 +107,17 @@ class LastJob(Wire):
 class DoneMessage(Wire):
     """A finished job's answer on MQTT (also what the journal keeps, and `GET /v1/jobs` shows)."""
 
-    id: Text
+    id: Text = Field(description="The job id.")
     status: Literal["done"] = "done"
     content: Text | None = Field(description="The answer; null where the journal keeps no text.")
     reasoning_content: Text | None = Field(description="A thinking model's reasoning, if any.")
-    finish_reason: Literal["stop", "length"]
-    usage: Usage
+    finish_reason: Literal["stop", "length"] = Field(description="stop: the model ended; length: max_tokens.")
+    usage: Usage = Field(description="Prompt, completion and total tokens.")
     timings: dict[str, Number | Text | None] = Field(
         description="llama.cpp server's timings plus edged's own."
     )
-    model: Text
-    device_id: Text
+    model: Text = Field(description="The model that answered.")
+    device_id: Text = Field(description="The device that answered.")
     notes: list[Text] | None = Field(None, description="Settings the backend could not apply (if any).")
     parsed: Any = Field(None, description="A JSON response_format: the answer, parsed (if any).")
     duplicate: Flag | None = Field(None, description="true: a redelivered job, answered from the journal.")
@@ -128,18 +128,18 @@ class ErrorMessage(Wire):
 
     id: Text | None = Field(description="The job id, if the request got far enough to have one.")
     status: Literal["error"] = "error"
-    error: ErrorBody
-    device_id: Text
+    error: ErrorBody = Field(description="The error (docs: Error codes).")
+    device_id: Text = Field(description="The device that answered.")
     duplicate: Flag | None = Field(None, description="true: a redelivered job, answered from the journal.")
 
 
 class ChunkMessage(Wire):
     """A streamed job's delta on MQTT, before its `DoneMessage`."""
 
-    id: Text
+    id: Text = Field(description="The job id.")
     seq: Count = Field(description="0, 1, 2, ... in order.")
-    delta: Text
-    kind: Literal["content", "reasoning"]
+    delta: Text = Field(description="The text generated since the last chunk.")
+    kind: Literal["content", "reasoning"] = Field(description="reasoning: inside <think>...</think>.")
 
 
 # -- presence --------------------------------------------------------------------------------------
@@ -149,15 +149,15 @@ class Presence(Wire):
     """The retained status message: who the device is and what it runs. ``state`` is ``online`` while
     connected; ``offline`` on a clean stop, and in the Last Will."""
 
-    device_id: Text | None = None
-    board: Text | None = None
-    soc: Text | None = None
-    profile: Text | None = None
-    backend: Text | None = None
-    model: Text | None = None
-    slots: Count | None = None
-    version: Text | None = None
-    state: Literal["online", "offline"] | None = None
+    device_id: Text | None = Field(None, description="The device's id (device_id).")
+    board: Text | None = Field(None, description="The board's model, as its device tree says.")
+    soc: Text | None = Field(None, description="The SoC's compatible string, if known.")
+    profile: Text | None = Field(None, description="The board profile in use.")
+    backend: Text | None = Field(None, description="The backend running the model (llamacpp, rkllm).")
+    model: Text | None = Field(None, description="The model's name.")
+    slots: Count | None = Field(None, description="Sequences decoded together.")
+    version: Text | None = Field(None, description="edged's version.")
+    state: Literal["online", "offline"] | None = Field(None, description="Set by the MQTT transport.")
     interval_s: Number | None = Field(None, description="The telemetry interval (none today; read if sent).")
 
 
@@ -318,22 +318,22 @@ class TelemetryReport(Wire):
     """The periodic telemetry message (schema 1)."""
 
     schema_: Count = Field(alias="schema", description="1; a reader skips schemas it does not know.")
-    device_id: Text | None = None
+    device_id: Text | None = Field(None, description="The device's id.")
     ts: Number | None = Field(None, description="Unix time of the report.")
-    interval_s: Number | None = None
-    version: Text | None = None
-    backend: Text | None = None
-    model: Text | None = None
+    interval_s: Number | None = Field(None, description="Seconds to the next report (telemetry.interval_s).")
+    version: Text | None = Field(None, description="edged's version.")
+    backend: Text | None = Field(None, description="The backend running the model.")
+    model: Text | None = Field(None, description="The model's name.")
     state: Text | None = Field(None, description="The engine's state: loading, ready, failed, stopping.")
-    queue: QueueFigures
-    slots: SlotFigures | None = None
+    queue: QueueFigures = Field(description="Jobs waiting, and the most that may.")
+    slots: SlotFigures | None = Field(None, description="Slots: total, under the governor, running.")
     jobs: dict[str, Count] | None = Field(None, description="Jobs by outcome since start.")
     totals: dict[str, Number] | None = Field(None, description="Tokens and queue wait since start.")
     throughput: dict[str, Throughput] | None = Field(None, description="By window label (1m, 15m).")
-    prefix_cache: CacheSummary | None = None
-    summary: Summary
-    last_job: LastJob | None = None
-    thermals: Thermals | None = None
+    prefix_cache: CacheSummary | None = Field(None, description="null for a backend without one.")
+    summary: Summary = Field(description="The figures of the first window, for dashboards.")
+    last_job: LastJob | None = Field(None, description="The last finished job (no id).")
+    thermals: Thermals | None = Field(None, description="Zones, clocks, NPU, throttling, system, governor.")
     histograms: dict[str, HistogramDoc] | None = Field(None, description="Per-job, cumulative since start.")
     event: Text | None = Field(None, description="Why an unscheduled report was sent (thermal_transition).")
 
@@ -399,17 +399,17 @@ class EngineStatus(Wire):
 class StatusDocument(Wire):
     """``GET /status`` on the Unix socket (the TCP listener serves an allowlisted part)."""
 
-    device_id: Text
-    version: Text
-    pid: Count
-    uptime_s: Number
-    board: BoardReport
-    backend: BackendReport
-    model: ModelReport
-    engine: EngineStatus
-    thermals: Thermals
+    device_id: Text = Field(description="The device's id.")
+    version: Text = Field(description="edged's version.")
+    pid: Count = Field(description="The daemon's process id.")
+    uptime_s: Number = Field(description="Seconds since the daemon started.")
+    board: BoardReport = Field(description="The board detected, and the profile chosen for it.")
+    backend: BackendReport = Field(description="The backend chosen, why, and what it says of itself.")
+    model: ModelReport = Field(description="The model's name, file and context per sequence.")
+    engine: EngineStatus = Field(description="Queue, slots, jobs, cache, throughput.")
+    thermals: Thermals = Field(description="Zones, clocks, NPU, throttling, system, governor.")
     mqtt: dict[str, Any] | None = Field(description="The broker connection, or null without MQTT.")
-    listeners: list[dict[str, Any]]
+    listeners: list[dict[str, Any]] = Field(description="The Unix socket, and the TCP listener if any.")
 
 
 # -- reading documents from others -----------------------------------------------------------------

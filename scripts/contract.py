@@ -6,7 +6,9 @@
 What can drift is generated: the error codes from the error classes of `edged.errors` (code, HTTP
 status, OpenAI type, Retry-After), the configuration keys from `edged.config.Settings` (dotted key,
 environment name, type, default, description), the job fields from `JobRequest`, the timings from
-`Timings`, the MQTT topic names from `Topics.build` and the exit codes from `edged.cli`. The prose
+`Timings`, the wire documents (MQTT answers and chunks, presence, telemetry, /status, job info) from
+the models of `edged.wire`, the MQTT topic names from `Topics.build` and the exit codes from
+`edged.cli`. The prose
 around them is docs/contract.md.in, whose ``{{name}}`` placeholders this script fills in.
 tests/unit/test_contract.py fails when docs/contract.md differs from what this writes.
 """
@@ -40,6 +42,7 @@ from edged.engine.job import JobRequest
 from edged.engine.timings import Timings
 from edged.errors import EdgedError, Unavailable
 from edged.transports.mqtt import Topics
+from edged.wire import WIRE_DOCUMENTS, Number
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "docs" / "contract.md.in"
@@ -224,25 +227,33 @@ def _escape(text: str) -> str:
     return "`".join(part if i % 2 else part.replace("<", "\\<") for i, part in enumerate(parts))
 
 
-def _type_text(annotation: Any) -> str:
+def _type_text(annotation: Any, *, named: bool = False) -> str:
+    """How the contract writes a type; ``named``: a model by its name (the wire documents' parts),
+    else "object" (a configuration section)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if annotation is Number:
+        return "number"
     if origin is typing.Annotated:
-        return _type_text(args[0])
+        return _type_text(args[0], named=named)
     if origin in (Union, types.UnionType):
-        parts = [_type_text(a) for a in args if a is not type(None)]
-        return " or ".join(dict.fromkeys(parts))
+        parts = list(dict.fromkeys(_type_text(a, named=named) for a in args if a is not type(None)))
+        return "number" if parts == ["int", "number"] else " or ".join(parts)
     if origin is Literal:
         return " or ".join(f"`{json.dumps(a)}`" for a in args)
     if origin is list:
-        return f"list of {_type_text(args[0])}"
+        return f"list of {_type_text(args[0], named=named)}"
+    if origin is tuple:
+        return "[" + ", ".join(_type_text(a, named=named) for a in args) + "]"
     if origin is dict:
-        return f"table of {_type_text(args[0])} to {_type_text(args[1])}"
+        return f"table of {_type_text(args[0], named=named)} to {_type_text(args[1], named=named)}"
     names = {bool: "bool", int: "int", float: "number", str: "string", Path: "path", SecretStr: "secret"}
     if annotation in names:
         return names[annotation]
+    if annotation is Any:
+        return "any"
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
-        return "object"
+        return f"[`{annotation.__name__}`](#{annotation.__name__.lower()})" if named else "object"
     if inspect.isclass(annotation) and issubclass(annotation, enum.Enum):
         return " or ".join(f"`{m.value}`" for m in annotation)
     raise SystemExit(f"contract: no wording for the type {annotation!r}: teach _type_text")
@@ -388,6 +399,50 @@ def fields_table(model: type[BaseModel], *, defaults: bool) -> str:
     return "\n".join(rows)
 
 
+# -- wire documents -----------------------------------------------------------------------------------
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def wire_models() -> list[type[BaseModel]]:
+    """The documents of `edged.wire.WIRE_DOCUMENTS`, then every model they are made of, in the order
+    first met."""
+    order: list[type[BaseModel]] = []
+    queue: list[type[BaseModel]] = list(WIRE_DOCUMENTS)
+    while queue:
+        model = queue.pop(0)
+        if model in order:
+            continue
+        order.append(model)
+        for field in model.model_fields.values():
+            queue += [m for m in _models_in(field.annotation) if m not in order]
+    return order
+
+
+def wire_tables() -> str:
+    """A table per wire model: its fields in the order they are written, their type and meaning.
+    A field the producer left unset is absent from the document."""
+    out: list[str] = []
+    for model in wire_models():
+        out += [f"#### `{model.__name__}`", ""]
+        if model.__doc__:
+            out += [" ".join(model.__doc__.split()), ""]
+        out += ["| field | type | meaning |", "|---|---|---|"]
+        for name, field in model.model_fields.items():
+            nullable = type(None) in typing.get_args(field.annotation) or field.annotation is Any
+            kind = _type_text(field.annotation, named=True) + (" or null" if nullable else "")
+            out.append(f"| `{field.alias or name}` | {kind} | {_escape(field.description or '')} |")
+        if model.model_config.get("extra") == "allow":
+            out.append("| ... | | more fields, as the error has them |")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
 # -- names of the contract not implemented yet ------------------------------------------------------
 
 RESERVED: list[tuple[str, str, str]] = [
@@ -451,6 +506,7 @@ def placeholders() -> dict[str, Callable[[], str]]:
         "config": config_tables,
         "job_fields": lambda: fields_table(JobRequest, defaults=True),
         "timings": lambda: fields_table(Timings, defaults=False),
+        "wire": wire_tables,
         "reserved": reserved_table,
         "ctx_cap": lambda: str(CTX_CAP),
         "env_prefix": lambda: ENV_PREFIX,
