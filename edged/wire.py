@@ -113,8 +113,9 @@ class DoneMessage(Wire):
     reasoning_content: Text | None = Field(description="A thinking model's reasoning, if any.")
     finish_reason: Literal["stop", "length"] = Field(description="stop: the model ended; length: max_tokens.")
     usage: Usage = Field(description="Prompt, completion and total tokens.")
-    timings: dict[str, Number | Text | None] = Field(
-        description="llama.cpp server's timings plus edged's own."
+    timings: dict[str, Any] = Field(
+        description="llama.cpp server's timings plus edged's own (docs: Timings). Not checked here: "
+        "an answer is never lost to a figure of an unexpected type."
     )
     model: Text = Field(description="The model that answered.")
     device_id: Text = Field(description="The device that answered.")
