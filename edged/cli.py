@@ -43,7 +43,7 @@ from edged.cli_common import (
 from edged.errors import BackendUnavailable, ConfigError, EdgedError
 
 if TYPE_CHECKING:
-    from edged.fleet.client import BrokerOptions
+    from edged.mqtt.broker import BrokerOptions
 
 
 class _Commands(TyperGroup):

@@ -22,7 +22,7 @@ from edged.errors import ConfigError
 
 if TYPE_CHECKING:
     from edged.config import MqttConfig, Settings
-    from edged.fleet.client import BrokerOptions
+    from edged.mqtt.broker import BrokerOptions
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CONFIG = 0, 1, 2, 3, 78
 """0 ok, 1 the daemon answered with an error, 2 usage, 3 daemon or broker not reachable, 78 bad
@@ -121,8 +121,8 @@ def broker_options(
     protocol: str | None = None,
 ) -> BrokerOptions:
     """The ``mqtt.*`` settings overridden by the broker options that were given (not None); raises
-    `edged.fleet.client.BrokerSetupError` (a usage error, exit 2)."""
-    from edged.fleet.client import BrokerOptions, BrokerSetupError
+    `edged.mqtt.broker.BrokerSetupError` (a usage error, exit 2)."""
+    from edged.mqtt.broker import BrokerOptions, BrokerSetupError
 
     if protocol is not None and protocol not in ("5", "3.1.1"):
         raise BrokerSetupError(f"--protocol must be 5 or 3.1.1, not {protocol!r}")

@@ -33,7 +33,8 @@ from edged.fleet.aggregator import (
     FleetMonitor,
 )
 from edged.fleet.ask import ask_over_mqtt
-from edged.fleet.client import BrokerOptions, BrokerSetupError, BrokerUnreachable, parse_address
+from edged.mqtt.broker import BrokerOptions, BrokerSetupError, parse_address
+from edged.mqtt.client import BrokerUnreachable
 
 BOARDS = {  # device id -> fixture board, board model, profile, hottest zone, °C, throttled, governor
     "fleet-rock": ("rock5b", "Radxa ROCK 5B", "rk3588", "bigcore0-thermal", 52.675, False, "normal"),

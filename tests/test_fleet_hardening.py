@@ -29,8 +29,9 @@ from test_mqtt import mqtt_env, wait_connected
 import edged.fleet.aggregator as aggregator_module
 from edged.fleet.aggregator import ONLINE, Aggregator
 from edged.fleet.ask import ask_over_mqtt
-from edged.fleet.client import BrokerOptions, Connection
 from edged.fleet.web import QUIET_INTERVALS, QUIET_MIN_S, JobRate, create_app
+from edged.mqtt.broker import BrokerOptions
+from edged.mqtt.client import Connection
 
 DEEP = b"[" * 60_000
 """Under the aggregator's 64 KiB cap, far over the JSON parser's recursion limit."""

@@ -55,7 +55,8 @@ from typing import Any, TypeVar
 import structlog
 from pydantic import BaseModel
 
-from edged.fleet.client import BrokerOptions, Connection
+from edged.mqtt.broker import BrokerOptions
+from edged.mqtt.client import Connection
 from edged.wire import GovernorStatus, Presence, SlotFigures, TelemetryReport, Thermals, Unreadable, lenient
 
 log = structlog.get_logger(__name__)

@@ -2,7 +2,7 @@
 
 This is a requester, like any IoT device would be: it uses the MQTT v5 Response Topic and
 Correlation Data, so it is also a worked example of the wire protocol. The client comes from the
-shared factory (`edged.fleet.client`), so the broker options are those of the daemon and of
+shared factory (`edged.mqtt`), so the broker options are those of the daemon and of
 `edged fleet`.
 
 Only messages that carry this job's Correlation Data (a fresh random value; edged echoes it on every
@@ -25,7 +25,8 @@ from paho.mqtt import client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edged.fleet.client import BrokerOptions, BrokerSetupError, BrokerUnreachable, Connection
+from edged.mqtt.broker import BrokerOptions, BrokerSetupError
+from edged.mqtt.client import BrokerUnreachable, Connection
 
 __all__ = ["BrokerOptions", "BrokerUnreachable", "NoAnswer", "ask_over_mqtt"]
 

@@ -2,7 +2,7 @@
 
 ``edged fleet --mqtt HOST[:PORT]`` shows a live table (the callback runs when no subcommand is
 given); ``--once`` prints one table, ``--json`` one JSON snapshot for scripts. The broker options
-(edged/cli_common.py) are those of the shared client factory (`edged.fleet.client.BrokerOptions`)
+(edged/cli_common.py) are those of the shared client factory (`edged.mqtt.broker.BrokerOptions`)
 and default to the ``mqtt.*`` settings, like `edged ask --mqtt`.
 
 A subcommand takes the options that locate the fleet (--config, the broker options, --topic-prefix,
@@ -45,7 +45,7 @@ from edged.cli_common import (
 
 if TYPE_CHECKING:  # imported when the command runs: `edged --help` and the others stay quick
     from edged.fleet.aggregator import Aggregator, FleetMonitor
-    from edged.fleet.client import BrokerOptions
+    from edged.mqtt.broker import BrokerOptions
 
 WIDE = 240
 """Columns for a table printed into a pipe or a file."""
@@ -113,7 +113,7 @@ def fleet_options(ctx: typer.Context) -> FleetOptions:
     """The options that locate the fleet, which `edged fleet` and each subcommand declare with the same
     names and types (None: not given): each one given after the subcommand, else before it (on
     `edged fleet`), else from the configuration. Exits 2 or 78 if they cannot work."""
-    from edged.fleet.client import BrokerSetupError
+    from edged.mqtt.broker import BrokerSetupError
 
     before = ctx.parent.params if ctx.parent is not None else {}
 
@@ -185,7 +185,8 @@ def fleet(
     ] = None,
     refresh: Annotated[float, typer.Option(min=0.1, help="Live table refresh period in seconds.")] = 1.0,
 ) -> None:
-    from edged.fleet.client import BrokerSetupError, BrokerUnreachable
+    from edged.mqtt.broker import BrokerSetupError
+    from edged.mqtt.client import BrokerUnreachable
 
     _logs_to_stderr()
     if ctx.invoked_subcommand is not None:
@@ -317,9 +318,10 @@ def serve(
         int, typer.Option(min=1, help="Devices held at most (a new one evicts the longest gone).")
     ] = 1000,
 ) -> None:
-    from edged.fleet.client import BrokerSetupError, BrokerUnreachable
     from edged.fleet.web import ListenError, bind, create_app, parse_listen, url_of
     from edged.fleet.web import serve as run_server
+    from edged.mqtt.broker import BrokerSetupError
+    from edged.mqtt.client import BrokerUnreachable
 
     options = fleet_options(ctx)
     points = round(history * 60 / resolution)

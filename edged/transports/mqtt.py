@@ -43,10 +43,11 @@ from edged.errors import (
     ShuttingDown,
     TransportError,
 )
-from edged.fleet.client import BrokerOptions, BrokerSetupError, make_client
-from edged.fleet.client import start as start_client
 from edged.journal import AcceptResult, InvalidTransition, JobRecord, JournalEntry, JournalUnavailable
 from edged.journal.intake import JobIntake, Recovery, Ticket
+from edged.mqtt.broker import BrokerOptions, BrokerSetupError
+from edged.mqtt.client import make_client
+from edged.mqtt.client import start as start_client
 from edged.transports.ratelimit import RateLimiter
 from edged.wire import ChunkMessage
 
@@ -295,7 +296,7 @@ class MqttTransport:
     # -- connection -----------------------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        """The shared client factory (`edged.fleet.client`): the same broker address forms (IPv6 in
+        """The shared client factory (`edged.mqtt`): the same broker address forms (IPv6 in
         brackets), credentials and TLS as `edged ask --mqtt` and `edged fleet`."""
         try:
             self.broker = BrokerOptions.from_config(self.config)

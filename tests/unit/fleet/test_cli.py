@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import edged.fleet.cli as fleet_cli
 import edged.fleet.web as fleet_web
 from edged.cli import app
-from edged.fleet.client import BrokerUnreachable
+from edged.mqtt.client import BrokerUnreachable
 
 SHARED = [
     "--config",
