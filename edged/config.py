@@ -13,7 +13,7 @@ import socket as _socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,9 @@ from pydantic_settings import (
 )
 
 from edged.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edged.board import BoardInfo
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -248,6 +251,10 @@ class EngineConfig(_Section):
         if isinstance(value, float) or not 1 <= number <= 16:
             raise ValueError("expected 'auto' or a number of slots from 1 to 16")
         return number
+
+    def slots(self, board: BoardInfo) -> int:
+        """The slots the engine asks its backend for: ``parallel``, or the board profile's with 'auto'."""
+        return board.profile.engine.parallel if self.parallel == "auto" else self.parallel
 
 
 class JobsConfig(_Section):

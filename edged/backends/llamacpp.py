@@ -47,7 +47,7 @@ from edged.backends.cpu_features import check_llama_cpu
 from edged.backends.gguf_prompt import GgufTokenizer, load_model, model_fingerprint
 from edged.backends.kv_streams import KvStreams
 from edged.backends.llamacpp_sampling import Sampling, SeqSampler
-from edged.backends.model_check import ModelFault, check_model, first_native_error, requested_slots
+from edged.backends.model_check import ModelFault, check_model, first_native_error
 from edged.board import plan_cpus
 from edged.errors import BackendError, BackendUnavailable
 
@@ -164,7 +164,7 @@ class LlamaCppBackend(SettingsModel):
         except (ImportError, OSError, RuntimeError) as exc:  # a broken native library too
             return False, f"llama-cpp-python cannot be imported: {exc}"
         try:  # the file, its architecture, and the memory it needs with the slots the engine will ask
-            check_model(board, settings, requested_slots(board, settings), llama_cpp.__version__)
+            check_model(board, settings, settings.engine.slots(board), llama_cpp.__version__)
         except ModelFault as exc:
             return False, exc.message
         return True, f"llama-cpp-python {llama_cpp.__version__} on CPU"

@@ -485,12 +485,6 @@ def first_native_error(lines: list[str]) -> str | None:
     return None
 
 
-def requested_slots(board: BoardInfo, settings: Settings) -> int:
-    """The slots the engine will ask for (engine.parallel, or the profile's)."""
-    parallel = settings.engine.parallel
-    return board.profile.engine.parallel if parallel == "auto" else int(parallel)
-
-
 def check_model(board: BoardInfo, settings: Settings, slots: int, llama_cpp_version: str) -> GgufInfo:
     """Every check of this module for ``model.path`` served by llama.cpp with ``slots`` streams;
     raises `ModelFault`. The memory check reads MemAvailable under ``board.root`` and is skipped

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from edged.backends import Backend, BackendChoice, Capabilities
-from edged.backends.model_check import requested_slots
 from edged.errors import EdgedError
 
 if TYPE_CHECKING:
@@ -54,12 +53,9 @@ class BackendHost:
         self._on_backend = on_backend
         """Told False while a failed backend is being replaced, True once the next one is loaded."""
 
-    def requested_slots(self) -> int:
-        return requested_slots(self.board, self.settings)
-
     def load_first(self) -> Capabilities:
         """Load the chosen backend, else the first fallback that loads; raises the last one's error."""
-        slots = self.requested_slots()
+        slots = self.settings.engine.slots(self.board)
         while True:
             try:
                 caps = self.backend.load(slots)
@@ -83,7 +79,7 @@ class BackendHost:
         while True:
             self._fall_back(f"{self.state.backend_name} failed during a job: {error.message}")
             try:
-                self.state.capabilities = self.backend.load(self.requested_slots())
+                self.state.capabilities = self.backend.load(self.settings.engine.slots(self.board))
                 break
             except EdgedError as exc:
                 error = exc

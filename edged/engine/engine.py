@@ -320,7 +320,7 @@ class Engine:
     @property
     def receive_maximum(self) -> int:
         """Jobs edged can hold at once (slots + queue): MQTT's Receive Maximum."""
-        slots = self.scheduler.slots or self.scheduler.requested_slots()
+        slots = self.scheduler.slots or self.settings.engine.slots(self.board)
         return slots + self.settings.queue.max_depth
 
     def recent(self, job_id: str, owner: str) -> Job | None:

@@ -183,9 +183,6 @@ class Scheduler:
     def running(self) -> list[Job]:
         return [run.job for run in list(self._active.values())]
 
-    def requested_slots(self) -> int:
-        return self.host.requested_slots()
-
     @property
     def backend(self) -> Backend:
         return self.host.backend
