@@ -7,11 +7,12 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from edged import __version__
 from edged.backends import BackendChoice, choose_backend
 from edged.board import BoardInfo, HostFS, ThermalLimits, detect_board
+from edged.cli_common import EXIT_CONFIG, EXIT_DAEMON_ERROR, EXIT_OK
 from edged.config import Settings
 from edged.engine import Engine, EngineState
 from edged.errors import BackendUnavailable, EdgedError
@@ -34,7 +36,10 @@ from edged.transports.limits import socket_limits
 from edged.transports.mqtt import MqttTransport, Topics
 from edged.transports.tcp import KeyGate, bind_tcp, check_tls, listener_options, load_keys
 from edged.transports.tcp import describe as describe_tcp
-from edged.transports.unix_socket import bind_unix_socket, make_server, unlink_socket
+from edged.transports.unix_socket import UnixServer, bind_unix_socket, make_server, unlink_socket
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = structlog.get_logger(__name__)
 
@@ -126,236 +131,334 @@ def open_journal(settings: Settings) -> Journal | None:
     return journal
 
 
-async def start_mqtt(p: Plan, engine: Engine, recovery: Recovery | None) -> MqttTransport:
-    settings = p.settings
-    discovery = None
-    if settings.telemetry.homeassistant:
-        topics = Topics.build(settings.mqtt.topic_prefix, settings.device_id, settings.mqtt.share_group)
-        discovery = discovery_configs(
-            settings.telemetry.discovery_prefix,
-            settings.device_id,
-            topics.telemetry,
-            topics.status,
-            presence(p, engine),
-        )
-    transport = MqttTransport(engine, settings, lambda: presence(p, engine), discovery, engine.intake)
-    engine.on_backend_change(transport.publish_presence)
-    await transport.start(recovery)
-    return transport
-
-
-def presence(p: Plan, engine: Engine) -> dict[str, Any]:
-    """What the retained status message says about this device (read fresh from the engine's
-    snapshot, so it follows a backend switch)."""
-    snap = engine.snapshot()
-    return {
-        "device_id": p.settings.device_id,
-        "board": p.board.model,
-        "soc": p.board.soc,
-        "profile": p.board.profile.name,
-        "backend": snap.backend,
-        "model": snap.model,
-        "slots": snap.slots.total,
-        "version": __version__,
-    }
-
-
 async def serve(p: Plan, started: float) -> int:
-    """Run the daemon; returns the process exit code."""
-    settings = p.settings
+    """Run the daemon; returns the process exit code. ``started``: `time.perf_counter` at launch."""
     try:
-        journal = open_journal(settings)
+        journal = open_journal(p.settings)
     except JournalUnavailable as exc:
         log.error(
             "cannot open the job journal", error=exc.message, hint="check journal.path, or journal.enabled"
         )
-        return 78
-    intake = None
-    recovery = None
-    if journal is not None:
-        intake = JobIntake(
-            JobBook(journal, content=settings.log.content),
-            settings.device_id,
-            max_attempts=settings.journal.max_attempts,
-            local=settings.journal.socket,
-        )
-        try:  # every start, MQTT or not, before any job is taken
-            recovery = await intake.recover()
-        except EdgedError as exc:
-            log.error("cannot read the job journal to recover the last run's jobs", error=exc.message)
-            if settings.mqtt.host:  # its MQTT jobs would wait unanswered until the next start
-                await asyncio.to_thread(journal.close)
-                return 1
-    engine = Engine(settings, p.board, p.choice, intake)
-    fs = HostFS(settings.board.root)
-    derate_s = settings.thermal.derate_pause_ms / 1000
+        return EXIT_CONFIG
+    return await Daemon(p, started, journal).run()
 
-    notifier = Notifier()
 
-    def on_transition(change: Transition) -> None:
-        hot = change.state in (ThermalState.DERATE, ThermalState.PAUSED)
-        engine.apply_thermal(paused=change.state is ThermalState.PAUSED, derate_s=derate_s if hot else 0.0)
-        if engine.state is EngineState.READY:
-            notifier.status(serving_status(change.state, change.temp_c))
-        if mqtt is not None:
-            mqtt.publish_telemetry({**telemetry.report(), "event": "thermal_transition"})
+@dataclass
+class Listeners:
+    """The bound sockets and, once `Daemon.start_listeners` ran, their servers and tasks."""
 
-    governor = ThermalGovernor(fs, p.limits, p.limits.zones, on_transition)
-    telemetry = Telemetry(settings, engine, governor, fs)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(TelemetryCollector(telemetry))
+    unix: socket.socket
+    inherited: bool
+    """The Unix socket came from systemd (socket activation): edged neither binds nor removes it."""
+    tcp: socket.socket | None = None
+    described: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """What /status says about each listener."""
+    servers: list[UnixServer] = dataclasses.field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    """One serving task per server, in the same order (the Unix socket's first)."""
 
-    mqtt: MqttTransport | None = None
 
-    def status() -> dict[str, Any]:
-        snap = engine.snapshot()
+class Daemon:
+    """`edged serve` after `plan`: the steps of a start, the wait, and the shutdown, in that order.
+
+    `run` recovers the journal, binds and serves the listeners, then loads the model on the
+    scheduler's thread (clients see 503 ``loading`` until it is ready). MQTT starts once the model
+    is loaded (presence, the Receive Maximum and the recovered jobs need it), and READY=1 goes to
+    systemd after that. The shutdown undoes it in the reverse order.
+    """
+
+    def __init__(self, p: Plan, started: float, journal: Journal | None) -> None:
+        settings = p.settings
+        self.plan = p
+        self.settings = settings
+        self.started = started
+        self.started_mono = time.monotonic()
+        self.journal = journal
+        self.intake: JobIntake | None = None
+        if journal is not None:
+            self.intake = JobIntake(
+                JobBook(journal, content=settings.log.content),
+                settings.device_id,
+                max_attempts=settings.journal.max_attempts,
+                local=settings.journal.socket,
+            )
+        self.recovery: Recovery | None = None
+        """What the journal's recovery left to MQTT (None without a journal or when it failed)."""
+        self.engine = Engine(settings, p.board, p.choice, self.intake)
+        self.notifier = Notifier()
+        fs = HostFS(settings.board.root)
+        self.governor = ThermalGovernor(fs, p.limits, p.limits.zones, self.on_transition)
+        self.telemetry = Telemetry(settings, self.engine, self.governor, fs)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(TelemetryCollector(self.telemetry))
+        self.mqtt: MqttTransport | None = None
+        self.listeners: Listeners | None = None
+        self.load_task: asyncio.Task[None] | None = None
+        self.background: list[asyncio.Task[None]] = []
+        self.metrics_server: WSGIServer | None = None
+
+    # -- the documents ------------------------------------------------------------------------
+
+    def presence_document(self) -> dict[str, Any]:
+        """What the retained status message says about this device (read fresh from the engine's
+        snapshot, so it follows a backend switch)."""
+        board, snap = self.plan.board, self.engine.snapshot()
         return {
-            "device_id": settings.device_id,
+            "device_id": self.settings.device_id,
+            "board": board.model,
+            "soc": board.soc,
+            "profile": board.profile.name,
+            "backend": snap.backend,
+            "model": snap.model,
+            "slots": snap.slots.total,
+            "version": __version__,
+        }
+
+    def status_document(self) -> dict[str, Any]:
+        """``GET /status``: this process, its board, backend, model, engine, thermals, MQTT, listeners."""
+        snap = self.engine.snapshot()
+        return {
+            "device_id": self.settings.device_id,
             "version": __version__,
             "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - started_mono, 1),
-            "board": board_report(p.board),
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "board": board_report(self.plan.board),
             "backend": {
-                **backend_report(p.choice),
+                **backend_report(self.plan.choice),
                 "name": snap.backend,
                 "fallback_reasons": snap.fallback_reasons,
                 "details": snap.backend_details,
             },
             "model": {
                 "name": snap.model,
-                "path": str(settings.model.path),
+                "path": str(self.settings.model.path),
                 "ctx": snap.n_ctx,
             },
             "engine": snap.status(),
-            "thermals": telemetry.thermals(),
-            "mqtt": mqtt.status() if mqtt is not None else None,
-            "listeners": listeners,
+            "thermals": self.telemetry.thermals(),
+            "mqtt": self.mqtt.status() if self.mqtt is not None else None,
+            "listeners": self.listeners.described if self.listeners is not None else [],
         }
 
-    started_mono = time.monotonic()
-    notifier.status(f"loading model {settings.model.display_name} ({p.choice.name})")
-    inherited = inherited_sockets()
-    if inherited:
-        sock = inherited[0]
-        log.info("using the socket systemd passed", fds=len(inherited))
-    else:
-        sock = bind_unix_socket(settings.socket.path, settings.socket.mode)
-    app = create_app(settings, engine, status, lambda: generate_latest(registry))
-    server = make_server(app, limits=socket_limits(settings.socket, settings.http))
-    listeners: list[dict[str, Any]] = [
-        {"kind": "unix", "path": str(settings.socket.path), "mode": f"{settings.socket.mode:04o}"}
-    ]
-    tcp_server = None
-    tcp_task: asyncio.Task[None] | None = None
-    if settings.http.listen:
-        tcp_sock = bind_tcp(settings.http)  # before serving anything: a port in use fails the start
-        tcp_server = make_server(KeyGate(app, settings.http, p.http_keys), **listener_options(settings.http))
-        listeners.append({"kind": "tcp", **describe_tcp(settings.http, p.http_keys)})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server_task = asyncio.create_task(server.serve(sockets=[sock]), name="edged-unix")
-    log.info("listening", socket=str(settings.socket.path), mode=f"{settings.socket.mode:04o}")
-    if tcp_server is not None:
-        tcp_task = asyncio.create_task(tcp_server.serve(sockets=[tcp_sock]), name="edged-tcp")
-        log.info(
-            "listening on tcp",
-            listen=settings.http.listen,
-            tls=settings.http.tls.cert is not None,
-            keys=sorted(p.http_keys),
-            anonymous=settings.http.allow_anonymous,
-        )
-    load_task = asyncio.create_task(engine.start(), name="edged-load")
-    background = [asyncio.create_task(_every(settings.thermal.poll_s, governor.poll), name="edged-governor")]
-    metrics_server = None
-    if settings.telemetry.metrics_port:
-        metrics_server, _ = start_http_server(
-            settings.telemetry.metrics_port, settings.telemetry.metrics_addr, registry
-        )
-        log.info("metrics on tcp", addr=settings.telemetry.metrics_addr, port=settings.telemetry.metrics_port)
-    stop_task = asyncio.create_task(stop.wait())
-    code = 0
-    try:
-        servers = {server_task} | ({tcp_task} if tcp_task is not None else set())
-        done, _ = await asyncio.wait({load_task, stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
-        if load_task in done and load_task.exception() is None:
-            if settings.mqtt.host:
-                mqtt = await start_mqtt(p, engine, recovery)
-                transport = mqtt
-                background.append(
-                    asyncio.create_task(
-                        _every(
-                            settings.telemetry.interval_s,
-                            lambda: transport.publish_telemetry(telemetry.report()),
-                        ),
-                        name="edged-telemetry",
-                    )
-                )
-            if mqtt is not None:
-                await _wait_mqtt(mqtt, stop_task)
-            notifier.ready(serving_status(governor.state, governor.hottest_c))
-            interval = watchdog_interval()
-            if interval:
-                stall_s = interval * 2
+    def on_transition(self, change: Transition) -> None:
+        """The thermal governor's state changed: derate or pause the engine, tell systemd and MQTT."""
+        hot = change.state in (ThermalState.DERATE, ThermalState.PAUSED)
+        derate_s = self.settings.thermal.derate_pause_ms / 1000 if hot else 0.0
+        self.engine.apply_thermal(paused=change.state is ThermalState.PAUSED, derate_s=derate_s)
+        if self.engine.state is EngineState.READY:
+            self.notifier.status(serving_status(change.state, change.temp_c))
+        if self.mqtt is not None:
+            self.mqtt.publish_telemetry({**self.telemetry.report(), "event": "thermal_transition"})
 
-                def ping() -> None:
-                    if engine.healthy(stall_s):
-                        notifier.watchdog()
-                    else:
-                        log.error("engine unhealthy: no watchdog ping", stall_s=stall_s)
+    # -- the steps of a start -----------------------------------------------------------------
 
-                background.append(asyncio.create_task(_every(interval, ping), name="edged-watchdog"))
-            snap = engine.snapshot()
-            log.info(
-                "ready",
-                ready_ms=round((time.perf_counter() - started) * 1000, 1),
-                backend=snap.backend,
-                model=snap.model,
-                slots=snap.slots.total,
+    async def recover(self) -> bool:
+        """The journal's recovery, at every start, MQTT or not, before any job is taken. False when
+        it failed with MQTT configured: its MQTT jobs would wait unanswered until the next start."""
+        if self.intake is None:
+            return True
+        try:
+            self.recovery = await self.intake.recover()
+        except EdgedError as exc:
+            log.error("cannot read the job journal to recover the last run's jobs", error=exc.message)
+            if self.settings.mqtt.host:
+                return False
+        return True
+
+    def bind_listeners(self) -> Listeners:
+        """The Unix socket (or the one systemd passed) and the TCP port, bound before the model
+        loads: a socket in use or a port taken fails the start before anything heavy happens."""
+        settings = self.settings
+        inherited = inherited_sockets()
+        if inherited:
+            unix = inherited[0]
+            log.info("using the socket systemd passed", fds=len(inherited))
+        else:
+            unix = bind_unix_socket(settings.socket.path, settings.socket.mode)
+        listeners = Listeners(unix, inherited=bool(inherited))
+        listeners.described.append(
+            {"kind": "unix", "path": str(settings.socket.path), "mode": f"{settings.socket.mode:04o}"}
+        )
+        if settings.http.listen:
+            listeners.tcp = bind_tcp(settings.http)
+            listeners.described.append({"kind": "tcp", **describe_tcp(settings.http, self.plan.http_keys)})
+        return listeners
+
+    async def start_engine(self) -> asyncio.Task[None]:
+        """Begin loading the model on the scheduler's thread (the engine says ``loading`` meanwhile)."""
+        self.notifier.status(f"loading model {self.settings.model.display_name} ({self.plan.choice.name})")
+        task = asyncio.create_task(self.engine.start(), name="edged-load")
+        await asyncio.sleep(0)  # let engine.start run up to its first await: the load thread is running
+        return task
+
+    def start_listeners(self, listeners: Listeners) -> None:
+        """The HTTP app and a server on each bound socket."""
+        settings, keys = self.settings, self.plan.http_keys
+        app = create_app(settings, self.engine, self.status_document, lambda: generate_latest(self.registry))
+        server = make_server(app, limits=socket_limits(settings.socket, settings.http))
+        listeners.servers.append(server)
+        listeners.tasks.append(asyncio.create_task(server.serve(sockets=[listeners.unix]), name="edged-unix"))
+        log.info("listening", socket=str(settings.socket.path), mode=f"{settings.socket.mode:04o}")
+        if listeners.tcp is not None:
+            tcp_server = make_server(KeyGate(app, settings.http, keys), **listener_options(settings.http))
+            listeners.servers.append(tcp_server)
+            listeners.tasks.append(
+                asyncio.create_task(tcp_server.serve(sockets=[listeners.tcp]), name="edged-tcp")
             )
-            done, _ = await asyncio.wait({stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
-        elif load_task in done:
-            load_error = load_task.exception()
-            log.error("model failed to load", error=str(load_error))
-            code = 1
-            if isinstance(load_error, BackendUnavailable):  # a bad model file (ModelFault): configuration
-                print(f"edged: {load_error.message}", file=sys.stderr)
-                code = 78  # EX_CONFIG, as cli.EXIT_CONFIG
-        for task in servers & done:
-            log.error(f"the {task.get_name()} server stopped unexpectedly", error=repr(task.exception()))
-            code = 1
-    finally:
+            log.info(
+                "listening on tcp",
+                listen=settings.http.listen,
+                tls=settings.http.tls.cert is not None,
+                keys=sorted(keys),
+                anonymous=settings.http.allow_anonymous,
+            )
+
+    def start_telemetry(self) -> None:
+        """The thermal governor's polling and, when asked for, the Prometheus port."""
+        settings = self.settings.telemetry
+        self.background.append(
+            asyncio.create_task(
+                _every(self.settings.thermal.poll_s, self.governor.poll), name="edged-governor"
+            )
+        )
+        if settings.metrics_port:
+            self.metrics_server, _ = start_http_server(
+                settings.metrics_port, settings.metrics_addr, self.registry
+            )
+            log.info("metrics on tcp", addr=settings.metrics_addr, port=settings.metrics_port)
+
+    async def start_mqtt(self) -> MqttTransport:
+        """Connect to the broker (the model is loaded: presence and the Receive Maximum read it);
+        the recovered MQTT jobs are queued before any new delivery."""
+        settings = self.settings
+        discovery = None
+        if settings.telemetry.homeassistant:
+            topics = Topics.build(settings.mqtt.topic_prefix, settings.device_id, settings.mqtt.share_group)
+            discovery = discovery_configs(
+                settings.telemetry.discovery_prefix,
+                settings.device_id,
+                topics.telemetry,
+                topics.status,
+                self.presence_document(),
+            )
+        transport = MqttTransport(self.engine, settings, self.presence_document, discovery, self.intake)
+        self.engine.on_backend_change(transport.publish_presence)
+        await transport.start(self.recovery)
+        return transport
+
+    async def when_loaded(self, stop: asyncio.Task[Any]) -> None:
+        """The model is loaded: MQTT (READY waits for the broker, bounded), READY=1, the watchdog."""
+        settings = self.settings
+        if settings.mqtt.host:
+            self.mqtt = mqtt = await self.start_mqtt()
+            self.background.append(
+                asyncio.create_task(
+                    _every(
+                        settings.telemetry.interval_s, lambda: mqtt.publish_telemetry(self.telemetry.report())
+                    ),
+                    name="edged-telemetry",
+                )
+            )
+            await _wait_mqtt(mqtt, stop)
+        self.notifier.ready(serving_status(self.governor.state, self.governor.hottest_c))
+        interval = watchdog_interval()
+        if interval:
+            self.background.append(
+                asyncio.create_task(_every(interval, self._watchdog(interval * 2)), name="edged-watchdog")
+            )
+        snap = self.engine.snapshot()
+        log.info(
+            "ready",
+            ready_ms=round((time.perf_counter() - self.started) * 1000, 1),
+            backend=snap.backend,
+            model=snap.model,
+            slots=snap.slots.total,
+        )
+
+    def _watchdog(self, stall_s: float) -> Callable[[], None]:
+        def ping() -> None:
+            if self.engine.healthy(stall_s):
+                self.notifier.watchdog()
+            else:
+                log.error("engine unhealthy: no watchdog ping", stall_s=stall_s)
+
+        return ping
+
+    # -- run and stop -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT (or a failure), shut down; returns the exit code."""
+        if not await self.recover():
+            await self._close_journal()
+            return EXIT_DAEMON_ERROR
+        self.listeners = listeners = self.bind_listeners()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stop_task = asyncio.create_task(stop.wait())
+        code = EXIT_OK
+        try:
+            self.start_listeners(listeners)
+            self.load_task = load_task = await self.start_engine()
+            self.start_telemetry()
+            servers = set(listeners.tasks)
+            done, _ = await asyncio.wait(
+                {load_task, stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if load_task in done and load_task.exception() is None:
+                await self.when_loaded(stop_task)
+                done, _ = await asyncio.wait({stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED)
+            elif load_task in done:
+                code = self._load_failed(load_task.exception())
+            for task in servers & done:
+                log.error(f"the {task.get_name()} server stopped unexpectedly", error=repr(task.exception()))
+                code = EXIT_DAEMON_ERROR
+        finally:
+            await self.shutdown(listeners)
+            stop_task.cancel()
+            log.info("stopped", code=code)
+        return code
+
+    @staticmethod
+    def _load_failed(error: BaseException | None) -> int:
+        log.error("model failed to load", error=str(error))
+        if isinstance(error, BackendUnavailable):  # a bad model file (ModelFault): configuration
+            print(f"edged: {error.message}", file=sys.stderr)
+            return EXIT_CONFIG
+        return EXIT_DAEMON_ERROR
+
+    async def shutdown(self, listeners: Listeners) -> None:
+        """Stop taking work, let running jobs finish (``jobs.drain_s``), answer them, release the
+        model, close the journal, then the listeners: queued jobs stay journaled for the next start."""
         log.info("shutting down")
-        notifier.stopping()
-        for task in background:
+        self.notifier.stopping()
+        for task in self.background:
             task.cancel()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        if mqtt is not None:
-            mqtt.pause_intake()
-        if not load_task.done():
-            load_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, EdgedError):
-            await load_task
-        if engine.state is EngineState.READY:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        if self.mqtt is not None:
+            self.mqtt.pause_intake()
+        if self.load_task is not None:
+            if not self.load_task.done():
+                self.load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EdgedError):
+                await self.load_task
+        if self.engine.state is EngineState.READY:
             # Running jobs may finish (and their answers go out); queued ones stay journaled.
-            await engine.drain(settings.jobs.drain_s)
-        if mqtt is not None:
-            await mqtt.stop()
-        await engine.stop()
-        if journal is not None:
-            await asyncio.to_thread(journal.close)
-        server.should_exit = True
-        if tcp_server is not None:
-            tcp_server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await server_task
-        if tcp_task is not None:
+            await self.engine.drain(self.settings.jobs.drain_s)
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        await self.engine.stop()
+        await self._close_journal()
+        for server in listeners.servers:
+            server.should_exit = True
+        for task in listeners.tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await tcp_task
-        stop_task.cancel()
-        if not inherited:
-            unlink_socket(settings.socket.path)
-        log.info("stopped", code=code)
-    return code
+                await task
+        if not listeners.inherited:
+            unlink_socket(self.settings.socket.path)
+
+    async def _close_journal(self) -> None:
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.close)
