@@ -1,4 +1,9 @@
-"""`edged serve`: wire settings, board, backend, engine and transports together and run until told to stop."""
+"""`edged serve`: wire settings, board, backend, engine and transports together and run until told to stop.
+
+Start-up time is part of the product (a restart waits for ``ready``), so this module imports at the
+top only what comes before the model load; the HTTP app (FastAPI), the TCP listener and MQTT (paho)
+are imported in the steps that run while the model loads or after it.
+"""
 
 from __future__ import annotations
 
@@ -31,15 +36,12 @@ from edged.systemd import Notifier, inherited_sockets, watchdog_interval
 from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, effective_limits
 from edged.telemetry.homeassistant import discovery_configs
 from edged.telemetry.report import Telemetry, TelemetryCollector
-from edged.transports.http.app import create_app
-from edged.transports.limits import socket_limits
-from edged.transports.mqtt import MqttTransport, Topics
-from edged.transports.tcp import KeyGate, bind_tcp, check_tls, listener_options, load_keys
-from edged.transports.tcp import describe as describe_tcp
 from edged.transports.unix_socket import UnixServer, bind_unix_socket, make_server, unlink_socket
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
+
+    from edged.transports.mqtt import MqttTransport
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +65,8 @@ def plan(settings: Settings) -> Plan:
     limits = effective_limits(board.profile.thermal, overrides)
     keys: dict[str, str] = {}
     if settings.http.listen:
+        from edged.transports.tcp import check_tls, load_keys
+
         keys = load_keys(settings.http)
         check_tls(settings.http)
     return Plan(settings, board, choose_backend(board, settings), limits, keys)
@@ -161,10 +165,11 @@ class Listeners:
 class Daemon:
     """`edged serve` after `plan`: the steps of a start, the wait, and the shutdown, in that order.
 
-    `run` recovers the journal, binds and serves the listeners, then loads the model on the
-    scheduler's thread (clients see 503 ``loading`` until it is ready). MQTT starts once the model
-    is loaded (presence, the Receive Maximum and the recovered jobs need it), and READY=1 goes to
-    systemd after that. The shutdown undoes it in the reverse order.
+    `run` checks first what can refuse the start (the journal's recovery, the listeners' bind), then
+    starts the model load on the scheduler's thread, and does the rest of the wiring (the HTTP app,
+    its servers, telemetry) while the model loads; clients see 503 ``loading`` until it is ready.
+    MQTT starts once the model is loaded (presence, the Receive Maximum and the recovered jobs need
+    it), and READY=1 goes to systemd after that. The shutdown undoes it in the reverse order.
     """
 
     def __init__(self, p: Plan, started: float, journal: Journal | None) -> None:
@@ -280,6 +285,9 @@ class Daemon:
             {"kind": "unix", "path": str(settings.socket.path), "mode": f"{settings.socket.mode:04o}"}
         )
         if settings.http.listen:
+            from edged.transports.tcp import bind_tcp
+            from edged.transports.tcp import describe as describe_tcp
+
             listeners.tcp = bind_tcp(settings.http)
             listeners.described.append({"kind": "tcp", **describe_tcp(settings.http, self.plan.http_keys)})
         return listeners
@@ -292,7 +300,10 @@ class Daemon:
         return task
 
     def start_listeners(self, listeners: Listeners) -> None:
-        """The HTTP app and a server on each bound socket."""
+        """The HTTP app and a server on each bound socket (imported and built while the model loads)."""
+        from edged.transports.http.app import create_app
+        from edged.transports.limits import socket_limits
+
         settings, keys = self.settings, self.plan.http_keys
         app = create_app(settings, self.engine, self.status_document, lambda: generate_latest(self.registry))
         server = make_server(app, limits=socket_limits(settings.socket, settings.http))
@@ -300,6 +311,8 @@ class Daemon:
         listeners.tasks.append(asyncio.create_task(server.serve(sockets=[listeners.unix]), name="edged-unix"))
         log.info("listening", socket=str(settings.socket.path), mode=f"{settings.socket.mode:04o}")
         if listeners.tcp is not None:
+            from edged.transports.tcp import KeyGate, listener_options
+
             tcp_server = make_server(KeyGate(app, settings.http, keys), **listener_options(settings.http))
             listeners.servers.append(tcp_server)
             listeners.tasks.append(
@@ -315,21 +328,18 @@ class Daemon:
 
     def start_telemetry(self) -> None:
         """The thermal governor's polling and, when asked for, the Prometheus port."""
-        settings = self.settings.telemetry
-        self.background.append(
-            asyncio.create_task(
-                _every(self.settings.thermal.poll_s, self.governor.poll), name="edged-governor"
-            )
-        )
-        if settings.metrics_port:
-            self.metrics_server, _ = start_http_server(
-                settings.metrics_port, settings.metrics_addr, self.registry
-            )
-            log.info("metrics on tcp", addr=settings.metrics_addr, port=settings.metrics_port)
+        poll = _every(self.settings.thermal.poll_s, self.governor.poll)
+        self.background.append(asyncio.create_task(poll, name="edged-governor"))
+        cfg = self.settings.telemetry
+        if cfg.metrics_port:
+            self.metrics_server, _ = start_http_server(cfg.metrics_port, cfg.metrics_addr, self.registry)
+            log.info("metrics on tcp", addr=cfg.metrics_addr, port=cfg.metrics_port)
 
     async def start_mqtt(self) -> MqttTransport:
         """Connect to the broker (the model is loaded: presence and the Receive Maximum read it);
         the recovered MQTT jobs are queued before any new delivery."""
+        from edged.transports.mqtt import MqttTransport, Topics
+
         settings = self.settings
         discovery = None
         if settings.telemetry.homeassistant:
@@ -399,9 +409,11 @@ class Daemon:
         stop_task = asyncio.create_task(stop.wait())
         code = EXIT_OK
         try:
-            self.start_listeners(listeners)
             self.load_task = load_task = await self.start_engine()
+            self.start_listeners(listeners)
             self.start_telemetry()
+            if self.settings.mqtt.host:  # paho and the transport load now, start_mqtt runs after the model
+                import edged.transports.mqtt  # noqa: F401
             servers = set(listeners.tasks)
             done, _ = await asyncio.wait(
                 {load_task, stop_task, *servers}, return_when=asyncio.FIRST_COMPLETED
