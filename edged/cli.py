@@ -521,14 +521,14 @@ def board(
 
     from edged.backends import choose_backend
     from edged.board import detect_board, plan_cpus
-    from edged.daemon import backend_report, board_report
+    from edged.daemon import board_report, considered
 
     settings = load_settings_or_exit(config, _nest({"board.root": root, "board.profile": profile}))
     try:
         info = detect_board(settings.board.root, settings.board.profile, settings.board.profiles_dir)
     except ConfigError as exc:
         exit_config_error(exc)
-    report: dict[str, Any] = board_report(info)
+    report: dict[str, Any] = board_report(info).dump()
     cpus = plan_cpus(info.profile, settings.model.threads)
     report["cpu"] = {"threads": cpus.threads, "affinity": cpus.affinity, "note": cpus.note}
     report["thermal"] = info.profile.thermal.model_dump()
@@ -538,7 +538,8 @@ def board(
         report["npu"] = {"rknn_toolkit_lite2": rknn_lite_info()}
     code = EXIT_OK
     try:
-        report["backend"] = backend_report(choose_backend(info, settings))
+        choice = choose_backend(info, settings)
+        report["backend"] = {"name": choice.name, "forced": choice.forced, "considered": considered(choice)}
     except (BackendUnavailable, ConfigError) as exc:
         report["backend"] = {"name": None, "error": exc.message}
         code = EXIT_CONFIG

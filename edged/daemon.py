@@ -37,6 +37,7 @@ from edged.telemetry.governor import ThermalGovernor, ThermalState, Transition, 
 from edged.telemetry.homeassistant import discovery_configs
 from edged.telemetry.report import Telemetry, TelemetryCollector
 from edged.transports.unix_socket import UnixServer, bind_unix_socket, make_server, unlink_socket
+from edged.wire import BackendReport, BoardReport, ModelReport, Presence, StatusDocument, Thermals
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -72,25 +73,22 @@ def plan(settings: Settings) -> Plan:
     return Plan(settings, board, choose_backend(board, settings), limits, keys)
 
 
-def board_report(board: BoardInfo) -> dict[str, Any]:
-    return {
-        "model": board.model,
-        "compatible": board.compatible,
-        "soc": board.soc,
-        "source": board.source,
-        "root": str(board.root),
-        "profile": board.profile.name,
-        "profile_file": str(board.profile_origin),
-        "profile_reason": board.reason,
-    }
+def board_report(board: BoardInfo) -> BoardReport:
+    return BoardReport(
+        model=board.model,
+        compatible=board.compatible,
+        soc=board.soc,
+        source=board.source,
+        root=str(board.root),
+        profile=board.profile.name,
+        profile_file=str(board.profile_origin),
+        profile_reason=board.reason,
+    )
 
 
-def backend_report(choice: BackendChoice) -> dict[str, Any]:
-    return {
-        "name": choice.name,
-        "forced": choice.forced,
-        "considered": [dataclasses.asdict(c) for c in choice.considered],
-    }
+def considered(choice: BackendChoice) -> list[dict[str, Any]]:
+    """Every backend of the profile and why it was (not) chosen, for /status."""
+    return [dataclasses.asdict(c) for c in choice.considered]
 
 
 async def _every(period_s: float, action: Callable[[], object]) -> None:
@@ -208,42 +206,39 @@ class Daemon:
         """What the retained status message says about this device (read fresh from the engine's
         snapshot, so it follows a backend switch)."""
         board, snap = self.plan.board, self.engine.snapshot()
-        return {
-            "device_id": self.settings.device_id,
-            "board": board.model,
-            "soc": board.soc,
-            "profile": board.profile.name,
-            "backend": snap.backend,
-            "model": snap.model,
-            "slots": snap.slots.total,
-            "version": __version__,
-        }
+        return Presence(
+            device_id=self.settings.device_id,
+            board=board.model,
+            soc=board.soc,
+            profile=board.profile.name,
+            backend=snap.backend,
+            model=snap.model,
+            slots=snap.slots.total,
+            version=__version__,
+        ).dump()
 
     def status_document(self) -> dict[str, Any]:
         """``GET /status``: this process, its board, backend, model, engine, thermals, MQTT, listeners."""
         snap = self.engine.snapshot()
-        return {
-            "device_id": self.settings.device_id,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.monotonic() - self.started_mono, 1),
-            "board": board_report(self.plan.board),
-            "backend": {
-                **backend_report(self.plan.choice),
-                "name": snap.backend,
-                "fallback_reasons": snap.fallback_reasons,
-                "details": snap.backend_details,
-            },
-            "model": {
-                "name": snap.model,
-                "path": str(self.settings.model.path),
-                "ctx": snap.n_ctx,
-            },
-            "engine": snap.status(),
-            "thermals": self.telemetry.thermals(),
-            "mqtt": self.mqtt.status() if self.mqtt is not None else None,
-            "listeners": self.listeners.described if self.listeners is not None else [],
-        }
+        return StatusDocument(
+            device_id=self.settings.device_id,
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self.started_mono, 1),
+            board=board_report(self.plan.board),
+            backend=BackendReport(
+                name=snap.backend,
+                forced=self.plan.choice.forced,
+                considered=considered(self.plan.choice),
+                fallback_reasons=snap.fallback_reasons,
+                details=snap.backend_details,
+            ),
+            model=ModelReport(name=snap.model, path=str(self.settings.model.path), ctx=snap.n_ctx),
+            engine=snap.engine_status(),
+            thermals=Thermals.model_validate(self.telemetry.thermals()),
+            mqtt=self.mqtt.status() if self.mqtt is not None else None,
+            listeners=self.listeners.described if self.listeners is not None else [],
+        ).dump()
 
     def on_transition(self, change: Transition) -> None:
         """The thermal governor's state changed: derate or pause the engine, tell systemd and MQTT."""

@@ -74,6 +74,7 @@ class _Seq:
 
 class ScriptedBackend:
     name: ClassVar[str] = "scripted"
+    file_format: ClassVar[str] = "script"
     script: ClassVar[Script] = Script()
 
     def __init__(self, board: Any, settings: Any) -> None:

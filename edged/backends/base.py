@@ -201,6 +201,8 @@ class Backend(Protocol):
     """
 
     name: ClassVar[str]
+    file_format: ClassVar[str]
+    """The model file's format (``gguf``, ``rkllm``): known before the model loads."""
 
     def __init__(self, board: BoardInfo, settings: Settings) -> None:
         """Nothing heavy: `load` does the work, on the engine's backend thread."""

@@ -125,6 +125,7 @@ class LlamaCppBackend(SettingsModel):
     """Generation on CPU cores with the model's own chat template, several sequences per pass."""
 
     name: ClassVar[str]
+    file_format: ClassVar[str] = "gguf"
 
     def __init__(self, board: BoardInfo, settings: Settings) -> None:
         self._board = board
@@ -141,7 +142,7 @@ class LlamaCppBackend(SettingsModel):
         self._sampling: Sampling | None = None
         self._kv: KvStreams | None = None
         """The streams as a prefix cache (from load on)."""
-        self._facts = ModelFacts(format="gguf")
+        self._facts = ModelFacts(format=self.file_format)
         self._version = "?"
         self._log_callback: Any = None
         self._native_errors: deque[str] = deque(maxlen=32)

@@ -139,6 +139,7 @@ class RkllmBackend(SettingsModel):
     driven on the engine's backend thread; the runtime's own worker calls back with each token."""
 
     name: ClassVar[str]
+    file_format: ClassVar[str] = "rkllm"
 
     def __init__(self, board: BoardInfo, settings: Settings) -> None:
         self._board = board
@@ -255,7 +256,7 @@ class RkllmBackend(SettingsModel):
             # edged renders the GGUF's template itself, so the runtime must not add its own.
             self._lib.rkllm_set_chat_template(self._handle, b"", b"", b"")
         log.info("rkllm model loaded", model=str(options.model), abi=abi.name, library=str(library))
-        facts = ModelFacts(format="rkllm", chat_template=self.tokenizer.formatter is not None)
+        facts = ModelFacts(format=self.file_format, chat_template=self.tokenizer.formatter is not None)
         return Capabilities(max_sequences=1, prefix_cache=False, model=facts)
 
     def _load_tokenizer(self) -> None:

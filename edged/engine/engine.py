@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edged.backends import BackendChoice
+from edged.backends.base import ModelFacts
 from edged.engine.constraints import schema_cache_stats
 from edged.engine.job import Job, JobRequest, JobResult, JobState, Prepared, new_job_id
 from edged.engine.prepare import Preparer
@@ -485,7 +486,7 @@ class Engine:
             histograms=tuple(h.reading() for h in self.stats.histograms.values()),
             model_facts=caps.model
             if (caps := sched.state.capabilities) and self.state is EngineState.READY
-            else None,
+            else ModelFacts(format=backend.file_format),
         )
 
     def _structured_output_status(self) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class EngineSnapshot:
     histograms: tuple[HistogramReading, ...] = ()
     """The per-job histograms (cumulative since start), for /metrics and telemetry."""
     model_facts: ModelFacts | None = None
-    """What the backend knows of its model (None until loaded, or if it does not say)."""
+    """What the backend knows of its model: only its file format until it has loaded."""
 
     @property
     def ready(self) -> bool:

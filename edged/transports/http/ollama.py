@@ -335,7 +335,7 @@ def add_ollama_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
 
     def facts() -> ModelFacts:
         snap = engine.snapshot()
-        return snap.model_facts or ModelFacts(format=snap.backend)  # not loaded yet
+        return snap.model_facts or ModelFacts(format="")
 
     def details() -> dict[str, Any]:
         model = facts()
