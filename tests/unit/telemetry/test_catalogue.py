@@ -22,7 +22,7 @@ from edged.fleet.metrics import FAMILIES, FleetCollector
 from edged.telemetry.catalogue import BY_NAME, DAEMON, FLEET_DEVICE, FLEET_WIDE
 from edged.telemetry.governor import ThermalGovernor
 from edged.telemetry.report import Telemetry, TelemetryCollector
-from tests.unit.test_wire import result, snapshot
+from unit.test_wire import result, snapshot
 
 LIMITS = ThermalLimits(warn_c=70, derate_c=80, pause_c=90, resume_c=60)
 
