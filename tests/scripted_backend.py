@@ -30,8 +30,8 @@ class ScriptTokenizer:
     """Every Unicode code point."""
     template = None
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return messages[-1]["content"]
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        return str(messages[-1]["content"])
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         return [ord(c) for c in text]

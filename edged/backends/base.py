@@ -9,7 +9,7 @@ is the exception: transports prepare prompts on other threads, so it must be saf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from edged.backends.gguf_prompt import GgufTokenizer
@@ -159,8 +159,9 @@ class Tokenizer(Protocol):
         """The model's chat template (Jinja source) as it ships it, or None when it has none."""
         ...
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The model's own chat template applied to ``messages``, ending with the assistant's turn."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The model's own chat template applied to ``messages``, ending with the assistant's turn;
+        ``tools`` (OpenAI's shape) go to a template that renders them (`edged.tools.render`)."""
         ...
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:

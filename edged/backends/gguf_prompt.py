@@ -139,13 +139,13 @@ class GgufTokenizer:
     def is_eog(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if self.formatter is None:
             raise BackendError(
                 "the model has no chat template (tokenizer.chat_template); use /v1/completions"
             )
         try:
-            return str(self.formatter(messages=messages).prompt)
+            return str(self.formatter(messages=messages, tools=tools).prompt)
         except Exception as exc:  # jinja2 raises many types; the template is model data, not ours
             raise BackendError(f"the model's chat template failed: {exc}") from exc
 

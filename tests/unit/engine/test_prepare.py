@@ -31,7 +31,7 @@ class CharTokenizer:
         self.problem = problem
         self.chat_flags: list[bool] = []
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("<think>\n" if self.opens_think else "")
 
