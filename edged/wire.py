@@ -111,7 +111,9 @@ class DoneMessage(Wire):
     status: Literal["done"] = "done"
     content: Text | None = Field(description="The answer; null where the journal keeps no text.")
     reasoning_content: Text | None = Field(description="A thinking model's reasoning, if any.")
-    finish_reason: Literal["stop", "length"] = Field(description="stop: the model ended; length: max_tokens.")
+    finish_reason: Literal["stop", "length", "tool_calls"] = Field(
+        description="stop: the model ended; length: max_tokens; tool_calls: the model called tools."
+    )
     usage: Usage = Field(description="Prompt, completion and total tokens.")
     timings: dict[str, Any] = Field(
         description="llama.cpp server's timings plus edged's own (docs: Timings). Not checked here: "
@@ -121,6 +123,11 @@ class DoneMessage(Wire):
     device_id: Text = Field(description="The device that answered.")
     notes: list[Text] | None = Field(None, description="Settings the backend could not apply (if any).")
     parsed: Any = Field(None, description="A JSON response_format: the answer, parsed (if any).")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None,
+        description="The calls the model made (a job with tools), OpenAI's shape: id, type 'function', "
+        "function {name, arguments as JSON text}; content holds only the text beside them.",
+    )
     duplicate: Flag | None = Field(None, description="true: a redelivered job, answered from the journal.")
 
 

@@ -19,6 +19,8 @@ def done_message(result: JobResult, device_id: str, *, content: bool = True) -> 
         extra["notes"] = result.notes  # settings the backend could not apply to this job
     if result.parsed is not None and content:
         extra["parsed"] = result.parsed  # a JSON response_format: the answer, parsed and validated
+    if result.tool_calls and content:
+        extra["tool_calls"] = result.tool_calls  # a job with tools: the calls, validated
     return DoneMessage(
         id=result.id,
         status="done",

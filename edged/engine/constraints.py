@@ -49,10 +49,11 @@ class Constraint:
     """What a job's answer must be: the grammar its sampler obeys and, for JSON, the schema its
     parsed answer is validated against."""
 
-    kind: Literal["json_object", "json_schema", "grammar"]
+    kind: Literal["json_object", "json_schema", "grammar", "tools"]
     grammar: Grammar
     schema: dict[str, Any] | None
-    """The JSON schema (json_object: any object); None for a raw grammar."""
+    """The JSON schema (json_object: any object); None for a raw grammar and for tool calls (each
+    call is checked against its tool's schema: `edged.tools.grammar.check_call`)."""
     name: str | None = None
 
 

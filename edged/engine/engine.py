@@ -287,7 +287,7 @@ class Engine:
             option = (
                 "reasoning_budget"
                 if prepared.constraint is None
-                else ("grammar" if prepared.constraint.kind == "grammar" else "response_format")
+                else {"grammar": "grammar", "tools": "tools"}.get(prepared.constraint.kind, "response_format")
             )
             raise NotSupported(f"{option}: {reason}", param=option)
 

@@ -11,13 +11,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    field_validator,
+    model_validator,
+)
 
 from edged.backends import Prompt, SamplingParams
 from edged.config import MinP, RepeatPenalty, Temperature, TopK, TopP
 from edged.engine.constraints import Constraint
 from edged.engine.timings import Timings
-from edged.errors import BackendError, EdgedError
+from edged.errors import BackendError, EdgedError, InvalidRequest, NotSupported
+from edged.tools.family import Family
+from edged.tools.spec import ToolChoice, ToolSpec, parse_choice, parse_tools
 from edged.wire import ErrorBody, JobInfo, Usage
 
 if TYPE_CHECKING:
@@ -28,12 +39,60 @@ def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:16]}"
 
 
+class CalledFunction(BaseModel):
+    """The function an earlier assistant turn called."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(description="The tool's name.")
+    arguments: str | dict[str, Any] = Field(
+        "{}", description="The arguments: a JSON object, or its text (OpenAI's function.arguments)."
+    )
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant turn made (OpenAI's ``message.tool_calls[]``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str | None = Field(None, description="The call's id, which the tool message answering it names.")
+    type: Literal["function"] = Field("function", description="Always function.")
+    function: CalledFunction = Field(description="The name and arguments of the call.")
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
-    content: str = Field(description="What is said.")
-    name: str | None = Field(None, description="Optional speaker name (accepted for OpenAI compatibility).")
+    role: Literal["system", "user", "assistant", "tool"] = Field(
+        description="Who speaks; tool: the result of a call an earlier assistant turn made."
+    )
+    content: str | None = Field(
+        description="What is said; null only for an assistant turn that made tool calls."
+    )
+    name: str | None = Field(
+        None,
+        description="Optional speaker name (accepted for OpenAI compatibility); for a tool result, the "
+        "tool's name.",
+    )
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, max_length=128, description="The calls an assistant turn made (role assistant)."
+    )
+    tool_call_id: str | None = Field(None, description="The call a tool result answers (role tool).")
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("'tool_calls' goes with role 'assistant'")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("'tool_call_id' goes with role 'tool'")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("'content' is null only for an assistant turn with 'tool_calls'")
+        return self
+
+    @property
+    def has_tools(self) -> bool:
+        """A tool result, or an assistant turn that made calls: rendered in the model's tool format."""
+        return self.role == "tool" or bool(self.tool_calls)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -199,6 +258,23 @@ class JobRequest(BaseModel):
         description="Most reasoning tokens; then edged closes the <think> block and the answer "
         "follows (0 is think=false).",
     )
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description='Functions the model may call, OpenAI\'s shape: {"type": "function", "function": '
+        "{name, description, parameters}}, at most 128. The model is told about them in its own format "
+        "and its calls come back in the result's tool_calls.",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None,
+        description="none (no call), auto (the model decides; the default with tools), required (at "
+        'least one call) or {"type": "function", "function": {"name": ...}} (a call of that tool).',
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: at most one call per answer (default true: one or more)."
+    )
+
+    _tool_specs: list[ToolSpec] = PrivateAttr(default_factory=list)
+    _tool_choice: ToolChoice = PrivateAttr(default_factory=lambda: ToolChoice("none"))
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -230,7 +306,47 @@ class JobRequest(BaseModel):
             raise ValueError("'logit_bias' takes at most 1024 tokens")
         if self.raw and (self.think is not None or self.reasoning_budget is not None):
             raise ValueError("'think' and 'reasoning_budget' need the chat template ('raw' is true)")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        """Parse ``tools`` and ``tool_choice`` (`edged.tools.spec`); raises `InvalidRequest` naming
+        the field (``tools[2].function.parameters``), which the transports answer as such."""
+        specs = parse_tools(self.tools)
+        choice = parse_choice(specs, self.tool_choice)
+        self._set_tools(specs, choice)
+
+    def _set_tools(self, specs: list[ToolSpec], choice: ToolChoice) -> None:
+        if specs and choice.mode != "none":
+            if self.raw:
+                raise InvalidRequest("'tools' need the chat template ('raw' is true)", param="tools")
+            json_format = self.response_format is not None and self.response_format.type != "text"
+            if self.grammar is not None or json_format:
+                raise NotSupported(
+                    "tools with a grammar or a JSON response_format: a tool job's answer is already "
+                    "constrained to calls (or give tool_choice 'none')",
+                    param="tools",
+                )
+        self._tool_specs, self._tool_choice = specs, choice
+
+    @property
+    def tool_specs(self) -> list[ToolSpec]:
+        """The tools offered, validated (empty without ``tools``)."""
+        return self._tool_specs
+
+    @property
+    def choice(self) -> ToolChoice:
+        """How the tools are to be used (``none`` without tools)."""
+        return self._tool_choice
+
+    @property
+    def uses_tools(self) -> bool:
+        """The model is told about tools and may call them (tools offered, choice not ``none``)."""
+        return self._tool_choice.mode != "none" and bool(self._tool_choice.allowed(self._tool_specs))
+
+    @property
+    def parallel(self) -> bool:
+        return self.parallel_tool_calls is not False
 
     @property
     def stops(self) -> list[str]:
@@ -250,14 +366,19 @@ class JobResult(BaseModel):
     model: str
     created: int
     content: str
+    """The answer's text; with tool calls, only the text beside them (often empty): never markup."""
     reasoning_content: str | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage
     timings: Timings
     parsed: Any = None
     """The answer as a JSON value, for a job with a JSON response_format (validated)."""
     notes: list[str] | None = None
     """What the backend could not apply of this job (e.g. sampling an NPU runtime fixes at init)."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """The calls the model made, OpenAI's shape (``id``, ``type: "function"``, ``function: {name,
+    arguments}`` with the arguments as JSON text), each validated against its tool's schema; None
+    without calls."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +401,16 @@ JobEvent = Delta | Finished | Failed
 
 
 @dataclass(frozen=True)
+class ToolPlan:
+    """A job whose model may call tools: how its answer is read back (`edged.tools.parse`)."""
+
+    family: Family
+    tools: list[ToolSpec]
+    choice: ToolChoice
+    parallel: bool
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A request turned into what a backend runs: prompt tokens under the cap and sampling."""
 
@@ -290,7 +421,9 @@ class Prepared:
     in_think: bool
     """The chat template opened a ``<think>`` block: the output starts inside the reasoning."""
     constraint: Constraint | None = None
-    """What the answer must be (JSON schema, GBNF), checked when the job ends."""
+    """What the answer must be (JSON schema, GBNF, tool calls), checked when the job ends."""
+    tools: ToolPlan | None = None
+    """The model may call tools: its answer is parsed into content and calls when the job ends."""
 
 
 class Job:

@@ -7,14 +7,20 @@ thread-safe tokenizer, never on the backend's own thread.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
-from edged.backends import Prompt, SamplingParams, Tokenizer
+from edged.backends import Grammar, Prompt, SamplingParams, Tokenizer
 from edged.backends.base import THINK_END, THINK_OPEN
 from edged.config import FALLBACK_SAMPLING, sampling_defaults
-from edged.engine.constraints import constraint_of
-from edged.engine.job import JobRequest, Prepared
+from edged.engine.constraints import Constraint, constraint_of
+from edged.engine.job import JobRequest, Prepared, ToolPlan
 from edged.errors import ContextLengthExceeded, InvalidRequest
+
+# ruff: noqa: RUF002 - R1's markers are spelled with fullwidth bars and a lower block, as in its tokenizer.
+from edged.tools.family import Family, detect_family, template_renders_tools
+from edged.tools.grammar import build_grammar
+from edged.tools.render import finish_prompt, render_chat
 
 SKIP_THINKING = THINK_END
 """Appended after the template's ``<think>\n`` for ``think: false`` (DeepSeek-R1's empty reasoning)."""
@@ -30,6 +36,23 @@ class Preparer:
         self.board = board
         self.base_sampling = sampling_defaults(board.profile.sampling, settings.model.sampling)
         """Profile < config layering, computed once; a job's own values go on top."""
+        self._families: weakref.WeakKeyDictionary[Any, Family] = weakref.WeakKeyDictionary()
+        """The tool-call format of each tokenizer's model, recognised once (`family`)."""
+
+    def family(self, tokenizer: Tokenizer) -> Family:
+        """The tool-call format the tokenizer's model writes (`edged.tools.family`), from its chat
+        template and vocabulary; remembered per tokenizer (a backend replaced by another has its own)."""
+        family = self._families.get(tokenizer)
+        if family is None:
+
+            def has_token(text: str) -> bool:
+                tokens = tokenizer.tokenize(text, chat=True)  # special tokens parsed, no BOS
+                token_text = getattr(tokenizer, "token_text", None)
+                return len(tokens) == 1 and (token_text is None or token_text(tokens[0]) == text)
+
+            family = detect_family(tokenizer.template, has_token)
+            self._families[tokenizer] = family
+        return family
 
     def sampling(self, request: JobRequest, max_tokens: int) -> SamplingParams:
         values = dict(self.base_sampling)
@@ -48,16 +71,52 @@ class Preparer:
         )
 
     def prompt_text(self, request: JobRequest, tokenizer: Tokenizer) -> str:
+        """The prompt the model reads: the job's messages through the model's own chat template
+        (with the tools and earlier calls in the model's tool format, `edged.tools.render`)."""
         if request.raw:
             return request.prompt or ""
-        if request.messages is not None:
+        tool_history = request.messages is not None and any(m.has_tools for m in request.messages)
+        if request.messages is not None and (tool_history or request.uses_tools):
+            messages: list[dict[str, Any]] = [m.model_dump(exclude_none=True) for m in request.messages]
+        elif request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
             messages = [{"role": "user", "content": request.prompt or ""}]
         system = self.settings.model.system_prompt
         if system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
-        return tokenizer.render_chat(messages)
+        if not (tool_history or request.uses_tools):
+            return tokenizer.render_chat(messages)
+        family = self.family(tokenizer)
+        native = template_renders_tools(tokenizer.template)
+        rendered = render_chat(
+            family,
+            messages,
+            request.tool_specs,
+            request.choice,
+            parallel=request.parallel,
+            template_renders_tools=native,
+        )
+        return finish_prompt(family, tokenizer.render_chat(rendered.messages, tools=rendered.tools))
+
+    def tool_constraint(self, request: JobRequest, family: Family, in_think: bool) -> Constraint | None:
+        """The grammar that makes a tool job's calls well formed, or None where the model writes
+        freely: the generic form always (the whole answer is the calls-or-response JSON object);
+        hermes and R1 when a call is forced (``required`` or a named tool), from the answer's first
+        token after ``</think>``.
+
+        hermes and R1 with ``auto`` write freely in this version: their calls are parsed from the
+        text and validated when the job ends (`edged.tools.grammar.check_call`). The lazy grammar
+        that engages at the format's trigger (``<tool_call>``, ``<｜tool▁calls▁begin｜>``) needs the
+        backend's lazy-grammar sampler (llama.cpp's ``grammar_lazy``), which edged's backends do not
+        take yet (issue 23)."""
+        if family != "generic" and request.choice.mode == "auto":
+            return None
+        built = build_grammar(family, request.tool_specs, request.choice, parallel=request.parallel)
+        if built is None:
+            return None
+        assert built.trigger is None, "only non-lazy tool grammars here"
+        return Constraint("tools", Grammar(built.text, root=built.root, after_think=in_think), None)
 
     def prepare(self, request: JobRequest, tokenizer: Tokenizer, n_ctx: int) -> Prepared:
         """Raises `ContextLengthExceeded` when the prompt leaves no room to generate, and
@@ -67,11 +126,17 @@ class Preparer:
         if in_think and (request.think is False or request.reasoning_budget == 0):
             text += SKIP_THINKING
             in_think = False
-        constraint = constraint_of(request.response_format, request.grammar, after_think=in_think)
+        plan: ToolPlan | None = None
+        if request.uses_tools:
+            family = self.family(tokenizer)
+            plan = ToolPlan(family, request.tool_specs, request.choice, request.parallel)
+            constraint = self.tool_constraint(request, family, in_think)
+        else:
+            constraint = constraint_of(request.response_format, request.grammar, after_think=in_think)
         if constraint is not None:
             problem = tokenizer.grammar_problem(constraint.grammar)
             if problem is not None:
-                param = "grammar" if constraint.kind == "grammar" else "response_format"
+                param = {"grammar": "grammar", "tools": "tools"}.get(constraint.kind, "response_format")
                 raise InvalidRequest(f"{param}: {problem}", param=param)
         if request.logit_bias:
             n_vocab = tokenizer.n_vocab
@@ -105,4 +170,5 @@ class Preparer:
             clamped=wanted > room,
             in_think=in_think,
             constraint=constraint,
+            tools=plan,
         )

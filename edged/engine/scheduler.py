@@ -39,6 +39,9 @@ from edged.errors import (
     InvalidOutput,
     ShuttingDown,
 )
+from edged.tools.grammar import check_call
+from edged.tools.parse import StreamParser
+from edged.tools.spec import call_ids_for
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
@@ -82,6 +85,8 @@ class Running:
     clock: Clock
     cache_n: int = 0
     perf: dict[str, float] | None = None
+    calls: StreamParser | None = None
+    """A tool job's answer, parsed as it comes: only the text beside the calls goes out as content."""
 
 
 @dataclass
@@ -297,7 +302,9 @@ class Scheduler:
             text = SeqText(job.request.stops, job.prepared.in_think)
             if not self._active:
                 self.last_progress = time.monotonic()  # the stall clock starts with the work
-            self._active[slot] = Running(job=job, slot=slot, text=text, clock=clock)
+            plan = job.prepared.tools
+            calls = StreamParser(plan.family, call_ids_for(job.id)) if plan is not None else None
+            self._active[slot] = Running(job=job, slot=slot, text=text, clock=clock, calls=calls)
         self._update_room()
 
     def _reap(self, outcomes: list[Outcome]) -> None:
@@ -357,11 +364,22 @@ class Scheduler:
                 run.clock.batch_steps += 1
             job.completion_tokens += 1
             for kind, text in run.text.feed(out.piece):
-                outcomes.append(Emit(job, Delta(kind, text)))  # type: ignore[arg-type]
+                self._emit(run, kind, text, outcomes)
             if run.text.stopped:
                 self._finish(run, "stop", now, outcomes)
             elif job.completion_tokens >= job.prepared.params.max_tokens:
                 self._finish(run, "length", now, outcomes)
+
+    @staticmethod
+    def _emit(run: Running, kind: str, text: str, outcomes: list[Outcome]) -> None:
+        """A piece of reasoning or content as a delta; a tool job's content goes through its parser
+        first, so no call markup is ever streamed (the calls come with the result)."""
+        if kind == "content" and run.calls is not None:
+            for piece in run.calls.feed(text):
+                if piece.content:
+                    outcomes.append(Emit(run.job, Delta("content", piece.content)))
+            return
+        outcomes.append(Emit(run.job, Delta(kind, text)))  # type: ignore[arg-type]
 
     def _finish(
         self, run: Running, reason: Literal["stop", "length"], now: float, outcomes: list[Outcome]
@@ -369,7 +387,7 @@ class Scheduler:
         self._release(run)
         job = run.job
         for kind, text in run.text.flush():
-            outcomes.append(Emit(job, Delta(kind, text)))  # type: ignore[arg-type]
+            self._emit(run, kind, text, outcomes)
         run.clock.ended = now
         n_prompt = len(job.prompt.tokens)
         timings = compute_timings(
@@ -396,16 +414,19 @@ class Scheduler:
         )
         result.notes = self.backend.job_notes(job.prepared.params) or None
         constraint = job.prepared.constraint
-        if constraint is not None:
+        if constraint is not None or run.calls is not None:
             try:
-                if reason == "length":
+                if reason == "length" and constraint is not None:
+                    what = {"tools": "tool call", "grammar": "grammar"}.get(constraint.kind, "JSON")
                     raise InvalidOutput(
                         f"the answer was cut at max_tokens ({job.prepared.params.max_tokens}) before "
-                        f"the {'JSON' if constraint.schema is not None else 'grammar'} was complete; "
-                        "raise max_tokens (or lower reasoning_budget)",
+                        f"the {what} was complete; raise max_tokens (or lower reasoning_budget)",
                         content=result.content,
                     )
-                result.parsed = check_answer(constraint, result.content)
+                if run.calls is not None:
+                    self._read_calls(run, result, outcomes)
+                elif constraint is not None:
+                    result.parsed = check_answer(constraint, result.content)
             except InvalidOutput as exc:
                 exc.details.update(
                     finish_reason=reason,
@@ -415,6 +436,35 @@ class Scheduler:
                 outcomes.append(Fail(job, exc))
                 return
         outcomes.append(Done(job, result))
+
+    def _read_calls(self, run: Running, result: JobResult, outcomes: list[Outcome]) -> None:
+        """A tool job's answer split into its content and its calls, each call validated against its
+        tool's schema; raises `InvalidOutput` for a call that is not well formed or not valid, or
+        none where the choice forces one."""
+        plan = run.job.prepared.tools
+        assert run.calls is not None and plan is not None
+        raw = result.content
+        pieces, parsed = run.calls.finish()
+        for piece in pieces:
+            if piece.content:
+                outcomes.append(Emit(run.job, Delta("content", piece.content)))
+        if parsed.malformed:
+            raise InvalidOutput(
+                f"the model wrote a tool call that is not well formed: {parsed.malformed[0][:200]!r}",
+                content=raw,
+            )
+        for call in parsed.tool_calls:
+            check_call(call, plan.tools, plan.choice)
+        if not parsed.tool_calls and plan.choice.mode in ("required", "named"):
+            raise InvalidOutput(
+                f"the model made no tool call, which tool_choice {plan.choice.mode!r} requires",
+                content=raw,
+            )
+        result.content = parsed.content
+        if parsed.tool_calls:
+            result.tool_calls = [call.to_openai() for call in parsed.tool_calls]
+            if result.finish_reason == "stop":
+                result.finish_reason = "tool_calls"
 
     def _fail_all(self, error: EdgedError) -> None:
         outcomes: list[Outcome] = []

@@ -142,9 +142,12 @@ class ChatCompletionRequest(JobRequest):
         if self.web_search_options is not None:
             raise NotSupported("web_search_options: edged has no web search", param="web_search_options")
 
+    def _check_tools(self) -> None:
+        """This route does not hand tools to the job yet: accepted, and the model answers in text."""
+
     def to_job(self) -> JobRequest:
         self._refuse_unsupported()
-        own = set(JobRequest.model_fields)
+        own = set(JobRequest.model_fields) - {"tools", "tool_choice", "parallel_tool_calls"}
         data = self.model_dump(include=own - {"messages"}, exclude_unset=True)
         if self.messages is not None:
             data["messages"] = [m.to_message(i) for i, m in enumerate(self.messages)]

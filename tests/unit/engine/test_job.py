@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from edged.engine.job import JobRequest
+from edged.errors import InvalidRequest, NotSupported
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -68,8 +69,8 @@ def test_ids_that_could_not_name_a_topic_or_a_row_are_refused(job_id: str) -> No
 
 def test_unknown_fields_are_refused_not_ignored() -> None:
     assert "Extra inputs are not permitted" in refused({"prompt": "hi", "max_new_tokens": 5})
-    assert "Extra inputs are not permitted" in refused({"messages": [{**CHAT[0], "tool_calls": []}]})
-    assert "role" in refused({"messages": [{"role": "tool", "content": "x"}]})
+    assert "Extra inputs are not permitted" in refused({"messages": [{**CHAT[0], "tool_name": "f"}]})
+    assert "role" in refused({"messages": [{"role": "function", "content": "x"}]})
 
 
 def test_stop_takes_up_to_four_non_empty_strings() -> None:
@@ -184,3 +185,120 @@ def test_a_job_and_the_config_take_the_same_sampling_bounds(field: str) -> None:
 
     job = constraints(JobRequest.model_json_schema())
     assert job and job == constraints(SamplingConfig.model_json_schema())
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tools_and_the_choice_are_validated_into_specs() -> None:
+    job = JobRequest.model_validate({"messages": CHAT, "tools": [WEATHER]})
+    assert [t.name for t in job.tool_specs] == ["get_weather"]
+    assert (job.choice.mode, job.uses_tools, job.parallel) == ("auto", True, True), "auto by default"
+    named = JobRequest.model_validate(
+        {
+            "messages": CHAT,
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": False,
+        }
+    )
+    assert (named.choice.mode, named.choice.name, named.parallel) == ("named", "get_weather", False)
+    none = JobRequest.model_validate({"messages": CHAT, "tools": [WEATHER], "tool_choice": "none"})
+    assert not none.uses_tools
+    plain = JobRequest.model_validate({"messages": CHAT})
+    assert (plain.tool_specs, plain.choice.mode, plain.uses_tools) == ([], "none", False)
+    copied = named.model_copy(update={"stream": True})
+    assert copied.choice == named.choice and copied.tool_specs == named.tool_specs
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "letters"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "'function' tools"),
+        ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "unique"),
+        ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice", "one of none, auto, required"),
+        ({"tool_choice": "required"}, "tool_choice", "offers no tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+            "tool_choice",
+            "not one of the tools",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools[0].function.parameters",
+            "describe an object",
+        ),
+    ],
+)
+def test_bad_tools_are_invalid_requests_naming_the_field(
+    fields: dict[str, Any], param: str, words: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        JobRequest.model_validate({"messages": CHAT, **fields})
+    assert info.value.param == param and info.value.code == "invalid_request"
+    assert words in info.value.message
+
+
+def test_tools_need_the_template_and_no_other_constraint() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        JobRequest.model_validate({"prompt": "hi", "raw": True, "tools": [WEATHER]})
+    assert info.value.param == "tools"
+    with pytest.raises(NotSupported) as refused_format:
+        JobRequest.model_validate({"messages": CHAT, "tools": [WEATHER], "grammar": 'root ::= "x"'})
+    assert refused_format.value.param == "tools"
+    assert (
+        JobRequest.model_validate(
+            {
+                "messages": CHAT,
+                "tools": [WEATHER],
+                "tool_choice": "none",
+                "response_format": {"type": "json_object"},
+            }
+        ).response_format
+        is not None
+    ), "with tool_choice none the tools do not constrain the answer"
+
+
+def test_messages_carry_earlier_calls_and_their_results() -> None:
+    job = JobRequest.model_validate(
+        {
+            "messages": [
+                *CHAT,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a":1}'},
+                        },
+                        {"function": {"name": "g", "arguments": {"b": 2}}},
+                    ],
+                },
+                {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+            ]
+        }
+    )
+    assert job.messages is not None
+    assert [m.has_tools for m in job.messages] == [False, True, True]
+    assert "goes with role 'assistant'" in refused({"messages": [{**CHAT[0], "tool_calls": []}]})
+    assert "goes with role 'tool'" in refused({"messages": [{**CHAT[0], "tool_call_id": "c"}]})
+    assert "null only for an assistant turn" in refused({"messages": [{"role": "user", "content": None}]})
+    assert "null only for an assistant turn" in refused(
+        {"messages": [{"role": "assistant", "content": None}]}
+    )
+    assert "Extra inputs" in refused(
+        {
+            "messages": [
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}, "x": 1}]}
+            ]
+        }
+    )

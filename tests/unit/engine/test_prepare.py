@@ -161,3 +161,112 @@ def test_cache_prompt_false_asks_for_the_whole_prompt(preparer) -> None:
     p = preparer()
     assert p.prepare(job(), CharTokenizer(), 100).prompt.reuse
     assert not p.prepare(job(cache_prompt=False), CharTokenizer(), 100).prompt.reuse
+
+
+# -- tools -------------------------------------------------------------------------------------------
+
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather now at a place.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
+    },
+}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+HERMES_TEMPLATE = "{% if tools %}{{ tools | tojson }}{% endif %}<tool_call>"
+"""Enough of a Hermes template for `edged.tools.family`: it renders ``tools`` and spells <tool_call>."""
+R1_TEMPLATE = "<｜tool▁calls▁begin｜>"  # noqa: RUF001 - R1's own spelling
+
+
+class TemplateTokenizer(CharTokenizer):
+    """A `CharTokenizer` with a chat template's source, recording the tools it is handed."""
+
+    def __init__(self, template: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.template = template  # type: ignore[assignment]
+        self.tools: list[Any] = []
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        self.tools.append(tools)
+        return super().render_chat(messages)
+
+
+def test_a_generic_model_is_told_the_tools_and_always_constrained_to_the_calls_or_a_response(
+    preparer,
+) -> None:
+    p = preparer()
+    tokenizer = CharTokenizer()
+    for choice in ("auto", "required", NAMED):
+        prepared = p.prepare(job(tools=[WEATHER], tool_choice=choice), tokenizer, 10_000)
+        assert prepared.tools is not None and prepared.tools.family == "generic"
+        assert prepared.prompt.text.startswith("system: You can call these tools")
+        assert '{"name":"get_weather"' in prepared.prompt.text
+        constraint = prepared.constraint
+        assert constraint is not None and constraint.kind == "tools" and constraint.schema is None
+        assert prepared.params.grammar == constraint.grammar and "tc-call" in constraint.grammar.text
+        assert ("rs-root" in constraint.grammar.text) == (choice == "auto"), "only auto may answer in text"
+    assert p.family(tokenizer) == "generic"
+
+
+def test_tool_choice_none_tells_the_model_nothing_and_constrains_nothing(preparer) -> None:
+    prepared = preparer().prepare(job(tools=[WEATHER], tool_choice="none"), CharTokenizer(), 10_000)
+    assert (prepared.tools, prepared.constraint, prepared.prompt.text) == (None, None, "user: hi\n")
+
+
+def test_a_hermes_template_renders_the_tools_itself_and_only_a_forced_call_is_constrained(preparer) -> None:
+    p = preparer()
+    tokenizer = TemplateTokenizer(HERMES_TEMPLATE)
+    auto = p.prepare(job(tools=[WEATHER]), tokenizer, 10_000)
+    assert auto.tools is not None and auto.tools.family == "hermes"
+    assert tokenizer.tools[-1] == [WEATHER], "the template gets the tools, in OpenAI's shape"
+    assert "You can call" not in auto.prompt.text, "not described a second time"
+    assert auto.constraint is None, "auto writes freely (the lazy grammar is not wired yet)"
+    forced = p.prepare(job(tools=[WEATHER], tool_choice="required"), tokenizer, 10_000)
+    assert forced.constraint is not None and forced.constraint.kind == "tools"
+    assert forced.constraint.grammar.text.startswith('root ::= tc-block ( "\\n" tc-block )*')
+    assert not forced.constraint.grammar.after_think
+
+
+def test_a_thinking_r1_model_reasons_freely_before_its_forced_call(preparer) -> None:
+    p = preparer()
+    tokenizer = TemplateTokenizer(R1_TEMPLATE, opens_think=True)
+    named = p.prepare(job(tools=[WEATHER], tool_choice=NAMED, parallel_tool_calls=False), tokenizer, 10_000)
+    assert named.tools is not None and named.tools.family == "deepseek_r1" and not named.tools.parallel
+    assert tokenizer.tools[-1] is None, "R1's template does not render tools: the system prompt has them"
+    assert named.prompt.text.startswith("system: You can call these tools")
+    assert named.in_think and named.constraint is not None and named.constraint.grammar.after_think
+    assert "get_weather" in named.constraint.grammar.text
+    auto = p.prepare(job(tools=[WEATHER]), tokenizer, 10_000)
+    assert auto.constraint is None and auto.tools is not None
+
+
+def test_earlier_calls_and_results_are_rendered_in_the_model_s_format_even_without_tools(preparer) -> None:
+    history = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"},
+    ]
+    prepared = preparer().prepare(job(messages=history), CharTokenizer(), 10_000)
+    assert prepared.tools is None and prepared.constraint is None
+    assert prepared.prompt.text == (
+        "user: Weather in Oslo?\n"
+        'assistant: {"tool_calls":[{"id":"call_1","name":"get_weather","arguments":{"city":"Oslo"}}]}\n'
+        'user: {"tool_response":{"id":"call_1","name":"get_weather","content":"-3 C"}}\n'
+    )
+
+
+def test_a_tool_grammar_the_sampler_cannot_take_is_refused_naming_tools(preparer) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        preparer().prepare(job(tools=[WEATHER], tool_choice="required"), CharTokenizer(problem="no"), 10_000)
+    assert info.value.param == "tools" and info.value.message == "tools: no"
