@@ -61,8 +61,9 @@ def peer_of(request: Request) -> str | None:
 
 
 def tool_result(name: str | None, text: str) -> dict[str, str]:
-    """A tool's (or function's) result, told to the model as text: edged makes no tool calls, and
-    chat templates differ in what they do with a ``tool`` role. Both APIs' translations use this."""
+    """A tool's (or function's) result, told to the model as text: Ollama's translation, whose
+    tools are not wired to the model yet (OpenAI's route hands results to the job, which renders them
+    in the model's own tool format)."""
     who = f" {name}" if name else ""
     return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
 

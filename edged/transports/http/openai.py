@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import Any, Literal
 
-import structlog
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -17,13 +16,11 @@ from edged.config import Settings
 from edged.engine import Delta, Engine, Job, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt, job_schema_rules
 from edged.errors import EdgedError, InvalidRequest, NotSupported
-from edged.transports.http.app import JobStream, Wire, read_body, tool_result
+from edged.tools.spec import parse_choice, parse_tools
+from edged.transports.http.app import JobStream, Wire, read_body
 from edged.transports.http.errors import describe_validation
 from edged.transports.http.openapi import body_ref
 from edged.transports.tcp import on_tcp
-
-log = structlog.get_logger(__name__)
-
 
 # -- request bodies --------------------------------------------------------------------------------
 
@@ -34,7 +31,7 @@ class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
-        description="developer counts as system; tool and function results are told to the model as text."
+        description="developer counts as system; function (deprecated) as tool."
     )
     content: str | list[dict[str, Any]] | None = Field(
         None, description="Text, or content parts of which edged reads the text ones."
@@ -64,12 +61,34 @@ class OpenAIMessage(BaseModel):
             text = self.content or ""
         if self.role == "developer":
             return {"role": "system", "content": text}
-        if self.role in ("tool", "function"):
-            return tool_result(self.name, text)
+        if self.role in ("tool", "function"):  # a result, rendered in the model's own tool format
+            result: dict[str, Any] = {"role": "tool", "content": text}
+            if self.tool_call_id is not None:
+                result["tool_call_id"] = self.tool_call_id
+            if self.name:
+                result["name"] = self.name
+            return result
         message: dict[str, Any] = {"role": self.role, "content": text}
         if self.name:
             message["name"] = self.name
+        calls = self.tool_calls
+        if calls is None and self.function_call is not None:
+            calls = [{"type": "function", "function": self.function_call}]
+        if self.role == "assistant" and calls:
+            message["tool_calls"] = [_history_call(call) for call in calls]
         return message
+
+
+def _history_call(call: dict[str, Any]) -> Any:
+    """An earlier call as the job schema takes it (`edged.engine.job.MessageToolCall`): its id, name
+    and arguments; what is not a call is left for the job's validation to name."""
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return {"function": function}
+    out: dict[str, Any] = {"function": {k: function[k] for k in ("name", "arguments") if k in function}}
+    if "id" in call:
+        out["id"] = call["id"]
+    return out
 
 
 def _chat_rules(schema: dict[str, Any]) -> None:
@@ -98,13 +117,6 @@ class ChatCompletionRequest(JobRequest):
     n: JsonInt = Field(1, ge=1, description="Number of choices; edged generates one (n > 1: not_supported).")
     stream_options: dict[str, Any] | None = Field(None, description="Accepted; usage is always sent.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    tools: list[dict[str, Any]] | None = Field(
-        None,
-        description="Accepted: with tool_choice absent, 'auto' or 'none' the model answers in text (no "
-        "tool calls); a forced tool_choice is not_supported.",
-    )
-    tool_choice: str | dict[str, Any] | None = Field(None, description="none/auto: text answers.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tool calls).")
     functions: list[dict[str, Any]] | None = Field(None, description="Deprecated tools; as tools.")
     function_call: str | dict[str, Any] | None = Field(None, description="Deprecated tool_choice.")
     logprobs: bool | None = Field(None, description="true: not_supported.")
@@ -128,13 +140,6 @@ class ChatCompletionRequest(JobRequest):
             raise NotSupported("n: edged generates one choice per request", param="n")
         if self.logprobs or self.top_logprobs:
             raise NotSupported("logprobs: edged does not return token log-probabilities", param="logprobs")
-        choice = self.tool_choice if self.tool_choice is not None else self.function_call
-        if choice not in (None, "auto", "none"):
-            raise NotSupported(
-                "tool_choice: edged does not make tool calls; with tool_choice 'auto' or 'none' the model "
-                "answers in text",
-                param="tool_choice",
-            )
         if self.modalities and set(self.modalities) != {"text"}:
             raise NotSupported("modalities: edged answers in text only", param="modalities")
         if self.audio is not None:
@@ -143,11 +148,13 @@ class ChatCompletionRequest(JobRequest):
             raise NotSupported("web_search_options: edged has no web search", param="web_search_options")
 
     def _check_tools(self) -> None:
-        """This route does not hand tools to the job yet: accepted, and the model answers in text."""
+        """As the job's, with OpenAI's deprecated ``functions`` and ``function_call`` (errors name them)."""
+        specs = parse_tools(self.tools, self.functions)
+        self._set_tools(specs, parse_choice(specs, self.tool_choice, self.function_call))
 
     def to_job(self) -> JobRequest:
         self._refuse_unsupported()
-        own = set(JobRequest.model_fields) - {"tools", "tool_choice", "parallel_tool_calls"}
+        own = set(JobRequest.model_fields)
         data = self.model_dump(include=own - {"messages"}, exclude_unset=True)
         if self.messages is not None:
             data["messages"] = [m.to_message(i) for i, m in enumerate(self.messages)]
@@ -155,8 +162,12 @@ class ChatCompletionRequest(JobRequest):
             data["max_tokens"] = self.max_completion_tokens
         if self.reasoning_effort in ("none", "minimal") and self.think is None and not self.raw:
             data["think"] = False
-        if self.tools or self.functions:
-            log.debug("tools accepted, answering in text", tools=len(self.tools or self.functions or []))
+        if self.functions is not None:  # deprecated: the same functions as tools
+            data["tools"] = [{"type": "function", "function": f} for f in self.functions]
+        if isinstance(self.function_call, dict):
+            data["tool_choice"] = {"type": "function", "function": {"name": self.function_call.get("name")}}
+        elif self.function_call is not None:
+            data["tool_choice"] = self.function_call
         try:
             return JobRequest.model_validate(data)
         except ValidationError as exc:  # e.g. reasoning_effort "none" (think: false) with raw
@@ -170,6 +181,8 @@ class CompletionRequest(ChatCompletionRequest):
 
     def to_job(self) -> JobRequest:
         job = super().to_job()
+        if job.uses_tools:
+            raise InvalidRequest("tools need chat messages: use /v1/chat/completions", param="tools")
         if not job.prompt:  # raw text: an empty prompt has no token to continue from
             raise InvalidRequest(
                 "/v1/completions needs a non-empty 'prompt' (use /v1/chat/completions for messages)",
@@ -215,6 +228,9 @@ class ChatAnswer(Wire):
         message: dict[str, Any] = {"role": "assistant", "content": result.content}
         if result.reasoning_content is not None:
             message["reasoning_content"] = result.reasoning_content
+        if result.tool_calls:  # OpenAI: content null beside calls, unless the model also wrote text
+            message["content"] = result.content or None
+            message["tool_calls"] = result.tool_calls
         return {
             "id": result.id,
             "object": "chat.completion",
@@ -234,12 +250,18 @@ class ChatAnswer(Wire):
         return [_sse(self._chunk({key: delta.text}))]
 
     def finished(self, result: JobResult) -> Iterable[bytes]:
+        """The calls, whole, in one chunk (this version streams a tool job's text as it comes but
+        its calls once the answer is complete and validated), then the last chunk and ``[DONE]``."""
+        calls = []
+        if result.tool_calls:
+            pieces = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
+            calls.append(_sse(self._chunk({"tool_calls": pieces})))
         last = self._chunk({}, result.finish_reason)
         last["usage"] = result.usage.model_dump()
         last["timings"] = result.timings.model_dump()
         if result.notes:
             last["notes"] = result.notes
-        return [_sse(last), _sse("[DONE]")]
+        return [*calls, _sse(last), _sse("[DONE]")]
 
     def failed(self, error: EdgedError) -> Iterable[bytes]:
         return [_sse(error.to_dict())]

@@ -13,6 +13,14 @@ from edged.errors import InvalidRequest, NotSupported
 from edged.transports.http.openai import ChatCompletionRequest, CompletionRequest
 
 HI = [{"role": "user", "content": "hi"}]
+THERMOMETER: dict[str, Any] = {"function": {"name": "thermometer", "arguments": '{"room":"hall"}'}}
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 
 
 def to_job(**body: Any) -> JobRequest:
@@ -25,7 +33,7 @@ def messages_of(*messages: dict[str, Any]) -> list[dict[str, Any]]:
     return [m.model_dump(exclude_none=True) for m in job.messages]
 
 
-def test_roles_and_content_parts_become_plain_text_messages() -> None:
+def test_roles_and_content_parts_become_the_job_s_messages() -> None:
     assert messages_of(
         {"role": "developer", "content": "Be brief."},
         {
@@ -33,16 +41,30 @@ def test_roles_and_content_parts_become_plain_text_messages() -> None:
             "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
             "name": "ann",
         },
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", **THERMOMETER}],
+        },
         {"role": "tool", "content": "21 C", "name": "thermometer", "tool_call_id": "c1"},
-        {"role": "function", "content": "ok"},
+        {"role": "assistant", "content": None, "function_call": THERMOMETER["function"]},
+        {"role": "function", "content": "ok", "name": "thermometer"},
     ) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "one\ntwo", "name": "ann"},
-        {"role": "assistant", "content": ""},
-        {"role": "user", "content": "[result of the tool thermometer]\n21 C"},
-        {"role": "user", "content": "[result of the tool]\nok"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", **THERMOMETER}]},
+        {"role": "tool", "content": "21 C", "name": "thermometer", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", **THERMOMETER}]},
+        {"role": "tool", "content": "ok", "name": "thermometer"},
     ]
+
+
+def test_an_earlier_call_that_is_not_one_is_refused_naming_where() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        messages_of(
+            *HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}
+        )
+    assert info.value.param == "messages.1.tool_calls.0.function"
 
 
 def test_a_part_that_is_not_text_is_not_supported_naming_where() -> None:
@@ -73,9 +95,6 @@ def test_openai_fields_that_cannot_change_the_answer_are_accepted_and_dropped() 
         store=False,
         service_tier="auto",
         stream_options={"include_usage": True},
-        tools=[{"type": "function", "function": {"name": "f"}}],
-        tool_choice="auto",
-        parallel_tool_calls=True,
         prompt_cache_key="k",
         n=1,
         modalities=["text"],
@@ -92,9 +111,6 @@ def test_openai_fields_that_cannot_change_the_answer_are_accepted_and_dropped() 
         ("n", 2, "n"),
         ("logprobs", True, "logprobs"),
         ("top_logprobs", 3, "logprobs"),
-        ("tool_choice", "required", "tool_choice"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}, "tool_choice"),
-        ("function_call", {"name": "f"}, "tool_choice"),
         ("modalities", ["text", "audio"], "modalities"),
         ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
         ("web_search_options", {}, "web_search_options"),
@@ -137,3 +153,43 @@ def test_completions_feed_a_non_empty_prompt_raw() -> None:
         with pytest.raises(InvalidRequest) as info:
             CompletionRequest.model_validate(body).to_job()
         assert info.value.param == "prompt"
+
+
+def test_tools_and_the_choice_reach_the_job() -> None:
+    job = to_job(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    assert job.tools == [WEATHER] and job.tool_choice == "required" and job.parallel_tool_calls is False
+    assert (job.choice.mode, job.parallel, [t.name for t in job.tool_specs]) == (
+        "required",
+        False,
+        ["get_weather"],
+    )
+
+
+def test_the_deprecated_functions_and_function_call_become_tools_and_tool_choice() -> None:
+    job = to_job(functions=[WEATHER["function"]], function_call={"name": "get_weather"})
+    assert job.tools == [WEATHER]
+    assert job.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
+    assert (job.choice.mode, job.choice.name) == ("named", "get_weather")
+    assert to_job(functions=[WEATHER["function"]], function_call="none").choice.mode == "none"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, "functions"),
+        ({"functions": [{"name": "bad name"}]}, "functions[0].name"),
+        ({"functions": [WEATHER["function"]], "function_call": {"name": "other"}}, "function_call"),
+        ({"tools": [WEATHER], "tool_choice": "required", "function_call": "auto"}, "function_call"),
+    ],
+)
+def test_bad_tools_are_invalid_requests_naming_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        to_job(**body)
+    assert info.value.param == param and info.value.code == "invalid_request"
+
+
+def test_raw_completions_take_no_tools() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        CompletionRequest.model_validate({"prompt": "once", "tools": [WEATHER]}).to_job()
+    assert info.value.param == "tools"

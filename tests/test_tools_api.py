@@ -1,0 +1,357 @@
+"""Tool calls on the real daemon over its Unix socket, with the embedded SmolLM2 (the generic form: the
+whole answer is one JSON object, the calls or a text response, forced by a grammar), through the
+official `openai` client and raw HTTP: required, named, none and auto; streamed; the round trip with
+a tool's result; bad tools refused naming the field; and a job with tools over MQTT (`mosquitto_pub`),
+whose final message carries the calls.
+
+Every call is checked with the `jsonschema` package against the schema the client sent, independently
+of edged's own check."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from conftest import Daemon, chat, wait_until
+from mqtt_helpers import Broker, Probe
+
+pytestmark = pytest.mark.system
+
+TOOLS: list[dict[str, Any]] = [  # every string bounded: a call ends within max_tokens even at temperature 1
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather now at a place.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {"type": "string", "maxLength": 24},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["location", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "HassTurnOn",
+            "description": "Turns on/opens/presses a device or entity",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 24},
+                    "area": {"type": "string", "maxLength": 16},
+                    "brightness": {"type": "integer"},
+                },
+                "required": ["name"],
+            },
+        },
+    },
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+QUESTION = "Turn on the kitchen light, and what is the weather in Paris?"
+CALL_ID = re.compile(r"call_[A-Za-z0-9]{24}")
+MARKUP = ("tool_calls", '"response"', "<tool_call>", "tool▁call")
+
+
+@pytest.fixture(scope="module")
+def client(daemon: Daemon) -> Iterator[Any]:
+    import httpx2
+    import openai
+
+    transport = httpx2.HTTPTransport(uds=str(daemon.socket))
+    with openai.OpenAI(
+        base_url="http://edged/v1",
+        api_key="unused",
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    ) as c:
+        yield c
+
+
+def check_calls(message: Any, allowed: set[str]) -> list[Any]:
+    """The message's calls, each well formed and valid against its tool's schema."""
+    calls = message.tool_calls or []
+    assert calls, message
+    for call in calls:
+        assert CALL_ID.fullmatch(call.id), call.id
+        assert call.type == "function" and call.function.name in allowed
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, SCHEMAS[call.function.name])
+    assert len({c.id for c in calls}) == len(calls), "every call its own id"
+    assert not message.content, "no text beside the calls here, and never markup"
+    return calls
+
+
+def test_required_calls_are_valid_against_their_schemas_at_temperature_one(client: Any) -> None:
+    for seed in range(4):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert len(check_calls(choice.message, set(SCHEMAS))) == 1, "parallel_tool_calls false: one call"
+
+
+def test_a_named_tool_is_the_one_called(client: Any) -> None:
+    for seed in (11, 12):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "HassTurnOn"}},
+            temperature=1.0,
+            seed=seed,
+            max_tokens=300,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert {c.function.name for c in check_calls(choice.message, {"HassTurnOn"})} == {"HassTurnOn"}
+
+
+def test_parallel_calls_each_validate(client: Any) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=400,
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
+    check_calls(reply.choices[0].message, set(SCHEMAS))
+
+
+def test_tool_choice_none_answers_in_text(client: Any) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        tools=TOOLS,
+        tool_choice="none",
+        temperature=0,
+        max_tokens=24,
+    )
+    choice = reply.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+    assert choice.message.content and not choice.message.content.lstrip().startswith("{")
+
+
+def test_auto_answers_with_valid_calls_or_plain_text(daemon: Daemon) -> None:
+    """Greedy, so each question has one answer: a call (validated) or text without the JSON envelope."""
+    kinds = set()
+    with daemon.client() as c:
+        for question in (QUESTION, "Say hello to Ann.", "What is the weather in Oslo, in celsius?"):
+            r = c.post(
+                "/v1/chat/completions", json=chat(question, tools=TOOLS, temperature=0, max_tokens=300)
+            )
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            message = choice["message"]
+            if message.get("tool_calls"):
+                kinds.add("calls")
+                assert choice["finish_reason"] == "tool_calls" and message["content"] is None
+                for call in message["tool_calls"]:
+                    jsonschema.validate(
+                        json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]]
+                    )
+            else:
+                kinds.add("text")
+                assert choice["finish_reason"] == "stop" and "tool_calls" not in message
+                assert isinstance(message["content"], str)
+                assert not any(m in message["content"] for m in MARKUP), message["content"]
+    assert kinds, "each answer was one of the two"
+
+
+def test_streamed_calls_come_whole_before_the_last_chunk(client: Any) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        temperature=1.0,
+        seed=3,
+        max_tokens=200,
+        stream=True,
+    )
+    chunks = [chunk for chunk in stream if chunk.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert content == "", "no markup streamed as content"
+    pieces = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert len(pieces) == 1 and pieces[0].index == 0 and CALL_ID.fullmatch(pieces[0].id or "")
+    assert pieces[0].type == "function" and pieces[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(pieces[0].function.arguments), SCHEMAS["get_weather"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_streamed_text_answer_comes_without_the_envelope(daemon: Daemon) -> None:
+    """The generic form's ``{"response": "..."}`` streams as the text alone, piece by piece."""
+    body = chat(
+        "Say hello to Ann.", tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=300, stream=True
+    )
+    plain = dict(body, stream=False)
+    with daemon.client() as c:
+        whole = c.post("/v1/chat/completions", json=plain).json()["choices"][0]
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    streamed = "".join(d.get("content") or "" for d in deltas)
+    calls = [t for d in deltas for t in d.get("tool_calls", [])]
+    if whole["message"].get("tool_calls"):  # greedy: the same answer both ways
+        assert [c["function"] for c in calls] == [c["function"] for c in whole["message"]["tool_calls"]]
+    else:
+        assert streamed == whole["message"]["content"] and not calls
+        assert len([d for d in deltas if d.get("content")]) > 1, "streamed in pieces, not at the end"
+    assert not any(m in streamed for m in MARKUP)
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+def test_the_round_trip_the_model_answers_from_the_tool_s_result(client: Any) -> None:
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=[question],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=200,
+    )
+    call = check_calls(first.choices[0].message, {"get_weather"})[0]
+    history = [
+        question,
+        first.choices[0].message.model_dump(exclude_none=True),  # as agents send it back
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'},
+    ]
+    for choice in ("none", "auto"):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=history,
+            tools=TOOLS,
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=300,
+        )
+        message = reply.choices[0].message
+        if message.tool_calls:  # auto may call again: then validly
+            check_calls(message, set(SCHEMAS))
+        else:
+            assert message.content and not any(m in message.content for m in MARKUP), message.content
+    legacy = client.chat.completions.create(  # the deprecated functions and function role
+        model=MODEL,
+        messages=[
+            question,
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "get_weather", "arguments": "{}"},
+            },
+            {"role": "function", "name": "get_weather", "content": "21 C"},
+        ],
+        functions=[t["function"] for t in TOOLS],
+        function_call="none",
+        temperature=0,
+        max_tokens=16,
+    )
+    assert legacy.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "turn on"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
+    ],
+)
+def test_bad_tools_are_invalid_requests_naming_the_field(
+    http: httpx.Client, fields: dict[str, Any], param: str
+) -> None:
+    r = http.post("/v1/chat/completions", json=chat("hi", max_tokens=4, **fields))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", param), error
+
+
+def test_the_openai_client_sees_a_bad_tool_as_a_bad_request(client: Any) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "bad name!"}}],
+        )
+    assert info.value.status_code == 400 and "tools[0].function.name" in str(info.value)
+
+
+def test_an_mqtt_job_with_tools_gets_its_calls_in_the_done_message(start_daemon: Any, tmp_path: Path) -> None:
+    """The job schema is every transport's: ``mosquitto_pub`` a job with tools, the final message
+    carries ``tool_calls`` (and ``finish_reason: tool_calls``) beside an empty ``content``."""
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        d = start_daemon(
+            EDGED_MQTT__HOST="127.0.0.1", EDGED_MQTT__PORT=str(broker.port), EDGED_DEVICE_ID="house"
+        )
+        with d.client() as c:
+            wait_until(lambda: (c.get("/status").json()["mqtt"] or {}).get("connected"), 20, "connected")
+        probe = Probe(broker.port)
+        try:
+            probe.subscribe("house/answers")
+            job = {
+                "id": "t-1",
+                "messages": [{"role": "user", "content": QUESTION}],
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "HassTurnOn"}},
+                "parallel_tool_calls": False,
+                "temperature": 1.0,
+                "seed": 5,
+                "max_tokens": 200,
+            }
+            subprocess.run(
+                [
+                    *["mosquitto_pub", "-V", "mqttv5", "-p", str(broker.port), "-t", "edged/house/jobs"],
+                    *["-m", json.dumps(job), "-D", "publish", "response-topic", "house/answers"],
+                ],
+                check=True,
+                timeout=10,
+            )
+            _, answer, _ = probe.next(90)
+        finally:
+            probe.close()
+    finally:
+        broker.stop()
+    assert answer["status"] == "done", answer
+    assert (answer["finish_reason"], answer["content"]) == ("tool_calls", "")
+    [call] = answer["tool_calls"]
+    assert CALL_ID.fullmatch(call["id"]) and call["type"] == "function"
+    assert call["function"]["name"] == "HassTurnOn"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS["HassTurnOn"])
