@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import socket
 import time
 import urllib.parse
@@ -1064,9 +1065,19 @@ def contract_error_codes(ctx: Any, response: Any, case: Any) -> bool | None:
     return True
 
 
-SEMANTIC = ("grammar", "response_format", "logit_bias", "id")
+SEMANTIC = (
+    "grammar",
+    "response_format",
+    "logit_bias",
+    "id",
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+)
 """Fields a schema can only shape: a GBNF grammar that must parse, a JSON schema llama.cpp's converter
-must take, token ids of the loaded model's vocabulary, a job id not used before."""
+must take (also a tool's parameters), token ids of the loaded model's vocabulary, a job id not used
+before, tool names unique and a tool choice naming one of them."""
 OLLAMA_SEMANTIC = ("response_format", "logit_bias", "invalid request: options.stop")
 
 
@@ -1085,9 +1096,11 @@ def valid_requests_accepted(ctx: Any, response: Any, case: Any) -> bool | None:
     body = json_body(response)
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        param = str(error.get("param") or "").split(".")[0]
+        param = re.split(r"[.\[]", str(error.get("param") or ""))[0]  # tools[0].function.name: tools
         if status == 400 and (error.get("code") == "context_length_exceeded" or param in SEMANTIC):
             return None
+        if status == 400 and str(error.get("param") or "").endswith("function.arguments"):
+            return None  # an earlier call's arguments: the text of a JSON object
         if status == 422 and error.get("code") == "invalid_output":
             return None
     elif isinstance(error, str):  # Ollama's shape: the message names the field

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import re
 import time
 import uuid
@@ -49,6 +50,18 @@ class CalledFunction(BaseModel):
         "{}", description="The arguments: a JSON object, or its text (OpenAI's function.arguments)."
     )
 
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, str) and value.strip():
+            try:
+                parsed = json.loads(value)
+            except (ValueError, RecursionError):
+                raise ValueError("'arguments' is not JSON text") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("'arguments' is not the text of a JSON object")
+        return value
+
 
 class MessageToolCall(BaseModel):
     """A call an earlier assistant turn made (OpenAI's ``message.tool_calls[]``)."""
@@ -60,8 +73,62 @@ class MessageToolCall(BaseModel):
     function: CalledFunction = Field(description="The name and arguments of the call.")
 
 
+def _message_rules(schema: dict[str, Any]) -> None:
+    """`Message`'s checks in code, written into its JSON schema."""
+    schema["allOf"] = [
+        {
+            "if": {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array"}}},
+            "then": {"properties": {"role": {"const": "assistant"}}},
+        },
+        {
+            "if": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}},
+            "then": {"properties": {"role": {"const": "tool"}}},
+        },
+        {
+            "if": {"properties": {"content": {"type": "null"}}},
+            "then": {
+                "required": ["tool_calls"],
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "tool_calls": {"type": "array", "minItems": 1},
+                },
+            },
+        },
+    ]
+
+
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": ["string", "null"], "maxLength": 8192},
+                "parameters": {"type": ["object", "null"]},
+                "strict": {"type": "boolean"},
+            },
+        },
+    },
+}
+"""One of ``tools`` (`edged.tools.spec.parse_tools` checks the rest: unique names, the parameters
+a schema of an object within edged's bounds)."""
+
+NAMED_TOOL: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+    },
+}
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_message_rules)
 
     role: Literal["system", "user", "assistant", "tool"] = Field(
         description="Who speaks; tool: the result of a call an earlier assistant turn made."
@@ -161,6 +228,8 @@ def job_schema_rules(schema: dict[str, Any]) -> None:
     nonempty = {"type": "string", "minLength": 1}
     props["stop"]["anyOf"][:2] = [nonempty, {"type": "array", "items": nonempty, "maxItems": 4}]
     props["logit_bias"]["anyOf"][0]["propertyNames"] = {"pattern": f"^{TOKEN_ID.pattern}$"}
+    props["tools"]["anyOf"][0] = {"type": "array", "items": TOOL_SCHEMA, "maxItems": 128}
+    props["tool_choice"]["anyOf"][:2] = [{"enum": ["none", "auto", "required"]}, NAMED_TOOL]
     json_format = {"type": "object", "required": ["type"], "properties": {"type": {"not": {"const": "text"}}}}
     schema["allOf"] = [
         {  # exactly one of messages and prompt

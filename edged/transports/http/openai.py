@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edged.config import Settings
 from edged.engine import Delta, Engine, Job, JobRequest, JobResult
-from edged.engine.job import JsonInt, OptionalJsonInt, job_schema_rules
+from edged.engine.job import TOOL_SCHEMA, JsonInt, OptionalJsonInt, job_schema_rules
 from edged.errors import EdgedError, InvalidRequest, NotSupported
 from edged.tools.spec import parse_choice, parse_tools
 from edged.transports.http.app import JobStream, Wire, read_body
@@ -23,6 +23,21 @@ from edged.transports.http.openapi import body_ref
 from edged.transports.tcp import on_tcp
 
 # -- request bodies --------------------------------------------------------------------------------
+
+
+class OpenAIFunction(BaseModel):
+    """An earlier call's function as OpenAI's clients send it (unknown keys ignored)."""
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class OpenAIToolCall(BaseModel):
+    """An earlier call as OpenAI's clients send it (unknown keys, such as a stream's ``index``, ignored)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: OpenAIFunction
 
 
 class OpenAIMessage(BaseModel):
@@ -37,9 +52,9 @@ class OpenAIMessage(BaseModel):
         None, description="Text, or content parts of which edged reads the text ones."
     )
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
     tool_call_id: str | None = None
-    function_call: dict[str, Any] | None = None
+    function_call: OpenAIFunction | None = None
     refusal: str | None = None
     audio: dict[str, Any] | None = None
 
@@ -73,31 +88,32 @@ class OpenAIMessage(BaseModel):
             message["name"] = self.name
         calls = self.tool_calls
         if calls is None and self.function_call is not None:
-            calls = [{"type": "function", "function": self.function_call}]
+            calls = [OpenAIToolCall(function=self.function_call)]
         if self.role == "assistant" and calls:
-            message["tool_calls"] = [_history_call(call) for call in calls]
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in calls]
         return message
 
 
-def _history_call(call: dict[str, Any]) -> Any:
-    """An earlier call as the job schema takes it (`edged.engine.job.MessageToolCall`): its id, name
-    and arguments; what is not a call is left for the job's validation to name."""
-    function = call.get("function")
-    if not isinstance(function, dict):
-        return {"function": function}
-    out: dict[str, Any] = {"function": {k: function[k] for k in ("name", "arguments") if k in function}}
-    if "id" in call:
-        out["id"] = call["id"]
-    return out
+def _legacy_tool_rules(schema: dict[str, Any]) -> None:
+    """The shapes of OpenAI's deprecated ``functions`` and ``function_call``, as `JobRequest`'s own
+    rules give ``tools`` and ``tool_choice`` theirs."""
+    props = schema["properties"]
+    props["functions"]["anyOf"][0] = {"type": "array", "items": TOOL_SCHEMA["properties"]["function"]}
+    props["function_call"]["anyOf"][:2] = [
+        {"enum": ["none", "auto"]},
+        {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+    ]
 
 
 def _chat_rules(schema: dict[str, Any]) -> None:
     job_schema_rules(schema)
+    _legacy_tool_rules(schema)
     schema["properties"]["raw"]["const"] = False  # raw prompts go to /v1/completions
 
 
 def _completion_rules(schema: dict[str, Any]) -> None:
     job_schema_rules(schema)
+    _legacy_tool_rules(schema)
     schema["allOf"].append(
         {"required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}}}
     )

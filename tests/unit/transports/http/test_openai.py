@@ -60,11 +60,16 @@ def test_roles_and_content_parts_become_the_job_s_messages() -> None:
 
 
 def test_an_earlier_call_that_is_not_one_is_refused_naming_where() -> None:
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(ValidationError) as body:
         messages_of(
             *HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}
         )
-    assert info.value.param == "messages.1.tool_calls.0.function"
+    assert body.value.errors()[0]["loc"] == ("messages", 1, "tool_calls", 0, "function")
+    not_json = {"function": {"name": "f", "arguments": "{'a': 1}"}}
+    with pytest.raises(InvalidRequest) as job:
+        messages_of(*HI, {"role": "assistant", "content": None, "tool_calls": [not_json]})
+    assert job.value.param == "messages.1.tool_calls.0.function.arguments"
+    assert "not JSON text" in job.value.message
 
 
 def test_a_part_that_is_not_text_is_not_supported_naming_where() -> None:
