@@ -2,7 +2,8 @@
 whole answer is one JSON object, the calls or a text response, forced by a grammar), through the
 official `openai` client and raw HTTP: required, named, none and auto; streamed; the round trip with
 a tool's result; bad tools refused naming the field; and a job with tools over MQTT (`mosquitto_pub`),
-whose final message carries the calls.
+whose final message carries the calls. On the R1-shaped model: a forced call in R1's markup after free
+reasoning.
 
 Every call is checked with the `jsonschema` package against the schema the client sent, independently
 of edged's own check."""
@@ -355,3 +356,48 @@ def test_an_mqtt_job_with_tools_gets_its_calls_in_the_done_message(start_daemon:
     assert CALL_ID.fullmatch(call["id"]) and call["type"] == "function"
     assert call["function"]["name"] == "HassTurnOn"
     jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS["HassTurnOn"])
+
+
+def test_a_thinking_r1_model_reasons_then_makes_the_forced_call_in_r1_markup(
+    start_daemon: Any, r1_tiny: Path
+) -> None:
+    """The R1-shaped model (random weights, R1's vocabulary): recognised as deepseek_r1, it reasons
+    freely (a budget of 8 tokens closes </think>), then the grammar forces R1's call markup, which is
+    parsed back into tool_calls. Printable-ASCII patterns: random weights emit raw bytes otherwise
+    (see tests/test_structured.py)."""
+    d = start_daemon(EDGED_MODEL__PATH=str(r1_tiny))
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "set_level",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "room": {"type": "string", "pattern": "^[A-Za-z0-9 ]{0,8}$"},
+                    "level": {"enum": ["low", "high"]},
+                },
+                "required": ["room", "level"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    body = chat(
+        "Set the hall to high.",
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "set_level"}},
+        parallel_tool_calls=False,
+        reasoning_budget=8,
+        temperature=1.0,
+        seed=1,
+        max_tokens=300,
+    )
+    with d.client() as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls" and message["content"] is None
+    assert message["reasoning_content"] is not None
+    [call] = message["tool_calls"]
+    assert call["function"]["name"] == "set_level" and CALL_ID.fullmatch(call["id"])
+    jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
