@@ -9,11 +9,12 @@ string, a tag or a character, so streamed output stays as fresh as the tokens.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 
 from edged.backends.base import THINK_CLOSE, THINK_OPEN
 
 
-def _partial_suffix(text: str, needles: list[str]) -> int:
+def partial_suffix(text: str, needles: Iterable[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``needles``."""
     best = 0
     for needle in needles:
@@ -44,7 +45,7 @@ class StopMatcher:
             self.stopped = True
             self._pending = ""
             return text[: min(hits)[0]]
-        keep = _partial_suffix(text, self._stops)
+        keep = partial_suffix(text, self._stops)
         self._pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -79,7 +80,7 @@ class ThinkSplitter:
                 self.in_think = not self.in_think
                 self._strip_next = True
                 continue
-            keep = _partial_suffix(text, [tag])
+            keep = partial_suffix(text, [tag])
             self._emit(out, text[: len(text) - keep])
             self._pending = text[len(text) - keep :] if keep else ""
             break

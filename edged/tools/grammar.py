@@ -92,6 +92,19 @@ def _arguments(tools: list[ToolSpec], allowed: list[ToolSpec]) -> list[tuple[Too
     return out
 
 
+def _call_rule(converted: list[tuple[ToolSpec, str, str]], tail: str) -> str:
+    """``tc-call``: one ``{"name": ..., "arguments": ...}`` object per allowed tool, ``tail`` after it
+    (the generic form lets space follow a call inside its array; Hermes closes the block at once)."""
+    alternatives = []
+    for tool, args, _ in converted:
+        name = _literal(f'"{tool.name}"')
+        alternatives.append(
+            f'"{{" tc-sp "\\"name\\"" tc-sp ":" tc-sp {name} tc-sp "," tc-sp "\\"arguments\\"" tc-sp ":" '
+            f'tc-sp {args} "}}"{tail}'
+        )
+    return "tc-call ::= " + " | ".join(f"( {a} )" for a in alternatives)
+
+
 def build_grammar(
     family: Family, tools: list[ToolSpec], choice: ToolChoice, *, parallel: bool = True
 ) -> ToolGrammar | None:
@@ -110,14 +123,7 @@ def build_grammar(
             root += ' | "{" tc-sp "\\"response\\"" tc-sp ":" tc-sp rs-root "}"'
             lines.append(namespaced(schema_to_grammar({"type": "string"}, "tools (the response)"), "rs"))
         lines.append(f"root ::= {root}")
-        alternatives = []
-        for tool, args, _ in converted:
-            name = _literal(f'"{tool.name}"')
-            alternatives.append(
-                f'"{{" tc-sp "\\"name\\"" tc-sp ":" tc-sp {name} tc-sp "," tc-sp "\\"arguments\\"" tc-sp ":" '
-                f'tc-sp {args} "}}" tc-sp'
-            )
-        lines.append("tc-call ::= " + " | ".join(f"( {a} )" for a in alternatives))
+        lines.append(_call_rule(converted, tail=" tc-sp"))
     elif family == "hermes":
         trigger = None if forced else HERMES_OPEN
         more = ' ( "\\n" tc-block )*' if parallel else ""
@@ -125,14 +131,7 @@ def build_grammar(
         lines.append(
             f"tc-block ::= {_literal(HERMES_OPEN + chr(10))} tc-call {_literal(chr(10) + HERMES_CLOSE)}"
         )
-        alternatives = []
-        for tool, args, _ in converted:
-            name = _literal(f'"{tool.name}"')
-            alternatives.append(
-                f'"{{" tc-sp "\\"name\\"" tc-sp ":" tc-sp {name} tc-sp "," tc-sp "\\"arguments\\"" tc-sp ":" '
-                f'tc-sp {args} "}}"'
-            )
-        lines.append("tc-call ::= " + " | ".join(f"( {a} )" for a in alternatives))
+        lines.append(_call_rule(converted, tail=""))
     else:
         trigger = None if forced else R1_CALLS_BEGIN
         more = ' ( "\\n" tc-call )*' if parallel else ""

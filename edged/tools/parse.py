@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edged.engine.text import partial_suffix
 from edged.tools.family import Family
 from edged.tools.jsonscan import WS, Bad, escape_controls, scan_string, scan_value, skip_ws, string_prefix
 from edged.tools.markup import (
@@ -157,17 +158,6 @@ def _call_object(text: str, i: int, call: _Call) -> int | None:
         j = end
 
 
-def _held_marker(text: str, markers: tuple[str, ...]) -> int:
-    """How many characters at the end of ``text`` may be the start of one of ``markers``."""
-    most = 0
-    for marker in markers:
-        for k in range(min(len(marker) - 1, len(text)), most, -1):
-            if text.endswith(marker[:k]):
-                most = k
-                break
-    return most
-
-
 def _find_first(text: str, markers: tuple[str, ...], start: int) -> tuple[int, str] | None:
     found: tuple[int, str] | None = None
     for marker in markers:
@@ -234,7 +224,7 @@ def _parse_blocks(
         if found is None:
             tail = text[pos:]
             if not final:
-                tail = tail[: len(tail) - _held_marker(tail, openers)]
+                tail = tail[: len(tail) - partial_suffix(tail, openers)]
             segments.close(tail, final)
             break
         start, opener = found
