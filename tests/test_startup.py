@@ -101,3 +101,12 @@ def test_serve_imports_what_start_up_needs_and_nothing_else(tmp_path: Path) -> N
     assert "no_such_backend" in stderr
     assert {"edged.daemon", "edged.config", "edged.board", "edged.backends"} <= modules  # got that far
     assert offending(modules, NOT_FOR_SERVE) == []
+
+
+@pytest.mark.parametrize("module", ["edged.tools.spec", "edged.tools.parse", "edged.engine.bounds"])
+def test_a_module_imports_first_without_a_cycle(module: str, tmp_path: Path) -> None:
+    """edged.engine's package names load lazily: ``edged.tools`` imports ``edged.engine.bounds``, and
+    an eager ``edged.engine`` imported ``edged.tools.spec`` back half-initialized (ImportError)."""
+    code, modules, stderr = loaded(f"import {module}", tmp_path)
+    assert code == 0, stderr
+    assert module in modules

@@ -7,21 +7,49 @@ backend's thread), `backend_host` (loading the backend, falling back), `timings`
 `snapshot` (the one read view) and `engine` (the facade).
 """
 
-from edged.engine.engine import Engine
-from edged.engine.job import (
-    Delta,
-    Failed,
-    Finished,
-    Job,
-    JobEvent,
-    JobRequest,
-    JobResult,
-    JobState,
-    Message,
-    Usage,
-)
-from edged.engine.snapshot import EngineSnapshot, EngineState, SlotsInfo
-from edged.engine.timings import Timings
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edged.engine.engine import Engine
+    from edged.engine.job import (
+        Delta,
+        Failed,
+        Finished,
+        Job,
+        JobEvent,
+        JobRequest,
+        JobResult,
+        JobState,
+        Message,
+        Usage,
+    )
+    from edged.engine.snapshot import EngineSnapshot, EngineState, SlotsInfo
+    from edged.engine.timings import Timings
+
+_HOMES = {
+    "Engine": "edged.engine.engine",
+    **dict.fromkeys(
+        ("Delta", "Failed", "Finished", "Job", "JobEvent", "JobRequest", "JobResult", "JobState", "Message"),
+        "edged.engine.job",
+    ),
+    "Usage": "edged.engine.job",
+    **dict.fromkeys(("EngineSnapshot", "EngineState", "SlotsInfo"), "edged.engine.snapshot"),
+    "Timings": "edged.engine.timings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, imported when first asked for: importing a submodule (``edged.engine.bounds``
+    from ``edged.tools``) must not import the whole engine, which imports ``edged.tools`` back."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Delta",
