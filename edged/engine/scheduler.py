@@ -414,6 +414,15 @@ class Scheduler:
         )
         result.notes = self.backend.job_notes(job.prepared.params) or None
         constraint = job.prepared.constraint
+        plan = job.prepared.tools
+        if reason == "length" and run.calls is not None and plan and plan.choice.mode == "auto":
+            pieces, began_a_call = run.calls.cut()
+            if not began_a_call:  # a text answer cut short, like any other: what it said so far
+                for piece in pieces:
+                    outcomes.append(Emit(job, Delta("content", piece.content)))
+                result.content = run.calls.content
+                outcomes.append(Done(job, result))
+                return
         if constraint is not None or run.calls is not None:
             try:
                 if reason == "length" and constraint is not None:

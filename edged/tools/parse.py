@@ -57,6 +57,9 @@ class _Parsed:
     calls: list[_Call]
     text: str
     malformed: list[str] = field(default_factory=list)
+    calling: bool = False
+    """The text has begun the call part of the answer (a block's opening marker, the generic envelope's
+    ``tool_calls`` key), even if no call in it has begun yet."""
 
     def arguments_text(self, call: _Call) -> str:
         """The arguments' JSON text so far (a string literal, as some models write them, only once
@@ -219,6 +222,7 @@ def _parse_blocks(
     calls: list[_Call] = []
     malformed: list[str] = []
     pos = 0
+    calling = False
     while True:
         found = _find_first(text, openers, pos)
         if found is None:
@@ -228,6 +232,7 @@ def _parse_blocks(
             segments.close(tail, final)
             break
         start, opener = found
+        calling = True
         segments.add(text[pos:start], before_block=True)
         done = len(calls)
         try:
@@ -241,7 +246,7 @@ def _parse_blocks(
                     malformed.append(text[start:])
             break
         pos = end
-    return _Parsed(segments.content(), calls, text, malformed)
+    return _Parsed(segments.content(), calls, text, malformed, calling=calling)
 
 
 def _hermes_block(text: str, j: int, calls: list[_Call]) -> int | None:
@@ -378,10 +383,10 @@ def _parse_generic(text: str, final: bool) -> _Parsed:
             calls.pop()
         if final:
             malformed.append(text[calls[-1].raw_start if calls else i :])
-        return _Parsed("", calls, text, malformed)
+        return _Parsed("", calls, text, malformed, calling=True)
     if final and calls and not calls[-1].complete:
         malformed.append(text[calls[-1].raw_start :])
-    return _Parsed("", calls, text, malformed)
+    return _Parsed("", calls, text, malformed, calling=True)
 
 
 def _parse(family: Family, text: str, final: bool) -> _Parsed:
@@ -438,6 +443,20 @@ class StreamParser:
         streamed = [call_id for call_id, _, _ in self._calls]
         result = _finished(parsed, lambda i: streamed[i] if i < len(streamed) else self._make_id(i))
         return deltas, result
+
+    def cut(self) -> tuple[list[StreamDelta], bool]:
+        """The answer ends here, before its end (``max_tokens``): flush the content the parser held
+        back and say whether a call had begun (then the answer is a call cut in half, not a text
+        answer cut short). Text that may be the start of a marker or of the envelope stays out."""
+        parsed = _parse(self.family, self._text, final=False)
+        if parsed.calling or parsed.calls:
+            return [], True
+        return self._diff(parsed), False
+
+    @property
+    def content(self) -> str:
+        """The content given out so far (by `feed`, `cut`)."""
+        return self._content
 
     def _diff(self, parsed: _Parsed) -> list[StreamDelta]:
         out: list[StreamDelta] = []

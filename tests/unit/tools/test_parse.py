@@ -160,6 +160,31 @@ def test_a_generic_response_streams_as_decoded_text_without_half_escapes() -> No
 
 
 @pytest.mark.parametrize(
+    ("family", "pieces", "content", "began"),
+    [
+        ("generic", ['{"response": "Hello, I', "'m here \\u00"], "Hello, I'm here ", False),
+        ("generic", ['{ "resp'], "", False),
+        ("generic", ['{"tool_calls": ['], "", True),
+        ("generic", ['{"tool_call": {"na'], "", True),
+        ("hermes", ["Sure, ", "it is <tool_ca"], "Sure, it is", False),
+        ("hermes", ["Sure.\n<tool_call>\n{"], "Sure.", True),
+        ("deepseek_r1", ["ok <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>func"], "ok", True),
+    ],
+)
+def test_a_cut_answer_is_a_text_cut_short_or_a_call_cut_in_half(
+    family: Family, pieces: list[str], content: str, began: bool
+) -> None:
+    """At max_tokens: text so far is the content (no envelope, marker or half escape); a call that
+    began is not flushed, so the scheduler can report it cut."""
+    parser = StreamParser(family)
+    streamed = "".join(d.content for p in pieces for d in parser.feed(p))
+    deltas, began_a_call = parser.cut()
+    assert began_a_call is began
+    assert streamed + "".join(d.content for d in deltas) == parser.content == content
+    assert all(d.call is None for d in deltas)
+
+
+@pytest.mark.parametrize(
     ("family", "text", "content", "kept"),
     [
         ("hermes", 'Hi.\n<tool_call>\n{"name": "a", "arguments": {"x": 1', "Hi.", 0),  # cut by max_tokens
