@@ -65,6 +65,17 @@ def rows(path: Path) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute("SELECT job_id, origin, state, attempts, error FROM jobs")]
 
 
+def tool_job(job_id: str, schema: dict[str, Any]) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+    return {
+        "id": job_id,
+        "prompt": "Call f.",
+        "max_tokens": 8,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}],
+        "tool_choice": "required",
+    }
+
+
 def schema_job(job_id: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": job_id,
@@ -96,6 +107,13 @@ def test_a_schema_bomb_over_mqtt_is_refused_before_the_journal(start_daemon, bro
             assert final["id"] == job_id and final["status"] == "error", final
             assert final["error"]["code"] == "invalid_request", final
             assert final["error"]["param"].startswith("response_format.json_schema.schema"), final
+        tool_bombs = (("tool-bomb-1", MIN_BOMB), ("tool-bomb-2", DEEP_NOT), ("tool-bomb-3", {"type": "text"}))
+        for job_id, schema in tool_bombs:  # a tool's schema too, bounded and then converted
+            probe.publish("edged/bomb/jobs", tool_job(job_id, schema), response_topic="lab/bomb")
+            _, final = probe.until_final(30)
+            assert final["id"] == job_id and final["status"] == "error", final
+            assert final["error"]["code"] == "invalid_request", final
+            assert final["error"]["param"].startswith("tools[0].function.parameters"), final
         probe.publish("edged/bomb/jobs", schema_job("bomb-3", BOMB), response_topic="lab/bomb")
         _, final = probe.until_final(60)
         assert final["id"] == "bomb-3", final
@@ -113,7 +131,8 @@ def test_a_schema_bomb_over_mqtt_is_refused_before_the_journal(start_daemon, bro
         probe.close()
     assert d.stop() == 0, d.log()
     states = {r["job_id"]: r["state"] for r in rows(journal)}
-    assert "bomb-1" not in states and "bomb-2" not in states, f"refused jobs were journaled: {states}"
+    refused = {"bomb-1", "bomb-2", "tool-bomb-1", "tool-bomb-2", "tool-bomb-3"}
+    assert not refused & set(states), f"refused jobs were journaled: {states}"
     d2 = start_daemon(**mqtt_env(broker, "bomb", journal))
     wait_until(lambda: connected(d2), 20, "edged connected again")
     assert d2.proc is not None and d2.proc.poll() is None

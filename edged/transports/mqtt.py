@@ -48,6 +48,7 @@ from edged.journal.intake import JobIntake, Recovery, Ticket
 from edged.mqtt.broker import BrokerOptions, BrokerSetupError
 from edged.mqtt.client import make_client
 from edged.mqtt.client import start as start_client
+from edged.tools.grammar import build_grammar
 from edged.transports.ratelimit import RateLimiter
 from edged.wire import ChunkMessage
 
@@ -501,10 +502,14 @@ class MqttTransport:
 
     def _constraint_problem(self, request: JobRequest) -> EdgedError | None:
         """A job's JSON schema or grammar checked (bounded, and converted once) before it is
-        journaled: one that cannot be run is answered now and never stored as runnable."""
-        if request.response_format is None and request.grammar is None:
+        journaled: one that cannot be run is answered now and never stored as runnable. A tool job's
+        tool schemas too (converted as the generic form's grammar, which converts every tool the
+        choice allows: the same conversion whatever form the model writes)."""
+        if request.response_format is None and request.grammar is None and not request.uses_tools:
             return None
         try:
+            if request.uses_tools:
+                build_grammar("generic", request.tool_specs, request.choice, parallel=request.parallel)
             constraint_of(request.response_format, request.grammar, after_think=False)
         except EdgedError as exc:
             return exc
