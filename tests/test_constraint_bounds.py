@@ -27,7 +27,14 @@ from conftest import Daemon, chat, clean_env
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from edged.engine import bounds
-from edged.engine.constraints import CACHE_BYTES, Constraint, _Lru, check_answer, constraint_of
+from edged.engine.constraints import (
+    CACHE_BYTES,
+    Constraint,
+    _Lru,
+    check_answer,
+    constraint_of,
+    with_llama_spaces,
+)
 from edged.engine.gbnf import GbnfError, measure
 from edged.engine.job import ResponseFormat
 from edged.errors import InvalidOutput, InvalidRequest
@@ -324,7 +331,7 @@ def test_a_maximum_the_grammar_does_not_spell_out_is_checked_on_the_answer(
     constraint = constraint_of(response_format(schema), None, after_think=False)
     assert time.monotonic() - start < QUICK_S
     assert constraint is not None
-    assert constraint.grammar.text == json_schema_to_gbnf(json.dumps(instead))
+    assert constraint.grammar.text == with_llama_spaces(json_schema_to_gbnf(json.dumps(instead)))
     assert len(constraint.grammar.text.encode()) <= bounds.MAX_GBNF_BYTES
     assert paren_depth(constraint.grammar.text) <= bounds.MAX_GBNF_NESTING
     assert constraint.schema == schema  # the answer is checked against the bound as sent
@@ -339,7 +346,7 @@ def test_a_maximum_the_grammar_does_not_spell_out_is_checked_on_the_answer(
 def test_a_schema_within_the_bounds_converts_as_llama_cpp_writes_it(schema: dict[str, Any]) -> None:
     constraint = constraint_of(response_format(schema), None, after_think=False)
     assert constraint is not None
-    assert constraint.grammar.text == json_schema_to_gbnf(json.dumps(schema))
+    assert constraint.grammar.text == with_llama_spaces(json_schema_to_gbnf(json.dumps(schema)))
     assert len(constraint.grammar.text.encode()) <= bounds.MAX_GBNF_BYTES
     assert paren_depth(constraint.grammar.text) <= bounds.MAX_GBNF_NESTING
 
@@ -347,7 +354,7 @@ def test_a_schema_within_the_bounds_converts_as_llama_cpp_writes_it(schema: dict
 def test_a_moderate_schema_converts_exactly_as_before() -> None:
     constraint = constraint_of(response_format(MODERATE), None, after_think=False)
     assert constraint is not None and constraint.kind == "json_schema"
-    assert constraint.grammar.text == json_schema_to_gbnf(json.dumps(MODERATE))
+    assert constraint.grammar.text == with_llama_spaces(json_schema_to_gbnf(json.dumps(MODERATE)))
     assert constraint.schema == MODERATE
 
 
@@ -358,7 +365,7 @@ def test_a_bound_that_is_a_property_name_or_a_constant_is_not_a_bound() -> None:
     }
     constraint = constraint_of(response_format(schema), None, after_think=False)
     assert constraint is not None
-    assert constraint.grammar.text == json_schema_to_gbnf(json.dumps(schema))
+    assert constraint.grammar.text == with_llama_spaces(json_schema_to_gbnf(json.dumps(schema)))
 
 
 @pytest.mark.parametrize(

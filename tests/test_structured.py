@@ -7,6 +7,7 @@ Every answer is checked with the `jsonschema` package, independently of edged's 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +109,21 @@ def test_every_answer_of_the_embedded_model_matches_the_schema(daemon: Daemon) -
         jsonschema.validate(json.loads(message["content"], strict=False), SCHEMA)
     # Different prompts, different answers: the grammar constrains, it does not dictate.
     assert len({a["choices"][0]["message"]["content"] for a in answers}) > 10
+
+
+def test_the_grammar_lets_the_model_lay_json_out_as_llama_cpp_does(daemon: Daemon) -> None:
+    """llama.cpp's whitespace between JSON tokens (none, a space, or one or two newlines and up to 20
+    spaces or tabs), not one optional space: greedy SmolLM2 pretty-prints its answer, as without a
+    grammar; each gap stays bounded, so whitespace cannot run an answer to max_tokens."""
+    with daemon.client() as c:
+        for prompt in PROMPTS[:3]:
+            r = post(c, chat(prompt, response_format=schema_format(SCHEMA), max_tokens=400, temperature=0))
+            assert r.status_code == 200, r.text
+            content = r.json()["choices"][0]["message"]["content"]
+            jsonschema.validate(json.loads(content, strict=False), SCHEMA)
+            assert '{\n  "' in content, content  # laid out over lines, indented
+            outside = re.sub(r'"(?:[^"\\]|\\.)*"', '""', content)  # the gaps, strings taken out
+            assert max(len(gap) for gap in re.findall(r"\s+", outside)) <= 22, content
 
 
 @pytest.fixture

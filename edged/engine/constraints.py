@@ -136,6 +136,7 @@ def schema_to_grammar(schema: dict[str, Any], param: str) -> str:
         raise _remember(
             key, f"{param}: llama.cpp's JSON-schema converter cannot take this schema: {_reason(exc)}", param
         ) from None
+    gbnf = with_llama_spaces(gbnf)
     try:
         bounds.check_grammar(gbnf, f"{param} (as a grammar)")
     except InvalidRequest as exc:
@@ -144,6 +145,21 @@ def schema_to_grammar(schema: dict[str, Any], param: str) -> str:
         log.info("maxima left out of the grammar, checked on the answer", fields=checked.clamped)
     _schemas.put(key, gbnf)
     return gbnf
+
+
+PYTHON_SPACE_RULE = 'space ::= " "?'
+"""The whitespace llama-cpp-python's converter allows between JSON tokens: one space, or none."""
+LLAMA_SPACE = '| " " | "\\n"{1,2} [ \\t]{0,20}'
+"""The whitespace llama.cpp's own converter allows (``SPACE_RULE`` in common/json-schema-to-grammar.cpp):
+none, a space, or one or two newlines and up to 20 spaces or tabs of indentation. A model lays JSON
+out the way it learned to (pretty-printed, as most training data is) instead of being pushed off its
+path by a compact-only grammar, and it still cannot pad forever: each gap is at most 22 characters."""
+
+
+def with_llama_spaces(gbnf: str) -> str:
+    """The converter's grammar with llama.cpp's whitespace rule in place of its one optional space."""
+    lines = gbnf.split("\n")
+    return "\n".join(f"space ::= {LLAMA_SPACE}" if line == PYTHON_SPACE_RULE else line for line in lines)
 
 
 def _remember(key: str, message: str, param: str) -> InvalidRequest:

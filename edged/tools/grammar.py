@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from edged.backends import Grammar
 from edged.engine import bounds
-from edged.engine.constraints import Constraint, check_answer, schema_to_grammar
+from edged.engine.constraints import LLAMA_SPACE, Constraint, check_answer, schema_to_grammar
 from edged.errors import InvalidOutput
 from edged.tools.family import Family
 from edged.tools.markup import (
@@ -143,7 +143,7 @@ def build_grammar(
             f"tc-call ::= {_literal(R1_CALL_BEGIN + 'function' + R1_SEP)} ( {' | '.join(alternatives)} ) "
             f"{_literal(chr(10) + '```' + R1_CALL_END)}"
         )
-    lines.append('tc-sp ::= " "?')
+    lines.append(f"tc-sp ::= {LLAMA_SPACE}")
     lines.extend(rules.strip() for _, _, rules in converted)
     text = "\n".join(lines) + "\n"
     bounds.check_grammar(text, "tools (as a grammar)")
