@@ -19,7 +19,8 @@ template, so the model reads the tools, its earlier calls and their results in i
   answer in the JSON the model writes (``{"tool_calls": [...]}``, with their ids), and results become
   a user message of ``{"tool_response": {"id", "name", "content"}}`` lines.
 
-Tool definitions are rendered minified; the description edged adds is short.
+Tool definitions edged writes itself are signature lines (`edged.tools.signature`); the description
+edged adds is short.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from edged.tools.markup import (
     R1_OUTPUTS_END,
     R1_SEP,
 )
+from edged.tools.signature import signatures
 from edged.tools.spec import ToolChoice, ToolSpec, compact_json
 
 # ruff: noqa: RUF002 - R1's markers are spelled with fullwidth bars and a lower block, as in its tokenizer.
@@ -201,11 +203,10 @@ def _grouped(turns: list[Turn]) -> list[Turn | tuple[Turn, list[Result]]]:
 
 
 def describe_tools(family: Family, tools: list[ToolSpec], choice: ToolChoice, parallel: bool) -> str:
-    """What edged tells a model whose template does not render tools: each tool minified, one a line,
-    and the form of an answer."""
+    """What edged tells a model whose template does not render tools: each tool as a signature line
+    (`edged.tools.signature`: half the tokens of the schemas' JSON), and the form of an answer."""
     allowed = choice.allowed(tools)
-    lines = ["You can call these tools (the arguments follow each tool's JSON schema):"]
-    lines.extend(compact_json(t.to_compact()) for t in allowed)
+    lines = ["You can call these tools (their arguments; `?` marks an optional one):", signatures(allowed)]
     name = choice.name if choice.mode == "named" else "TOOL_NAME"
     many = " (one entry per call; several calls are allowed)" if parallel else " (exactly one call)"
     if family == "generic":
