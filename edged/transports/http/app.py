@@ -60,14 +60,6 @@ def peer_of(request: Request) -> str | None:
     return str(client[0]) if client else None
 
 
-def tool_result(name: str | None, text: str) -> dict[str, str]:
-    """A tool's (or function's) result, told to the model as text: Ollama's translation, whose
-    tools are not wired to the model yet (OpenAI's route hands results to the job, which renders them
-    in the model's own tool format)."""
-    who = f" {name}" if name else ""
-    return {"role": "user", "content": f"[result of the tool{who}]\n{text}"}
-
-
 # -- answers ---------------------------------------------------------------------------------------
 
 

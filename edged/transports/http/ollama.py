@@ -5,6 +5,12 @@ NDJSON stream or object (field names, durations in nanoseconds), run by the app'
 `EdgedError`s these routes raise reach the app's handler, which answers them in Ollama's
 ``{"error": "..."}`` shape (`errors.shape_of`). What edged cannot do (pull, push, create, copy,
 delete, embeddings) answers 501 with the reason.
+
+Tools (``/api/chat``) as Ollama has them: ``tools`` in OpenAI's shape, always ``auto`` (Ollama has no
+``tool_choice``); earlier calls come back with their arguments as objects and results as ``role:
+"tool"`` messages naming the tool (``tool_name``) or the call (``tool_call_id``, Ollama 0.12.10 on),
+which the job renders in the model's own tool format. The calls go out as Ollama writes them
+(`ollama_calls`), with ``done_reason: "stop"``.
 """
 
 from __future__ import annotations
@@ -19,14 +25,14 @@ from typing import Any, Literal
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edged.config import Settings
 from edged.engine import Delta, Engine, JobRequest, JobResult
 from edged.engine.job import JsonInt, OptionalJsonInt
 from edged.engine.snapshot import ModelFacts
 from edged.errors import EdgedError, InvalidRequest, ModelNotFound, NotSupported
-from edged.transports.http.app import JobStream, Wire, read_body, tool_result
+from edged.transports.http.app import JobStream, Wire, read_body
 from edged.transports.http.openapi import body_ref
 
 log = structlog.get_logger(__name__)
@@ -75,15 +81,44 @@ RUNTIME_OPTIONS = {
 Ollama itself ignores options it does not know); the daemon's configuration decides these."""
 
 
+class OllamaCalledFunction(BaseModel):
+    """An earlier call's function as Ollama's clients send it back: the arguments an object (null
+    is none, as in Ollama; a JSON object's text is taken too); ``index`` (newer clients) is the
+    call's place in its message."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    index: OptionalJsonInt = None
+    name: str
+    arguments: dict[str, Any] | str | None = None
+
+
+class OllamaToolCall(BaseModel):
+    """An earlier call (``message.tool_calls[]``); ``id`` since Ollama 0.12.10."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str | None = None
+    function: OllamaCalledFunction
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""
+    """Null is empty, as in Ollama (clients send it beside an assistant's calls)."""
     images: list[str] | None = None
     thinking: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        """Ollama reads roles in any case (``"User"``)."""
+        return value.lower() if isinstance(value, str) else value
 
 
 class _Common(BaseModel):
@@ -195,12 +230,28 @@ def _think(value: bool | str | None) -> dict[str, Any]:
     return {}  # true or a level: the model's template decides (it thinks by default)
 
 
-def _content(message: OllamaMessage) -> dict[str, str]:
+def _message(message: OllamaMessage) -> dict[str, Any]:
+    """One message in the job's shape: an assistant's calls as the job's ``tool_calls``, a tool's
+    result as ``role: "tool"`` naming its call by id or its tool by name (the job matches a result to
+    its call by id, else by name, else in order: `edged.tools.render`)."""
     if message.images:
         raise NotSupported("images: the model on this board reads text only", param="messages")
+    out: dict[str, Any] = {"role": message.role, "content": message.content or ""}
     if message.role == "tool":
-        return tool_result(message.tool_name, message.content)
-    return {"role": message.role, "content": message.content}
+        if message.tool_name:
+            out["name"] = message.tool_name
+        if message.tool_call_id:
+            out["tool_call_id"] = message.tool_call_id
+    elif message.tool_calls:  # on another role than assistant the job schema refuses them, named
+        out["tool_calls"] = [
+            {
+                **({"id": call.id} if call.id else {}),
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments or {}},
+            }
+            for call in message.tool_calls
+        ]
+    return out
 
 
 def _job(fields: dict[str, Any]) -> JobRequest:
@@ -221,15 +272,15 @@ def _job(fields: dict[str, Any]) -> JobRequest:
 
 def chat_job(body: ChatRequest, loaded: str) -> JobRequest:
     body.refuse_unsupported()
-    if body.tools:
-        log.debug("tools accepted, answering in text", tools=len(body.tools))
     fields: dict[str, Any] = {
         "model": _local_name(body.model, loaded),
-        "messages": [_content(m) for m in body.messages],
+        "messages": [_message(m) for m in body.messages],
         "stream": body.stream,
         **_options(body.options),
         **_think(body.think),
     }
+    if body.tools:  # Ollama has no tool_choice: tools mean auto (an empty list: no tools, as in Ollama)
+        fields["tools"] = body.tools
     response_format = _format(body.format)
     if response_format is not None:
         fields["response_format"] = response_format
@@ -263,6 +314,28 @@ def generate_job(body: GenerateRequest, loaded: str) -> JobRequest:
     return _job(fields)
 
 
+def ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's calls (OpenAI's shape, the arguments as JSON text) as Ollama writes them: ``{"id",
+    "function": {"index", "name", "arguments"}}`` with the arguments an object (Ollama's ids are
+    ``call_`` and 8 characters, edged's the job's own, 24)."""
+    return [
+        {
+            "id": call["id"],
+            "function": {
+                "index": index,
+                "name": call["function"]["name"],
+                "arguments": json.loads(call["function"]["arguments"]),
+            },
+        }
+        for index, call in enumerate(calls)
+    ]
+
+
+def done_reason(result: JobResult) -> str:
+    """Ollama's ``done_reason``: ``stop`` after tool calls too (Ollama has no ``tool_calls`` reason)."""
+    return "stop" if result.finish_reason == "tool_calls" else result.finish_reason
+
+
 def _durations(result: JobResult) -> dict[str, Any]:
     t = result.timings
     return {
@@ -273,6 +346,10 @@ def _durations(result: JobResult) -> dict[str, Any]:
         "eval_count": result.usage.completion_tokens,
         "eval_duration": _ns(t.predicted_ms),
     }
+
+
+DELTA_KEYS = {"content": "content", "reasoning": "thinking"}
+"""The job's delta kinds these routes stream, and the field each one fills."""
 
 
 class _Answer(Wire):
@@ -286,42 +363,62 @@ class _Answer(Wire):
         """As the client named it."""
 
     @abstractmethod
-    def shape(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
-        """One Ollama object of this route."""
+    def shape(
+        self, content: str, thinking: str, done: bool, calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """One Ollama object of this route (``calls``: a job's, in OpenAI's shape)."""
 
-    def _last(self, content: str, thinking: str, result: JobResult) -> dict[str, Any]:
-        last = self.shape(content, thinking, True)
-        last.update(done_reason=result.finish_reason, **_durations(result))
+    def _last(
+        self, content: str, thinking: str, result: JobResult, calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        last = self.shape(content, thinking, True, calls)
+        last.update(done_reason=done_reason(result), **_durations(result))
         return last
 
     def body(self, result: JobResult) -> dict[str, Any]:
-        return self._last(result.content, result.reasoning_content or "", result)
+        return self._last(result.content, result.reasoning_content or "", result, result.tool_calls)
 
     def delta(self, delta: Delta) -> Iterable[bytes]:
-        content, thinking = (delta.text, "") if delta.kind == "content" else ("", delta.text)
+        """Text and thinking as they come; a delta of another kind (a call's pieces) is not sent:
+        Ollama sends a call whole (`finished`)."""
+        key = DELTA_KEYS.get(delta.kind)
+        if key is None:
+            return ()
+        content, thinking = (delta.text, "") if key == "content" else ("", delta.text)
         return [_line(self.shape(content, thinking, False))]
 
     def finished(self, result: JobResult) -> Iterable[bytes]:
-        return [_line(self._last("", "", result))]
+        """The calls, whole, in a chunk of their own (as Ollama sends a call once it is complete),
+        then the ``done`` one."""
+        calls = []
+        if result.tool_calls:
+            calls.append(_line(self.shape("", "", False, result.tool_calls)))
+        return [*calls, _line(self._last("", "", result))]
 
     def failed(self, error: EdgedError) -> Iterable[bytes]:
         return [_line({"error": error.message})]
 
 
 class ChatAnswer(_Answer):
-    """``/api/chat``: the assistant's message (its thinking beside)."""
+    """``/api/chat``: the assistant's message (its thinking and its calls beside)."""
 
-    def shape(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
+    def shape(
+        self, content: str, thinking: str, done: bool, calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if thinking:
             message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = ollama_calls(calls)
         return {"model": self.model, "created_at": _now(), "message": message, "done": done}
 
 
 class GenerateAnswer(_Answer):
-    """``/api/generate``: the ``response`` text (and ``thinking``)."""
+    """``/api/generate``: the ``response`` text (and ``thinking``); it has no tools."""
 
-    def shape(self, content: str, thinking: str, done: bool) -> dict[str, Any]:
+    def shape(
+        self, content: str, thinking: str, done: bool, calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "created_at": _now(), "response": content}
         out["done"] = done
         if thinking:
@@ -394,7 +491,8 @@ def add_ollama_routes(app: FastAPI, settings: Settings, engine: Engine) -> None:
         snap = engine.snapshot()
         _local_name(body.model or body.name or "", snap.model)
         template = engine.chat_template() or ""
-        capabilities = ["completion"]
+        # every model takes tools: in its own format, or edged's generic one (`edged.tools`)
+        capabilities = ["completion", "tools"]
         if "<think>" in template:
             capabilities.append("thinking")
         family = details()["family"]
