@@ -454,6 +454,17 @@ def ollama_documents(draw: st.DrawFn, model: str, route: str) -> dict[str, Any]:
     }
     required: dict[str, st.SearchStrategy[Any]] = {"options": mixed(options)}
     if route == "/api/chat":
+        ollama_function = st.fixed_dictionaries(
+            {"name": mixed(st.sampled_from(["get_weather", "turn on", ""]))},
+            optional={
+                "index": mixed(st.integers(-1, 3)),
+                "arguments": mixed(st.one_of(st.dictionaries(st.text(max_size=4), json_values), st.text())),
+                "parameters": mixed(st.dictionaries(st.sampled_from(["type", "properties"]), json_values)),
+            },
+        )
+        ollama_call = st.fixed_dictionaries(
+            {"function": mixed(ollama_function)}, optional={"id": mixed(st.text(max_size=8))}
+        )
         ollama_message = st.fixed_dictionaries(
             {
                 "role": mixed(st.sampled_from(["system", "user", "assistant", "tool"])),
@@ -462,9 +473,22 @@ def ollama_documents(draw: st.DrawFn, model: str, route: str) -> dict[str, Any]:
             optional={
                 "images": mixed(st.lists(st.text(max_size=4), max_size=1)),
                 "tool_name": mixed(st.text()),
+                "tool_call_id": mixed(st.text(max_size=8)),
+                "tool_calls": mixed(st.lists(ollama_call, max_size=2)),
             },
         )
         required["messages"] = mixed(st.lists(ollama_message, max_size=3))
+        fields["tools"] = mixed(
+            st.lists(
+                st.one_of(
+                    st.dictionaries(st.text(max_size=5), json_values, max_size=2),
+                    st.fixed_dictionaries(
+                        {"type": mixed(st.just("function")), "function": mixed(ollama_function)}
+                    ),
+                ),
+                max_size=2,
+            )
+        )
     elif route == "/api/generate":
         required["prompt"] = mixed(prompts)
         fields.update(
