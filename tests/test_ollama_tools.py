@@ -164,10 +164,15 @@ def test_a_bad_tool_is_a_400_in_ollama_s_error_shape(client: Any, daemon: Daemon
         client.chat(model=NAME, messages=ASK, tools=[{"type": "function", "function": {"name": "turn on"}}])
     assert info.value.status_code == 400 and "tools[0].function.name" in info.value.error
     earlier = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": [1]}}]}
+    bomb = {"type": "object", "properties": {"a": {"type": "array", "items": {}, "minItems": 10**7}}}
     with daemon.client() as http:
         r = http.post("/api/chat", json={"model": NAME, "messages": [*ASK, earlier], "tools": TOOLS})
-    assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
-    assert "messages.1.tool_calls.0.function.arguments" in r.json()["error"]
+        assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+        assert "messages.1.tool_calls.0.function.arguments" in r.json()["error"]
+        tool = {"type": "function", "function": {"name": "f", "parameters": bomb}}
+        r = http.post("/api/chat", json={"model": NAME, "messages": ASK, "tools": [tool], "stream": True})
+        assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+        assert "tools[0].function.parameters.properties.a.minItems" in r.json()["error"]
 
 
 def test_home_assistant_s_way_the_keyed_client_over_tcp(start_daemon: Any) -> None:
