@@ -4,6 +4,7 @@ runtime ABI) on RK3588 fixture trees: choice, answers, perf timings, cancel, fal
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
 import signal
@@ -486,3 +487,113 @@ def test_rkllm_answers_over_mqtt_streamed_with_perf(start_daemon, rk_root, rk_mo
         assert final["timings"]["predicted_n"] == 6
     finally:
         broker.stop()
+
+
+# -- tools ----------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather now at a place.",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["location", "unit"],
+        },
+    },
+}
+R1_REPLY = (  # what an R1 distill writes: reasoning, then its own call markup (not special tokens)
+    "The user wants the weather, so I call the tool.\n</think>\n\n"
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"  # noqa: RUF001
+    '```json\n{"location": "Paris", "unit": "celsius"}\n```'
+    "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"  # noqa: RUF001
+)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_function_tools_api_is_where_the_releases_have_it(stubs) -> None:
+    """rkllm_set_function_tools is in rkllm.h from 1.2.1 (not 1.2.1b1): edged's table and the
+    stand-in builds agree."""
+    for version in RELEASES:
+        exported = hasattr(ctypes.CDLL(str(stubs[version])), "rkllm_set_function_tools")
+        assert exported == abi_for(version).function_tools == (version in ("1.2.1", "1.3.0")), version
+
+
+@pytest.mark.parametrize("version", ["1.1.4", "1.2.1", "1.3.0"])
+def test_an_auto_tool_job_on_the_npu_gets_the_calls_parsed_from_the_text(
+    start_daemon, rk_root, rk_model, stubs, r1_tiny, tmp_path, version: str
+) -> None:
+    """The R1 distill on the NPU (its GGUF: the R1-shaped model): edged renders the tools into the
+    prompt the runtime gets, on every release, and never calls rkllm_set_function_tools (releases that
+    have it too: it renders only with the runtime's own template, which edged switches off); the
+    runtime's answer in R1's markup comes back as validated tool_calls."""
+    record = tmp_path / "record.jsonl"
+    d = start_daemon(
+        **npu_env(rk_root, stubs[version], rk_model, STUB_RECORD=str(record), STUB_REPLY=R1_REPLY),
+        EDGED_MODEL__PATH=str(r1_tiny),
+    )
+    details = status(d)["backend"]["details"]
+    assert ("has rkllm_set_function_tools, not used" in details["function_tools"]) == (version != "1.1.4")
+    with d.client() as c:
+        r = c.post("/v1/chat/completions", json=chat("Weather in Paris?", tools=[WEATHER], max_tokens=200))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] is None
+    assert message["reasoning_content"].startswith("The user wants the weather")
+    [call] = message["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"location": "Paris", "unit": "celsius"}
+    [run] = records(record)  # one run, and no set_function_tools call
+    assert "call" not in run
+    assert "get_weather" in run["prompt"] and '"location"' in run["prompt"]
+    assert run["prompt"].endswith("<｜Assistant｜><think>\n")  # noqa: RUF001 - R1's own template
+
+
+def test_a_forced_tool_call_is_not_supported_on_the_npu(
+    start_daemon, rk_root, rk_model, stubs, r1_tiny, tmp_path
+) -> None:
+    """``required`` and a named tool need a grammar: refused with the reason before anything runs;
+    /status says which tool_choice modes work; ``none`` and plain jobs still run."""
+    record = tmp_path / "record.jsonl"
+    d = start_daemon(
+        **npu_env(rk_root, stubs["1.3.0"], rk_model, STUB_RECORD=str(record)), EDGED_MODEL__PATH=str(r1_tiny)
+    )
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with d.client() as c:
+        for tool_choice in ("required", named):
+            r = c.post(
+                "/v1/chat/completions",
+                json=chat("Weather in Paris?", tools=[WEATHER], tool_choice=tool_choice, max_tokens=8),
+            )
+            assert r.status_code == 501, r.text
+            error = r.json()["error"]
+            assert error["code"] == "not_supported" and error["param"] == "tool_choice"
+            assert "rkllm backend cannot constrain output to a tool call" in error["message"]
+        assert records(record) == []  # refused before the runtime saw anything
+        r = c.post("/v1/chat/completions", json=chat("hi", tools=[WEATHER], tool_choice="none", max_tokens=4))
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]  # R1's template opened <think>: all of it reasoning
+        assert message["reasoning_content"].strip() == "tok0 tok1 tok2 tok3" and "tool_calls" not in message
+    tools = status(d)["engine"]["structured_output"]["tools"]
+    assert tools["tool_choice"] == ["none", "auto"]
+    assert "cannot constrain output to a tool call" in tools["reason"]
+
+
+def test_the_generic_tool_form_is_not_supported_on_the_npu(start_daemon, rk_root, rk_model, stubs) -> None:
+    """A model with no tool-call format of its own (the embedded SmolLM2) gets edged's generic form,
+    whose JSON envelope needs a grammar: not even ``auto`` works on the NPU, and /status says so."""
+    d = start_daemon(**npu_env(rk_root, stubs["1.2.1"], rk_model))
+    with d.client() as c:
+        r = c.post("/v1/chat/completions", json=chat("Weather in Paris?", tools=[WEATHER], max_tokens=8))
+    assert r.status_code == 501, r.text
+    error = r.json()["error"]
+    assert error["code"] == "not_supported" and error["param"] == "tools"
+    assert "no tool-call format of its own" in error["message"] and "rkllm" in error["message"]
+    tools = status(d)["engine"]["structured_output"]["tools"]
+    assert tools["tool_choice"] == ["none"] and "generic form" in tools["reason"]

@@ -262,6 +262,7 @@ def test_status_says_structured_output_is_available(daemon: Daemon) -> None:
     assert status["available"] is True
     assert status["reason"] is None
     assert status["schema_cache"]["hits"] >= 1  # the same schema is converted once
+    assert status["tools"] == {"tool_choice": ["none", "auto", "required", "named"], "reason": None}
 
 
 def test_the_parsed_object_arrives_over_mqtt(start_daemon: Any, tmp_path: Path) -> None:

@@ -281,7 +281,21 @@ class RkllmBackend(SettingsModel):
             "core_mask": self._options.core_mask,
             "rknn_toolkit_lite2": rknn_lite_info(),
             "sampling": self.sampling_report(),
+            "function_tools": self.function_tools_report(),
         }
+
+    def function_tools_report(self) -> str:
+        """Whether this release has the runtime's own function-tools API, and why edged does not use it
+        (`edged.backends.rkllm_abi`): the tools are in the prompt edged renders."""
+        if self._abi is None:
+            return "unknown until the runtime loads"
+        if not self._abi.function_tools:
+            return f"runtime {self._abi.name} has no rkllm_set_function_tools: edged renders the tools"
+        return (
+            f"runtime {self._abi.name} has rkllm_set_function_tools, not used: it renders tools only "
+            "with the runtime's own chat template, which edged switches off to render the GGUF's "
+            "(the tools and earlier calls go into that prompt; the calls are parsed from the text)"
+        )
 
     def job_notes(self, params: SamplingParams) -> list[str]:
         """The job's settings this runtime did not apply, each with what it used instead (never

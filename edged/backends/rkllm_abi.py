@@ -15,6 +15,33 @@ airockchip/rknn-llm's ``rkllm-runtime/.../include/rkllm.h``:
   ``RKLLMInferParam`` gains ``sampling_params`` and ``max_new_tokens``; ``rkllm_init`` takes an
   ``RKLLMCallback`` struct (result, tokenizer and embedding callbacks) instead of a function.
 
+Function tools (``rkllm_set_function_tools(handle, system_prompt, tools, tool_response_str)``, the tools
+as a JSON string; ``RKLLMInput.role`` ``"user"`` or ``"tool"``), per release's ``rkllm.h``:
+
+=============  ==============================  ===================  ===========================
+release        rkllm_set_function_tools        RKLLMInput.role,     rkllm_set_chat_template
+                                               .enable_thinking
+=============  ==============================  ===================  ===========================
+1.1.0-1.1.4    no                              no                   no
+1.2.0          no                              no                   yes
+1.2.1b1        no                              no                   yes
+1.2.1-1.2.3    yes                             yes                  yes
+1.3.0          yes                             yes                  yes
+=============  ==============================  ===================  ===========================
+
+The runtime renders the tools itself, into the system prompt of the chat template it parsed from the
+Hugging Face model at conversion (Qwen's ``# Tools ... <tools></tools>``), and the model answers in its
+own markup, which the caller parses (the official server demo parses Qwen's ``<tool_call>{...}
+</tool_call>``). That rendering exists only while the runtime's own template is on:
+``rkllm_set_chat_template`` switches it off ("W rkllm: Calling rkllm_set_chat_template will disable the
+internal automatic chat template parsing, including enable_thinking"), after which the tools no longer
+reach the prompt (airockchip/rknn-llm issues 429, 431), and with no template the call fails ("Failed to
+set function tools, possibly because the chat_template is empty", issue 397). edged renders every
+prompt itself with the GGUF's template (so it counts the tokens and renders a job's whole history,
+earlier calls and results included, the same on the CPU and the NPU) and switches the runtime's
+template off, so it does not call ``rkllm_set_function_tools``: the tools go into the prompt as on the
+CPU, and the calls are parsed from the text (``Abi.function_tools`` only reports the API).
+
 The test ``tests/test_rkllm_abi.py`` compiles the same layouts in C with gcc and compares every
 ``sizeof`` and ``offsetof`` with these classes.
 """
@@ -353,6 +380,8 @@ class Abi:
     callback_returns_int: bool
     init_takes_callback_struct: bool
     has_perf: bool
+    function_tools: bool = False
+    """The release has ``rkllm_set_function_tools`` (edged does not call it, see above)."""
 
 
 _ABI_120 = Abi(
@@ -400,6 +429,7 @@ ABIS: dict[str, Abi] = {
             True,
             False,
             True,
+            function_tools=True,
         ),
         Abi(
             "1.3.0",
@@ -413,6 +443,7 @@ ABIS: dict[str, Abi] = {
             True,
             True,
             True,
+            function_tools=True,
         ),
     )
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -216,8 +217,7 @@ class Engine:
         await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
         if ticket is not None and self.intake is not None:
             await self.intake.attempt(ticket)
-        prepared = await self._prepare(request)
-        self._check_constrained(prepared)
+        prepared = self._check_constrained(await self._prepare(request))
         if self.state is not EngineState.READY:
             error = NotReady(f"edged is {self.state.value}, not ready for jobs")
             if ticket is not None and self.intake is not None:
@@ -279,17 +279,58 @@ class Engine:
             'budgets need llama.cpp: backend = "llamacpp")'
         )
 
-    def _check_constrained(self, prepared: Prepared) -> None:
-        if prepared.constraint is None and prepared.params.reasoning_budget is None:
-            return
-        able, reason = self.structured_output()
-        if not able:
-            option = (
-                "reasoning_budget"
-                if prepared.constraint is None
-                else {"grammar": "grammar", "tools": "tools"}.get(prepared.constraint.kind, "response_format")
+    def tool_support(self) -> tuple[tuple[str, ...], str | None]:
+        """The ``tool_choice`` modes the loaded backend and model can honour, and why not the others:
+        all of them where sampling can be constrained; on a backend that cannot (the NPU), ``auto`` for
+        a model with its own call format (its calls are parsed from the text and checked when the job
+        ends), and nothing but ``none`` for the generic form, whose JSON envelope needs a grammar."""
+        if self.structured_output()[0]:
+            return ("none", "auto", "required", "named"), None
+        name = self.scheduler.state.backend_name
+        if self.preparer.family(self.scheduler.backend.tokenizer) == "generic":
+            return ("none",), (
+                f"the {name} backend cannot constrain output, and this model has no tool-call format of "
+                "its own: edged's generic form (the answer one JSON object) needs a grammar"
             )
-            raise NotSupported(f"{option}: {reason}", param=option)
+        return ("none", "auto"), (
+            f"the {name} backend cannot constrain output to a tool call: tool_choice 'required' and a "
+            "named tool are not_supported; with 'auto' the calls are parsed from the text"
+        )
+
+    def _check_constrained(self, prepared: Prepared) -> Prepared:
+        """Refuses (`NotSupported`, before the job is queued) what the backend cannot constrain; a tool
+        job's ``auto`` on a model with its own call format runs without its grammar there (the grammar
+        only helps: the calls are parsed from the text and checked when the job ends)."""
+        if prepared.constraint is None and prepared.params.reasoning_budget is None:
+            return prepared
+        able, reason = self.structured_output()
+        if able:
+            return prepared
+        plan = prepared.tools
+        if prepared.constraint is not None and prepared.constraint.kind == "tools" and plan is not None:
+            name = self.scheduler.state.backend_name
+            if plan.choice.mode in ("required", "named"):
+                raise NotSupported(
+                    f"tool_choice: the {name} backend cannot constrain output to a tool call (only "
+                    "tool_choice 'auto' works there, with the calls parsed from the text)",
+                    param="tool_choice",
+                )
+            if plan.family == "generic":
+                raise NotSupported(
+                    f"tools: this model has no tool-call format of its own, and edged's generic form "
+                    f"needs a grammar, which the {name} backend cannot apply",
+                    param="tools",
+                )
+            params = dataclasses.replace(prepared.params, grammar=None)
+            prepared = dataclasses.replace(prepared, constraint=None, params=params)
+            if params.reasoning_budget is None:
+                return prepared
+        option = (
+            "reasoning_budget"
+            if prepared.constraint is None
+            else {"grammar": "grammar", "tools": "tools"}.get(prepared.constraint.kind, "response_format")
+        )
+        raise NotSupported(f"{option}: {reason}", param=option)
 
     def apply_thermal(self, paused: bool, derate_s: float) -> None:
         """Called by the thermal governor: paused admits nothing; derated decodes fewer sequences
@@ -491,4 +532,8 @@ class Engine:
 
     def _structured_output_status(self) -> dict[str, Any]:
         able, reason = self.structured_output()
-        return {"available": able, "reason": reason, "schema_cache": schema_cache_stats()}
+        status: dict[str, Any] = {"available": able, "reason": reason, "schema_cache": schema_cache_stats()}
+        if self.state is EngineState.READY:
+            choices, why = self.tool_support()
+            status["tools"] = {"tool_choice": list(choices), "reason": why}
+        return status

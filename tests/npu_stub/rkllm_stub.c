@@ -3,7 +3,11 @@
  * one build per runtime ABI), no NPU. It generates "tok0 tok1 ..." through the result callback,
  * reports perf numbers where the ABI has them, honours rkllm_abort, and checks that the caller's
  * structs have the layout of this ABI (a sentinel written by rkllm_createDefaultParam must come
- * back at the same offset in rkllm_init).
+ * back at the same offset in rkllm_init). Like the real runtime after rkllm_set_chat_template (which
+ * edged calls), it wraps the prompt in no template: what the caller passes is what "the model" reads.
+ * Releases 1.2.1+ export rkllm_set_function_tools, as the real ones: it is recorded and, as in the
+ * real runtime once rkllm_set_chat_template has switched its own template off, puts nothing into the
+ * prompt (airockchip/rknn-llm issues 429, 431).
  *
  * Steered by environment variables, read at rkllm_init:
  *   STUB_FAIL_INIT=1        rkllm_init fails
@@ -12,7 +16,11 @@
  *   STUB_TOKEN_MS=N         time per generated token (default 5 ms)
  *   STUB_BAD_UTF8_AT=N      token N is the lone byte 0xFF (invalid UTF-8), then text goes on
  *   STUB_RECORD=FILE        each run appends one JSON line: what the caller set (role, max_new_tokens,
- *                           the per-run sampling of 1.3.0, the init-time sampling and CPUs)
+ *                           the per-run sampling of 1.3.0, the init-time sampling and CPUs, the prompt);
+ *                           each rkllm_set_function_tools call appends {"call": "set_function_tools", ...}
+ *   STUB_REPLY=TEXT         the run writes TEXT (a model's answer, in pieces of up to 3 characters, one
+ *                           per "token") and then ends as at an end-of-sequence token, instead of
+ *                           "tok0 tok1 ..." up to max_new_tokens
  */
 #define _GNU_SOURCE
 #include <stdatomic.h>
@@ -52,7 +60,19 @@ typedef struct {
     atomic_int abort_requested;
     atomic_int running;
     int fail_after, hang_after, token_ms, bad_utf8_at;
+    const char *reply;
 } Stub;
+
+/* A JSON string literal of ``text`` (control characters and quotes escaped, UTF-8 kept as is). */
+static void json_string(FILE *f, const char *text) {
+    fputc('"', f);
+    for (const unsigned char *c = (const unsigned char *)(text ? text : ""); *c; c++) {
+        if (*c == '"' || *c == '\\') fprintf(f, "\\%c", *c);
+        else if (*c < 0x20) fprintf(f, "\\u%04x", *c);
+        else fputc(*c, f);
+    }
+    fputc('"', f);
+}
 
 static void record(const Stub *stub, const RKLLMInput *input, const RKLLMInferParam *infer, int max_new) {
     const char *path = getenv("STUB_RECORD");
@@ -63,8 +83,6 @@ static void record(const Stub *stub, const RKLLMInput *input, const RKLLMInferPa
     fprintf(f, "{\"abi\": %d, \"max_new_tokens\": %d", RKLLM_ABI, max_new);
 #if RKLLM_ABI >= 121
     fprintf(f, ", \"role\": \"%s\"", input->role ? input->role : "(null)");
-#else
-    (void)input;
 #endif
 #if RKLLM_ABI >= 130
     const RKLLMSamplingParam *sp = infer->sampling_params;
@@ -84,7 +102,9 @@ static void record(const Stub *stub, const RKLLMInput *input, const RKLLMInferPa
     fprintf(f, ", \"enabled_cpus_num\": %d, \"enabled_cpus_mask\": %u", p->extend_param.enabled_cpus_num,
             p->extend_param.enabled_cpus_mask);
 #endif
-    fprintf(f, "}}\n");
+    fprintf(f, "}, \"prompt\": ");
+    json_string(f, input->prompt_input);
+    fprintf(f, "}\n");
     fclose(f);
 }
 
@@ -164,6 +184,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
     stub->hang_after = env_int("STUB_HANG_AFTER", -1);
     stub->token_ms = env_int("STUB_TOKEN_MS", 5);
     stub->bad_utf8_at = env_int("STUB_BAD_UTF8_AT", -1);
+    stub->reply = getenv("STUB_REPLY");
     *handle = stub;
     return 0;
 }
@@ -189,8 +210,10 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
     double prefill_ms = now_ms() - start;
     RKLLMResult result;
     char text[32];
+    const char *reply = stub->reply;
     int produced = 0;
     for (; produced < max_new; produced++) {
+        if (reply && !*reply) break; /* the scripted answer is complete: end of sequence */
         if (atomic_load(&stub->abort_requested)) break;
         if (produced == stub->hang_after) {
             for (;;) pause();
@@ -205,7 +228,14 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
         memset(&result, 0, sizeof result);
         if (produced == stub->bad_utf8_at)
             snprintf(text, sizeof text, "\xff");
-        else
+        else if (reply) {
+            size_t n = 0; /* up to 3 whole UTF-8 characters */
+            for (int chars = 0; chars < 3 && reply[n]; chars++)
+                do n++; while (((unsigned char)reply[n] & 0xC0) == 0x80);
+            memcpy(text, reply, n);
+            text[n] = '\0';
+            reply += n;
+        } else
             snprintf(text, sizeof text, "tok%d ", produced);
         result.text = text;
         result.token_id = produced;
@@ -267,6 +297,26 @@ int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt, const c
     (void)prefix;
     (void)postfix;
     return handle ? 0 : -1;
+}
+#endif
+
+#if RKLLM_ABI >= 121
+int rkllm_set_function_tools(LLMHandle handle, const char *system_prompt, const char *tools,
+                             const char *tool_response_str) {
+    if (!handle || !tools) return -1;
+    const char *path = getenv("STUB_RECORD");
+    FILE *f = path && *path ? fopen(path, "a") : NULL;
+    if (f) {
+        fprintf(f, "{\"call\": \"set_function_tools\", \"system_prompt\": ");
+        json_string(f, system_prompt);
+        fprintf(f, ", \"tools\": ");
+        json_string(f, tools);
+        fprintf(f, ", \"tool_response_str\": ");
+        json_string(f, tool_response_str);
+        fprintf(f, "}\n");
+        fclose(f);
+    }
+    return 0;
 }
 #endif
 
