@@ -533,7 +533,7 @@ class Engine:
     def _structured_output_status(self) -> dict[str, Any]:
         able, reason = self.structured_output()
         status: dict[str, Any] = {"available": able, "reason": reason, "schema_cache": schema_cache_stats()}
-        if self.state is EngineState.READY:
+        if self.state is EngineState.READY and self._backend_ready.is_set():  # not while one is replaced
             choices, why = self.tool_support()
             status["tools"] = {"tool_choice": list(choices), "reason": why}
         return status
