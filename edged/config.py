@@ -257,6 +257,27 @@ class EngineConfig(_Section):
         return board.profile.engine.parallel if self.parallel == "auto" else self.parallel
 
 
+ContextOverflow = Literal["error", "trim_history"]
+"""What a chat job whose prompt is over the context cap gets: ``error`` (``context_length_exceeded``)
+or ``trim_history`` (its oldest turns dropped until it fits, `edged.tools.history`)."""
+
+RouteFamily = Literal["openai", "ollama", "mqtt"]
+"""The API a job came in through, which decides the defaults its clients expect."""
+
+
+class ContextOverflowConfig(_Section):
+    """A job's ``context_overflow`` when it gives none, per API: Ollama's clients (Home Assistant)
+    rely on Ollama dropping the oldest turns of a long conversation; OpenAI's expect an error."""
+
+    openai: ContextOverflow = Field("error", description="OpenAI's routes (/v1/chat/completions).")
+    ollama: ContextOverflow = Field("trim_history", description="Ollama's routes (/api/chat, /api/generate).")
+    mqtt: ContextOverflow = Field("error", description="Jobs over MQTT.")
+
+    def of(self, family: RouteFamily | None) -> ContextOverflow:
+        """The default of jobs from ``family``; ``error`` for a job from none of them."""
+        return getattr(self, family) if family is not None else "error"
+
+
 class JobsConfig(_Section):
     default_max_tokens: int = Field(512, ge=1, le=CTX_CAP, description="max_tokens when a job gives none.")
     timeout_s: float = Field(300.0, gt=0, description="Default deadline of a job, queued plus running.")
@@ -272,6 +293,11 @@ class JobsConfig(_Section):
         ge=0,
         description="On SIGTERM, how long running jobs may finish; the rest stay journaled and run at "
         "the next start.",
+    )
+    context_overflow: ContextOverflowConfig = Field(
+        default_factory=ContextOverflowConfig,
+        description="The context_overflow of a job that gives none, per API: trim_history drops a chat's "
+        "oldest turns until it fits the context (as Ollama does), error answers context_length_exceeded.",
     )
 
     @model_validator(mode="after")

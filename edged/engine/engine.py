@@ -39,7 +39,7 @@ from edged.telemetry.throughput import window_label
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
-    from edged.config import Settings
+    from edged.config import ContextOverflow, RouteFamily, Settings
     from edged.journal.book import JobBook
     from edged.journal.intake import JobIntake, Ticket
 
@@ -179,6 +179,7 @@ class Engine:
         ticket: Ticket | None = None,
         peer: str | None = None,
         owner: str | None = None,
+        family: RouteFamily | None = None,
     ) -> Job:
         """Validate, count the prompt against the cap and queue the job; raises `EdgedError`.
         ``origin`` says where it came from for the logs (``socket``, ``tcp:<key name>``, ``mqtt``).
@@ -190,6 +191,9 @@ class Engine:
         Without one, the job is journaled here (socket and TCP, with ``journal.socket``). What the
         journal does with it from then on is the intake's (`edged.journal.intake`). A job that
         arrives while the model loads waits for it within its own timeout.
+
+        ``family``: the API the job came through (``openai``, ``ollama``, ``mqtt``), whose default
+        ``context_overflow`` (``jobs.context_overflow``) applies when the job gives none.
         """
         owner = owner if owner is not None else owner_of(origin, peer)
         timeout = request.timeout_s or self.settings.jobs.timeout_s
@@ -217,7 +221,8 @@ class Engine:
         await self._backend_ready.wait()  # a backend being replaced after a failure: wait for the next
         if ticket is not None and self.intake is not None:
             await self.intake.attempt(ticket)
-        prepared = self._check_constrained(await self._prepare(request))
+        overflow = request.context_overflow or self.settings.jobs.context_overflow.of(family)
+        prepared = self._check_constrained(await self._prepare(request, overflow))
         if self.state is not EngineState.READY:
             error = NotReady(f"edged is {self.state.value}, not ready for jobs")
             if ticket is not None and self.intake is not None:
@@ -246,12 +251,14 @@ class Engine:
         self.scheduler.wake()
         return job
 
-    async def _prepare(self, request: JobRequest) -> Prepared:
+    async def _prepare(self, request: JobRequest, overflow: ContextOverflow) -> Prepared:
         """The job's prompt and sampling (on a worker thread); anything but an `EdgedError` is
         turned into one, so a transport always has an error to answer with."""
         backend = self.scheduler.backend
         try:
-            return await asyncio.to_thread(self.preparer.prepare, request, backend.tokenizer, backend.n_ctx)
+            return await asyncio.to_thread(
+                self.preparer.prepare, request, backend.tokenizer, backend.n_ctx, overflow
+            )
         except EdgedError:
             raise
         except RecursionError:

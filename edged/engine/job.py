@@ -341,6 +341,14 @@ class JobRequest(BaseModel):
     parallel_tool_calls: bool | None = Field(
         None, description="false: at most one call per answer (default true: one or more)."
     )
+    context_overflow: Literal["error", "trim_history"] | None = Field(
+        None,
+        description="A chat whose prompt is over the context cap: error (context_length_exceeded) or "
+        "trim_history (its oldest turns dropped until it fits with room for the answer; the system "
+        "messages, the last user turn and each call with its result are kept; timings.trimmed_messages "
+        "says how many went). Default: the API's (jobs.context_overflow: trim_history on Ollama's "
+        "routes, error elsewhere).",
+    )
 
     _tool_specs: list[ToolSpec] = PrivateAttr(default_factory=list)
     _tool_choice: ToolChoice = PrivateAttr(default_factory=lambda: ToolChoice("none"))
@@ -493,6 +501,8 @@ class Prepared:
     """What the answer must be (JSON schema, GBNF, tool calls), checked when the job ends."""
     tools: ToolPlan | None = None
     """The model may call tools: its answer is parsed into content and calls when the job ends."""
+    trimmed_messages: int = 0
+    """The oldest messages dropped to fit the context (``context_overflow: trim_history``)."""
 
 
 class Job:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edged.backends import Grammar, Prompt, SamplingParams, Tokenizer
@@ -20,6 +21,7 @@ from edged.errors import ContextLengthExceeded, InvalidRequest
 # ruff: noqa: RUF002 - R1's markers are spelled with fullwidth bars and a lower block, as in its tokenizer.
 from edged.tools.family import Family, detect_family, template_renders_tools
 from edged.tools.grammar import build_grammar
+from edged.tools.history import trim_history, turn_starts
 from edged.tools.render import finish_prompt, render_chat
 
 SKIP_THINKING = THINK_END
@@ -27,7 +29,19 @@ SKIP_THINKING = THINK_END
 
 if TYPE_CHECKING:
     from edged.board import BoardInfo
-    from edged.config import Settings
+    from edged.config import ContextOverflow, Settings
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A job's prompt as the model reads it, fitted into the context (`Preparer.fit`)."""
+
+    text: str
+    tokens: list[int]
+    in_think: bool
+    """The template opened a ``<think>`` block the answer starts in."""
+    trimmed_messages: int
+    """The oldest messages dropped to fit (``context_overflow: trim_history``)."""
 
 
 class Preparer:
@@ -70,11 +84,9 @@ class Preparer:
             **values,
         )
 
-    def prompt_text(self, request: JobRequest, tokenizer: Tokenizer) -> str:
-        """The prompt the model reads: the job's messages through the model's own chat template
-        (with the tools and earlier calls in the model's tool format, `edged.tools.render`)."""
-        if request.raw:
-            return request.prompt or ""
+    def chat_messages(self, request: JobRequest) -> list[dict[str, Any]]:
+        """The conversation the chat template renders: the job's messages (or its prompt as one user
+        message) after the configured system prompt, unless the job has its own."""
         tool_history = request.messages is not None and any(m.has_tools for m in request.messages)
         if request.messages is not None and (tool_history or request.uses_tools):
             messages: list[dict[str, Any]] = [m.model_dump(exclude_none=True) for m in request.messages]
@@ -85,6 +97,19 @@ class Preparer:
         system = self.settings.model.system_prompt
         if system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": system})
+        return messages
+
+    def prompt_text(
+        self, request: JobRequest, tokenizer: Tokenizer, messages: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt the model reads: the job's messages (or ``messages``, some of them: see `fit`)
+        through the model's own chat template (with the tools and earlier calls in the model's tool
+        format, `edged.tools.render`)."""
+        if request.raw:
+            return request.prompt or ""
+        if messages is None:
+            messages = self.chat_messages(request)
+        tool_history = request.messages is not None and any(m.has_tools for m in request.messages)
         if not (tool_history or request.uses_tools):
             return tokenizer.render_chat(messages)
         family = self.family(tokenizer)
@@ -98,6 +123,68 @@ class Preparer:
             template_renders_tools=native,
         )
         return finish_prompt(family, tokenizer.render_chat(rendered.messages, tools=rendered.tools))
+
+    def answer_reserve(self, request: JobRequest, n_ctx: int) -> int:
+        """The room ``context_overflow: trim_history`` keeps for the answer: the job's max_tokens (at
+        most half the context), else ``jobs.default_max_tokens`` (at most a quarter of it)."""
+        if request.max_tokens:
+            return max(1, min(request.max_tokens, n_ctx // 2))
+        return max(1, min(self.settings.jobs.default_max_tokens, n_ctx // 4))
+
+    def fit(
+        self, request: JobRequest, tokenizer: Tokenizer, n_ctx: int, overflow: ContextOverflow = "error"
+    ) -> Fitted:
+        """The prompt's text and tokens, with its oldest turns dropped (`edged.tools.history`) when
+        ``overflow`` is ``trim_history`` and a chat's prompt leaves less than `answer_reserve` for
+        the answer: as few as make that room; if no number does, every turn but the last, and the
+        answer gets what room is left. Raises `ContextLengthExceeded` when no room is left at all
+        (with ``error``: when the whole prompt leaves none).
+
+        Each candidate is rendered and tokenized once (O(log turns) of them, by binary search)."""
+        messages = self.chat_messages(request)
+        counted: dict[int, Fitted] = {}
+
+        def render(kept: list[dict[str, Any]]) -> Fitted:
+            known = counted.get(len(kept))  # a kept list is told apart by its length (turns dropped)
+            if known is None:
+                text = self.prompt_text(request, tokenizer, kept)
+                in_think = text.rstrip().endswith(THINK_OPEN) and not request.raw
+                if in_think and (request.think is False or request.reasoning_budget == 0):
+                    text += SKIP_THINKING
+                    in_think = False
+                tokens = tokenizer.tokenize(text, chat=not request.raw)
+                known = counted[len(kept)] = Fitted(text, tokens, in_think, len(messages) - len(kept))
+            return known
+
+        whole = render(messages)
+        reserve = self.answer_reserve(request, n_ctx)
+        trim = overflow == "trim_history" and request.messages is not None and not request.raw
+        if trim and len(whole.tokens) + reserve > n_ctx:
+            try:
+                kept, _ = trim_history(messages, lambda kept: len(render(kept).tokens), n_ctx, reserve)
+            except ContextLengthExceeded:  # not with the whole reserve: every older turn goes
+                head, starts = turn_starts(messages)
+                kept = messages[:head] + messages[starts[-1] :] if starts else messages
+            fitted = render(kept)
+            if len(fitted.tokens) >= n_ctx:
+                raise ContextLengthExceeded(
+                    f"the prompt has {len(fitted.tokens)} tokens with only the system messages and the "
+                    f"last user turn kept ({fitted.trimmed_messages} older messages dropped), which "
+                    f"leaves no room to generate in the {n_ctx}-token context window",
+                    param="messages",
+                    n_prompt_tokens=len(fitted.tokens),
+                    n_ctx=n_ctx,
+                )
+            return fitted
+        if len(whole.tokens) >= n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(whole.tokens)} tokens, which leaves no room to generate in the "
+                f"{n_ctx}-token context window",
+                param="messages" if request.messages is not None else "prompt",
+                n_prompt_tokens=len(whole.tokens),
+                n_ctx=n_ctx,
+            )
+        return whole
 
     def tool_constraint(self, request: JobRequest, family: Family, in_think: bool) -> Constraint | None:
         """The grammar that makes a tool job's calls well formed, or None where the model writes
@@ -118,14 +205,14 @@ class Preparer:
         assert built.trigger is None, "only non-lazy tool grammars here"
         return Constraint("tools", Grammar(built.text, root=built.root, after_think=in_think), None)
 
-    def prepare(self, request: JobRequest, tokenizer: Tokenizer, n_ctx: int) -> Prepared:
-        """Raises `ContextLengthExceeded` when the prompt leaves no room to generate, and
-        `InvalidRequest` for a schema or grammar the model's sampler cannot take."""
-        text = self.prompt_text(request, tokenizer)
-        in_think = text.rstrip().endswith(THINK_OPEN) and not request.raw
-        if in_think and (request.think is False or request.reasoning_budget == 0):
-            text += SKIP_THINKING
-            in_think = False
+    def prepare(
+        self, request: JobRequest, tokenizer: Tokenizer, n_ctx: int, overflow: ContextOverflow = "error"
+    ) -> Prepared:
+        """Raises `ContextLengthExceeded` when the prompt leaves no room to generate (after dropping
+        its oldest turns, with ``overflow`` ``trim_history``: `fit`), and `InvalidRequest` for a
+        schema or grammar the model's sampler cannot take."""
+        fitted = self.fit(request, tokenizer, n_ctx, overflow)
+        text, tokens, in_think = fitted.text, fitted.tokens, fitted.in_think
         plan: ToolPlan | None = None
         if request.uses_tools:
             family = self.family(tokenizer)
@@ -146,15 +233,6 @@ class Preparer:
                     f"logit_bias: token ids {wrong[:5]} are not in the model's vocabulary (0..{n_vocab - 1})",
                     param="logit_bias",
                 )
-        tokens = tokenizer.tokenize(text, chat=not request.raw)
-        if len(tokens) >= n_ctx:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(tokens)} tokens, which leaves no room to generate in the "
-                f"{n_ctx}-token context window",
-                param="messages" if request.messages is not None else "prompt",
-                n_prompt_tokens=len(tokens),
-                n_ctx=n_ctx,
-            )
         wanted = request.max_tokens or self.settings.jobs.default_max_tokens
         room = n_ctx - len(tokens)
         max_tokens = min(wanted, room)
@@ -171,4 +249,5 @@ class Preparer:
             in_think=in_think,
             constraint=constraint,
             tools=plan,
+            trimmed_messages=fitted.trimmed_messages,
         )

@@ -396,6 +396,7 @@ class Scheduler:
             cache_n=run.cache_n,
             predicted_n=job.completion_tokens,
             perf=run.perf,
+            trimmed_messages=job.prepared.trimmed_messages,
         )
         reasoning = "".join(run.text.parts["reasoning"])
         result = JobResult(

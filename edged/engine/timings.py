@@ -27,6 +27,11 @@ class Timings(BaseModel):
         None, description="Sequences decoded together, averaged over this job's decode steps."
     )
     source: str = Field("wall-clock", description="wall-clock, or runtime-perf (the NPU runtime's counters).")
+    trimmed_messages: int = Field(
+        0,
+        description="The conversation's oldest messages dropped to fit the context (context_overflow: "
+        "trim_history); 0 when it fit whole.",
+    )
 
 
 @dataclass
@@ -50,6 +55,7 @@ def compute_timings(
     cache_n: int,
     predicted_n: int,
     perf: dict[str, float] | None = None,
+    trimmed_messages: int = 0,
 ) -> Timings:
     """Wall-clock timings, or the runtime's own perf counters where the backend reports them."""
     end = clock.ended if clock.ended is not None else clock.submitted
@@ -81,4 +87,5 @@ def compute_timings(
         s_per_1k_tokens=round(1000 / decode_per_s, 2) if decode_per_s else None,
         batch_size_avg=round(clock.batch_sum / clock.batch_steps, 2) if clock.batch_steps else None,
         source=source,
+        trimmed_messages=trimmed_messages,
     )

@@ -622,7 +622,7 @@ class MqttTransport:
             await self.engine.wait_for_room()
             try:
                 job = await self.engine.submit(
-                    request, origin="mqtt", ticket=ticket, owner=self._owner(reply)
+                    request, origin="mqtt", ticket=ticket, owner=self._owner(reply), family="mqtt"
                 )
                 break
             except QueueFull:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from edged.config import HIDDEN, Settings, _shown_value
+from edged.config import HIDDEN, Settings, _shown_value, load_settings
 from edged.errors import ConfigError
 
 
@@ -80,3 +80,27 @@ def test_a_device_cannot_be_called_fleet(settings_of) -> None:
     (line,) = problems(settings_of, device_id="fleet")
     assert line.startswith("device_id = 'fleet'") and "fleet/jobs" in line
     assert settings_of(device_id="fleet-1").device_id == "fleet-1"
+
+
+def test_context_overflow_defaults_per_api_and_their_overrides(
+    settings_of, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Ollama's routes trim a long chat's oldest turns (as Ollama does, which Home Assistant relies
+    on); OpenAI's and MQTT's refuse it; each is configurable (file, environment) and checked."""
+    overflow = settings_of().jobs.context_overflow
+    assert (overflow.openai, overflow.ollama, overflow.mqtt) == ("error", "trim_history", "error")
+    assert [overflow.of(f) for f in ("openai", "ollama", "mqtt", None)] == [
+        "error",
+        "trim_history",
+        "error",
+        "error",
+    ]
+    monkeypatch.setenv("EDGED_JOBS__CONTEXT_OVERFLOW__MQTT", "trim_history")
+    assert settings_of().jobs.context_overflow.of("mqtt") == "trim_history"
+    monkeypatch.delenv("EDGED_JOBS__CONTEXT_OVERFLOW__MQTT")
+    config = tmp_path / "own.toml"
+    config.write_text('[jobs.context_overflow]\nollama = "error"\nopenai = "trim_history"\n')
+    own = load_settings(config, {}).jobs.context_overflow
+    assert (own.openai, own.ollama, own.mqtt) == ("trim_history", "error", "error")
+    (line,) = problems(settings_of, jobs={"context_overflow": {"ollama": "drop"}})
+    assert line.startswith("jobs.context_overflow.ollama = 'drop' (from command line)"), line

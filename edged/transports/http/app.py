@@ -28,6 +28,10 @@ from edged.transports.http.jobs import add_job_routes
 from edged.transports.http.openapi import HealthBody, document
 from edged.transports.tcp import on_tcp, origin_of, public_status
 
+TRIMMED_HEADER = "X-Edged-Trimmed-Messages"
+"""Response header of a job whose oldest messages were dropped to fit the context: how many
+(``context_overflow: trim_history``; also the answer's ``timings.trimmed_messages``)."""
+
 DISCONNECT_POLL_S = 0.25
 """How often a job's request checks that its client is still there, between events."""
 
@@ -101,11 +105,19 @@ class JobStream:
         self.job = job
         self.stream = stream
         self.headers = {"X-Edged-Job-Id": job.id}
+        if job.prepared.trimmed_messages:  # known before the first byte: the prompt was fitted at submit
+            self.headers[TRIMMED_HEADER] = str(job.prepared.trimmed_messages)
 
     @classmethod
     async def submit(cls, engine: Engine, request: Request, job_request: JobRequest) -> JobStream:
-        """Queue the job, from this request's listener and peer; raises the engine's `EdgedError`."""
-        job = await engine.submit(job_request, origin=origin_of(request), peer=peer_of(request))
+        """Queue the job, from this request's listener and peer, with the defaults of the route's
+        API (Ollama's under ``/api/``, OpenAI's elsewhere); raises the engine's `EdgedError`."""
+        job = await engine.submit(
+            job_request,
+            origin=origin_of(request),
+            peer=peer_of(request),
+            family=shape_of(request.url.path),
+        )
         return cls(engine, request, job, job_request.stream)
 
     async def answer(self, wire: Wire) -> Response:

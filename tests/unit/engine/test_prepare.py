@@ -270,3 +270,93 @@ def test_a_tool_grammar_the_sampler_cannot_take_is_refused_naming_tools(preparer
     with pytest.raises(InvalidRequest) as info:
         preparer().prepare(job(tools=[WEATHER], tool_choice="required"), CharTokenizer(problem="no"), 10_000)
     assert info.value.param == "tools" and info.value.message == "tools: no"
+
+
+def chat(turns: int, *, system: str = "S" * 50, calls: bool = False) -> list[dict[str, Any]]:
+    """A system prompt and ``turns`` turns of 2 messages (4 with ``calls``: a call and its result)."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}]
+    for i in range(turns):
+        out.append({"role": "user", "content": f"question {i:02} " + "q" * 30})
+        if calls:
+            call = {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            out.append({"role": "tool", "tool_call_id": f"c{i}", "content": "r" * 20})
+        out.append({"role": "assistant", "content": "a" * 30})
+    out.append({"role": "user", "content": "the last question"})
+    return out
+
+
+def test_trim_history_drops_the_oldest_turns_until_the_answer_has_its_room(preparer) -> None:
+    p = preparer(jobs={"default_max_tokens": 100})
+    request = job(messages=chat(20))
+    tokenizer = CharTokenizer()
+    whole = len(p.prepare(request, tokenizer, 10_000).prompt.tokens)
+    n_ctx = whole // 2
+    with pytest.raises(ContextLengthExceeded):
+        p.prepare(request, tokenizer, n_ctx)  # overflow "error", the default
+    tokenizer = CharTokenizer()
+    fitted = p.prepare(request, tokenizer, n_ctx, "trim_history")
+    reserve = p.answer_reserve(request, n_ctx)
+    assert reserve == min(100, n_ctx // 4)
+    dropped = fitted.trimmed_messages
+    assert dropped > 0 and dropped % 2 == 0, "whole turns"
+    assert len(fitted.prompt.tokens) + reserve <= n_ctx
+    assert fitted.params.max_tokens == 100 and not fitted.clamped
+    text = fitted.prompt.text
+    assert text.startswith("system: " + "S" * 50) and text.endswith("user: the last question\n")
+    assert f"question {dropped // 2:02}" in text and f"question {dropped // 2 - 1:02}" not in text
+    one_more = p.prompt_text(request, tokenizer, [request.messages[0].model_dump(), *chat(20)[dropped - 1 :]])
+    assert len(one_more) + reserve > n_ctx, "keeping one turn more would not fit"
+    assert len(tokenizer.chat_flags) <= 2 + 5, "O(log turns) counts: the whole, the fewest, a binary search"
+
+
+def test_calls_and_results_are_dropped_with_their_turn(preparer) -> None:
+    p = preparer(jobs={"default_max_tokens": 50})
+    messages = chat(10, calls=True)
+    request = job(messages=messages)
+    whole = len(p.prepare(request, CharTokenizer(), 10_000).prompt.tokens)
+    for n_ctx in range(whole // 3, whole, 41):
+        fitted = p.prepare(request, CharTokenizer(), n_ctx, "trim_history")
+        assert fitted.trimmed_messages % 4 == 0, n_ctx
+        assert messages[1 + fitted.trimmed_messages]["role"] == "user"
+
+
+def test_without_room_for_the_whole_reserve_every_older_turn_goes(preparer) -> None:
+    """The system prompt and the last turn leave less than the reserve: the answer gets all the room
+    there is (as error would give the whole prompt), not an error."""
+    p = preparer(jobs={"default_max_tokens": 500})
+    request = job(messages=chat(3, system="S" * 300))
+    last = len("system: " + "S" * 300 + "\nuser: the last question\n")
+    n_ctx = last + 40  # room for 40 tokens of answer, under the reserve of min(500, n_ctx // 4)
+    fitted = p.prepare(request, CharTokenizer(), n_ctx, "trim_history")
+    assert fitted.trimmed_messages == 6 and len(fitted.prompt.tokens) == last
+    assert (fitted.params.max_tokens, fitted.clamped) == (40, True)
+
+
+def test_a_system_prompt_and_last_turn_over_the_context_are_refused_even_with_trim(preparer) -> None:
+    p = preparer()
+    request = job(messages=chat(4, system="S" * 300))
+    with pytest.raises(ContextLengthExceeded) as info:
+        p.prepare(request, CharTokenizer(), 200, "trim_history")
+    body = info.value.to_dict()["error"]
+    assert body["param"] == "messages" and body["n_ctx"] == 200 and body["n_prompt_tokens"] > 300
+    assert "8 older messages dropped" in body["message"]
+
+
+def test_trim_history_leaves_prompts_and_fitting_chats_alone(preparer) -> None:
+    p = preparer()
+    with pytest.raises(ContextLengthExceeded):
+        p.prepare(JobRequest(prompt="x" * 300, raw=True), CharTokenizer(), 100, "trim_history")
+    with pytest.raises(ContextLengthExceeded):  # one user message: nothing to drop
+        p.prepare(JobRequest(prompt="x" * 300), CharTokenizer(), 100, "trim_history")
+    tokenizer = CharTokenizer()
+    fits = p.prepare(job(messages=chat(3)), tokenizer, 10_000, "trim_history")
+    assert fits.trimmed_messages == 0 and tokenizer.chat_flags == [True], "counted once"
+
+
+def test_the_reserve_is_max_tokens_or_the_default_within_the_context(preparer) -> None:
+    p = preparer(jobs={"default_max_tokens": 512})
+    assert p.answer_reserve(job(), 2048) == 512
+    assert p.answer_reserve(job(), 1000) == 250, "at most a quarter of the context by default"
+    assert p.answer_reserve(job(max_tokens=64), 2048) == 64
+    assert p.answer_reserve(job(max_tokens=5000), 2048) == 1024, "at most half with max_tokens"

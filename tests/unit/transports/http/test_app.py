@@ -11,15 +11,17 @@ from typing import Any
 
 import pytest
 
-from edged.engine import Delta, Failed, JobEvent, JobRequest, JobResult
+from edged.engine import Delta, Failed, Finished, JobEvent, JobRequest, JobResult
 from edged.errors import BackendError, EdgedError
 from edged.transports.http import app
 from edged.transports.http.app import JobStream, Wire
+from unit.test_wire import result
 
 
 class FakeJob:
-    def __init__(self, *events: JobEvent) -> None:
+    def __init__(self, *events: JobEvent, trimmed: int = 0) -> None:
         self.id = "job-1"
+        self.prepared = SimpleNamespace(trimmed_messages=trimmed)
         self.given = list(events)
         self.finished = False
         self.hold = asyncio.Event()
@@ -36,11 +38,13 @@ class FakeJob:
 class FakeEngine:
     def __init__(self, job: FakeJob) -> None:
         self.job = job
-        self.submitted: list[tuple[JobRequest, str, str | None]] = []
+        self.submitted: list[tuple[JobRequest, str, str | None, str | None]] = []
         self.cancelled: list[tuple[FakeJob, str]] = []
 
-    async def submit(self, request: JobRequest, origin: str = "", *, peer: str | None = None) -> FakeJob:
-        self.submitted.append((request, origin, peer))
+    async def submit(
+        self, request: JobRequest, origin: str = "", *, peer: str | None = None, family: str | None = None
+    ) -> FakeJob:
+        self.submitted.append((request, origin, peer, family))
         return self.job
 
     def cancel_job(self, job: FakeJob, reason: str) -> None:
@@ -100,8 +104,23 @@ def test_a_stream_is_the_wires_opening_deltas_and_end_with_the_job_id() -> None:
     assert body == b"<ab!x>"
     assert response.media_type == "text/plain"
     assert response.headers["x-edged-job-id"] == "job-1" and response.headers["x-wire"] == "letters"
-    assert engine.submitted[0][1:] == ("socket", "pid=7 uid=0 gid=0"), "origin and peer from the request"
+    assert engine.submitted[0][1:3] == ("socket", "pid=7 uid=0 gid=0"), "origin and peer from the request"
     assert engine.cancelled == [], "a job that ended is not cancelled"
+    assert "x-edged-trimmed-messages" not in response.headers, "nothing was trimmed"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(("path", "family"), [("/v1/chat/completions", "openai"), ("/api/chat", "ollama")])
+def test_the_routes_api_picks_the_defaults_and_a_trimmed_answer_says_so(
+    path: str, family: str, stream: bool
+) -> None:
+    """The family of the route reaches the engine (its context_overflow default); the messages the
+    engine dropped to fit are in a header, sent before the stream's first byte."""
+    job = FakeJob(Finished(result(content="ok")), trimmed=6)
+    engine, response, body = answer(job, FakeRequest(path), stream=stream)
+    assert engine.submitted[0][3] == family
+    assert response.headers["x-edged-trimmed-messages"] == "6"
+    assert body == (b"<>" if stream else b'{"content":"ok"}')
 
 
 @pytest.mark.parametrize(
