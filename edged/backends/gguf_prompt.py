@@ -84,6 +84,10 @@ class GgufTokenizer:
             if self.template
             else None
         )
+        if self.formatter is not None:
+            from edged.tools.render import compact_tools_in
+
+            compact_tools_in(self.formatter)
         self._grammars_ok: OrderedDict[str, None] = OrderedDict()
         self._grammar_lock = threading.Lock()
 

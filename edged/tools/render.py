@@ -19,8 +19,8 @@ template, so the model reads the tools, its earlier calls and their results in i
   answer in the JSON the model writes (``{"tool_calls": [...]}``, with their ids), and results become
   a user message of ``{"tool_response": {"id", "name", "content"}}`` lines.
 
-Tool definitions edged writes itself are signature lines (`edged.tools.signature`); the description
-edged adds is short.
+Tool definitions edged writes itself are signature lines (`edged.tools.signature`); in templates that
+render tools themselves they are minified (`compact_tools_in`). The description edged adds is short.
 """
 
 from __future__ import annotations
@@ -345,6 +345,45 @@ def _add_system(messages: list[dict[str, Any]], text: str) -> None:
         messages[0] = {"role": "system", "content": f"{first}\n\n{text}" if first else text}
     else:
         messages.insert(0, {"role": "system", "content": text})
+
+
+TOOL_KEYS = frozenset({"name", "description", "parameters", "strict"})
+
+
+def is_tool_definition(value: Any) -> bool:
+    """A tool as templates get it (`ToolSpec.to_openai`, ``{"type": "function", "function": {name,
+    description, parameters}}``) or its ``function``: not a call's arguments or anything else."""
+    if not isinstance(value, dict):
+        return False
+    if value.get("type") == "function" and set(value) == {"type", "function"}:
+        value = value["function"]
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("name"), str)
+        and isinstance(value.get("parameters"), dict)
+        and set(value) <= TOOL_KEYS
+    )
+
+
+def compact_tools_in(formatter: Any) -> None:
+    """Make a chat template that renders ``tools`` itself (Qwen's ``tool | tojson``, Llama 3.1's
+    ``tojson(indent=4)``, ``tools | tojson``) write the tool definitions minified, as Ollama does
+    and as edged's own descriptions are: the spaces and indentation of ``json.dumps`` are tokens the
+    context pays for on every request. Everything else the template dumps (a call's arguments)
+    stays as it asks.
+
+    ``formatter``: llama-cpp-python's ``Jinja2ChatFormatter``, whose compiled template looks its
+    filters up in its environment at each render."""
+    environment = formatter._environment.environment
+    dump = environment.filters["tojson"]
+
+    def tojson(value: Any, *args: Any, **kwargs: Any) -> str:
+        tools = value if isinstance(value, list) and value else [value]  # a tool, or all of them
+        if all(is_tool_definition(tool) for tool in tools):
+            return compact_json(value)
+        return str(dump(value, *args, **kwargs))
+
+    environment.filters["tojson"] = tojson
 
 
 def finish_prompt(family: Family, prompt: str, *, add_generation_prompt: bool = True) -> str:

@@ -6,7 +6,6 @@ llama-cpp-python's Jinja2 formatter, as the backends render them; no model is lo
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from edged.bench.vocab import CHAT_TEMPLATE as R1_SHAPED_TEMPLATE
 from edged.errors import InvalidRequest
 from edged.tools.family import Family
 from edged.tools.parse import parse_output
-from edged.tools.render import RenderedChat, finish_prompt, normalize, render_chat
+from edged.tools.render import RenderedChat, compact_tools_in, finish_prompt, normalize, render_chat
 from edged.tools.signature import signatures
 from edged.tools.spec import ToolChoice, ToolSpec, compact_json
 
@@ -32,6 +31,7 @@ BOS = {"hermes": "", "deepseek_r1": "<｜begin▁of▁sentence｜>", "generic": 
 
 def prompt(family: Family, rendered: RenderedChat) -> str:
     formatter = Jinja2ChatFormatter(TEMPLATES[family], eos_token="</s>", bos_token=BOS[family])
+    compact_tools_in(formatter)  # as edged's tokenizer does (edged.backends.gguf_prompt)
     return finish_prompt(family, str(formatter(messages=rendered.messages, tools=rendered.tools).prompt))
 
 
@@ -128,8 +128,32 @@ def test_a_template_that_renders_tools_gets_them_as_they_are(tools: list[ToolSpe
     assert rendered.tools == [t.to_openai() for t in tools]
     assert rendered.messages == AGENT_LOOP[:2]  # no description of edged's own
     text = prompt("hermes", rendered)
-    assert "<tools>\n" + json.dumps(tools[0].to_openai(), ensure_ascii=False) in text
+    assert "<tools>\n" + compact_json(tools[0].to_openai()) + "\n" in text, "minified"
     assert text.startswith("<|im_start|>system\nYou run the house.\n\n# Tools")
+
+
+def test_a_template_dumps_tool_definitions_minified_and_everything_else_as_it_asks(
+    tools: list[ToolSpec],
+) -> None:
+    """Qwen's ``tool | tojson`` and Llama 3.1's ``tojson(indent=4)`` of a tool: minified; an earlier
+    call's arguments (``tool_call.arguments | tojson``) as the template writes them, the form the model
+    itself writes its calls in."""
+    rendered = render_chat("hermes", AGENT_LOOP, tools, ToolChoice("auto"))
+    text = prompt("hermes", rendered)
+    assert '{"name": "get_weather", "arguments": {"location": "Paris", "unit": "celsius"}}' in text
+    for tool in tools:
+        assert "\n" + compact_json(tool.to_openai()) + "\n" in text
+    indented = (
+        "{% for t in tools %}{{ t | tojson(indent=4) }}\n{{ t.function | tojson(indent=4) }}\n{% endfor %}"
+        "{{ tools | tojson(indent=1) }}\n{{ {'a': 1} | tojson(indent=2) }}"
+    )
+    formatter = Jinja2ChatFormatter(indented, eos_token="", bos_token="")
+    compact_tools_in(formatter)
+    lines = str(formatter(messages=[], tools=rendered.tools).prompt).split("\n", 2 * len(tools) + 1)
+    for i, tool in enumerate(tools):
+        assert lines[2 * i : 2 * i + 2] == [compact_json(tool.to_openai()), compact_json(tool.to_compact())]
+    assert lines[-2] == compact_json(rendered.tools), "the list of them"
+    assert lines[-1] == '{\n  "a": 1\n}', "not a tool: as the template asks"
 
 
 @pytest.mark.parametrize("family", ["deepseek_r1", "generic"])
