@@ -194,6 +194,22 @@ def test_json_object_gives_an_object(daemon: Daemon) -> None:
     assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"], strict=False), dict)
 
 
+def test_a_pattern_with_escaped_dots_and_anchors_is_taken(daemon: Daemon) -> None:
+    """``\\.`` in a pattern is a dot, as llama.cpp's own converter writes it (llama-cpp-python's port
+    wrote the literal "light\\." that llama.cpp's grammar parser refused: 400)."""
+    schema = {
+        "type": "object",
+        "properties": {"entity_id": {"type": "string", "pattern": "^light\\.[a-z_]{1,20}$"}},
+        "required": ["entity_id"],
+    }
+    with daemon.client() as c:
+        r = post(c, chat("Name a light entity.", response_format=schema_format(schema), max_tokens=60))
+    assert r.status_code == 200, r.text
+    value = json.loads(r.json()["choices"][0]["message"]["content"], strict=False)
+    jsonschema.validate(value, schema)
+    assert value["entity_id"].startswith("light.")
+
+
 def test_a_raw_grammar_constrains_the_answer(daemon: Daemon) -> None:
     grammar = 'root ::= ("yes" | "no") " because " [a-z ]{1,30} "."'
     with daemon.client() as c:

@@ -128,8 +128,14 @@ def schema_to_grammar(schema: dict[str, Any], param: str) -> str:
         raise _remember(key, f"{param} is not a valid JSON schema: {exc.message}", param) from None
     except Exception as exc:  # RecursionError, referencing errors: never a 500
         raise _remember(key, f"{param} is not a valid JSON schema: {_reason(exc)}", param) from None
+    from llama_cpp import llama_grammar
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    # llama-cpp-python's port of the converter forgets three of the characters llama.cpp's own
+    # (ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS in common/json-schema-to-grammar.cpp) unescapes in a
+    # pattern's literal text: ``^light\.[a-z]+$`` became the literal "light\." that llama.cpp's grammar
+    # parser refuses. The set is read at each conversion; this makes it upstream's.
+    llama_grammar.ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS.update("^$.")
     try:
         gbnf = json_schema_to_gbnf(json.dumps(checked.schema))
     except Exception as exc:  # the converter raises plain exceptions for what it does not support
