@@ -116,7 +116,12 @@ RUN_HELP = _paragraphs(
     "once, 256 out each. shared-prefix: K prompts at once sharing a 400-token prefix, each then asking "
     "its own short question. prefix-repeat: a 400-token prefix cold, then again with another question "
     "(with --restart, a third time after restarting edged: the disk tier of its prefix cache). schema "
-    "(edged only): one prompt free, then with a JSON schema: the cost of constrained decoding.",
+    "(edged only): one prompt free, then with a JSON schema: the cost of constrained decoding. tools "
+    "(edged and llama-server, which is then started with --jinja): a forced tool call (tool_choice "
+    "required, 4 tools, reasoning budget max_tokens/4, end-of-text honoured), not streamed: seconds to "
+    "the finished call (median (min-max) of the runs with a valid call), valid calls out of the runs "
+    "(checked against the tools' schemas with jsonschema), tokens and tok/s; edged/llama-server ratios "
+    "run by run.",
     "[bold]Figures.[/bold] TTFT: submission to the first generated text, at the client (median over a "
     "run's jobs). prefill tok/s: prompt tokens per second of prefill, as the target times it. decode "
     "tok/s: per job, tokens after the first over the time after the first. aggregate tok/s: all tokens "

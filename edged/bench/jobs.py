@@ -21,6 +21,10 @@ class Job:
     """False for a constrained answer: it ends when its grammar is complete."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """More request fields (edged's job schema: ``response_format``, ``think``)."""
+    call: bool = False
+    """A forced tool call (``extra`` has the tools): not streamed; the answer's call is checked."""
+    reasoning_budget: int | None = None
+    """Reasoning tokens before ``</think>`` is forced, in each target's own field."""
 
 
 @dataclass
@@ -44,6 +48,8 @@ class JobSample:
     prefill_tok_s: float | None
     cache_n: int | None = None  # prompt tokens the target took from a prefix cache, when it says
     server_timings: dict[str, float] = field(default_factory=dict)
+    call_valid: bool | None = None  # a call job: one call, well formed and valid against its tool's schema
+    call_error: str | None = None  # why the call was not valid
 
     @property
     def ttft_ms(self) -> float:

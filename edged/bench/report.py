@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,6 +23,8 @@ class Metric:
     key: str
     label: str
     meaning: str
+    median: bool = False  # the table shows median (min-max), not mean ± std
+    count: bool = False  # 1 or 0 per run: the table shows how many of the runs (no ratio)
 
 
 METRICS = (
@@ -52,11 +55,38 @@ METRICS = (
     Metric("decode_schema_tok_s", "decode tok/s, JSON schema", "schema: the same prompt under the grammar"),
     Metric("schema_over_plain", "schema / free decode", "schema: constrained / free decode tok/s (1 = free)"),
     Metric("schema_tokens", "schema answer tokens", "schema: tokens of the constrained answer"),
+    Metric(
+        "call_s",
+        "s to the call, median (min-max)",
+        "tools: submission to the finished answer with its call (not streamed), at the client; over the "
+        "runs whose call was valid",
+        median=True,
+    ),
+    Metric(
+        "call_valid",
+        "valid calls",
+        "tools: runs whose answer was one call, well formed, to a known tool, its arguments valid against "
+        "the tool's schema (jsonschema, at the client); a refused answer (4xx/5xx) is an invalid call",
+        count=True,
+    ),
+    Metric(
+        "completion_tokens",
+        "completion tokens, median (min-max)",
+        "tools: tokens generated, reasoning and call (usage.completion_tokens), every answered run",
+        median=True,
+    ),
+    Metric(
+        "call_tok_s",
+        "tok/s to the call, median (min-max)",
+        "tools: completion tokens / seconds to the answer (prefill in), every answered run",
+        median=True,
+    ),
     Metric("prompt_tokens", "prompt tokens", "prompt tokens per job (the chat template included)"),
     Metric("cache_n", "cached prompt tokens", "prompt tokens taken from a prefix cache (timings.cache_n)"),
     Metric("rss_anon_mb", "RssAnon peak MB", "peak anonymous memory of the target's process during the run"),
 )
 METRIC_KEYS = [m.key for m in METRICS]
+COUNT_KEYS = {m.key for m in METRICS if m.count}
 STARTUP = Metric(
     "ready_s",
     "ready s, median (min-max)",
@@ -97,6 +127,13 @@ class WorkloadResult(BaseModel):
     ratios: dict[str, dict[str, float]] = Field(
         description="'edged/raw', 'edged/llama-server' -> metric -> mean of edged / mean of the other"
     )
+    paired_ratios: dict[str, dict[str, Figure]] = Field(
+        default_factory=dict,
+        description="tools: 'edged/llama-server' -> metric -> edged / the other, run by run (the same "
+        "request), over the runs where both have the figure (call_s: both calls valid); the table shows "
+        "their median (min-max)",
+    )
+    notes: list[str] = Field(default_factory=list, description="what the figures do not say (invalid calls)")
 
 
 class StartupResult(BaseModel):
@@ -205,9 +242,32 @@ def summarise(
     ratios: dict[str, dict[str, float]] = {}
     for a, b in RATIO_PAIRS:
         if a in figures and b in figures:
-            shared = [k for k in figures[a] if k in figures[b] and figures[b][k].mean != 0]
+            shared = [
+                k for k in figures[a] if k in figures[b] and figures[b][k].mean != 0 and k not in COUNT_KEYS
+            ]
             ratios[f"{a}/{b}"] = {k: figures[a][k].mean / figures[b][k].mean for k in shared}
     return figures, ratios
+
+
+def paired_ratios(per_target: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Figure]]:
+    """Run by run (the targets were given the same request), each figure of edged over the other's, over
+    the runs where both have it: the seconds to the call only where both calls were valid (a ratio of an
+    invalid call's time is no measure of the same work), the tokens and tok/s where both answered."""
+    out: dict[str, dict[str, Figure]] = {}
+    for a, b in RATIO_PAIRS:
+        runs_a, runs_b = per_target.get(a), per_target.get(b)
+        if not runs_a or not runs_b:
+            continue
+        pair: dict[str, Figure] = {}
+        for key in METRIC_KEYS:
+            if key in COUNT_KEYS:
+                continue
+            values = [x[key] / y[key] for x, y in zip(runs_a, runs_b, strict=True) if y.get(key) and key in x]
+            if values:
+                pair[key] = Figure.of(values)
+        if pair:
+            out[f"{a}/{b}"] = pair
+    return out
 
 
 def summarise_startup(per_target: dict[str, list[float]]) -> StartupResult:
@@ -237,6 +297,20 @@ def _median_cell(figure: Figure | None) -> str:
     return f"{text} ({min(figure.values):.{digits}f}-{max(figure.values):.{digits}f})"
 
 
+def _count_cell(figure: Figure | None) -> str:
+    return "-" if figure is None else f"{round(sum(figure.values))}/{figure.n}"
+
+
+def _ratio_cell(workload: WorkloadResult, pair: str, key: str) -> str:
+    paired = workload.paired_ratios.get(pair, {}).get(key)
+    if paired is not None:
+        text = f"{paired.median:.3f}"
+        return text if paired.n == 1 else f"{text} ({min(paired.values):.3f}-{max(paired.values):.3f})"
+    calls = any("call_valid" in figures for figures in workload.figures.values())
+    ratio = None if calls else workload.ratios.get(pair, {}).get(key)  # calls: paired valid runs only
+    return "-" if ratio is None else f"{ratio:.3f}"
+
+
 def _cell(figure: Figure | None) -> str:
     if figure is None:
         return "-"
@@ -261,7 +335,7 @@ def render_table(report: BenchReport, console: Console) -> None:
     pairs = [f"{a}/{b}" for a, b in RATIO_PAIRS if a in targets and b in targets]
     for pair in pairs:
         table.add_column(pair, justify="right")
-    labels = {m.key: m.label for m in METRICS}
+    metrics = {m.key: m for m in METRICS}
     startup = report.startup
     if startup is not None:
         table.add_row(
@@ -274,15 +348,19 @@ def render_table(report: BenchReport, console: Console) -> None:
     for workload in report.workloads:
         keys = [k for k in METRIC_KEYS if any(k in workload.figures.get(t, {}) for t in targets)]
         for i, key in enumerate(keys):
-            ratios = [workload.ratios.get(pair, {}).get(key) for pair in pairs]
+            metric = metrics[key]
+            cell = _count_cell if metric.count else _median_cell if metric.median else _cell
             table.add_row(
                 workload.name if i == 0 else "",
-                labels[key],
-                *[_cell(workload.figures.get(t, {}).get(key)) for t in targets],
-                *["-" if r is None else f"{r:.3f}" for r in ratios],
+                metric.label,
+                *[cell(workload.figures.get(t, {}).get(key)) for t in targets],
+                *["-" if metric.count else _ratio_cell(workload, pair, key) for pair in pairs],
                 end_section=i == len(keys) - 1,
             )
     console.print(table)
+    for workload in report.workloads:
+        for note in workload.notes:
+            console.print(f"[dim]{workload.name}: {escape(note)}[/dim]")
     if startup is not None and "edged/llama-server" in startup.differences_s:
         n = startup.figures["edged"].n
         console.print(

@@ -15,10 +15,12 @@ from edged.bench.report import (
     METRICS,
     STARTUP,
     BenchReport,
+    Figure,
     ModelInfo,
     TargetInfo,
     WorkloadResult,
     machine_info,
+    paired_ratios,
     progress_bar,
     summarise,
     summarise_startup,
@@ -56,7 +58,7 @@ class BenchConfig:
 def _run_workload_once(target: Target, steps: list[Step], restartable: bool) -> Samples:
     samples: Samples = []
     for step in steps:
-        if step.edged_only and not restartable:
+        if (step.edged_only and not restartable) or (step.servers_only and isinstance(target, RawTarget)):
             samples.append(None)
             continue
         if step.restart_first:
@@ -67,6 +69,34 @@ def _run_workload_once(target: Target, steps: list[Step], restartable: bool) -> 
             target.restart()
         samples.append(target.run(step.jobs))
     return samples
+
+
+RAW_HAS_NO_CALLS = (
+    "raw: not run. llama-cpp-python's tool-call chat handlers (chatml-function-calling, functionary) "
+    "impose their own prompt format, not the model's, and none parses R1's call markup: no fair equivalent"
+)
+
+
+def _call_notes(
+    per_target: dict[str, list[dict[str, float]]], paired: dict[str, dict[str, Figure]]
+) -> list[str]:
+    """What a tool-call workload's figures do not say by themselves."""
+    notes = [RAW_HAS_NO_CALLS]
+    if "llama-server" not in per_target:
+        notes.append("no llama-server to compare with (--llama-server PATH)")
+    elif "call_s" not in paired.get("edged/llama-server", {}):
+        notes.append("no run where both made a valid call: no edged/llama-server ratio of s to the call")
+    return notes
+
+
+def llama_server_template(raw: RawTarget) -> str | None:
+    """The chat template llama-server is given for tool calls: R1-Distill's own for the R1-shaped model
+    (whose GGUF carries a trimmed copy), else None (the GGUF's)."""
+    from edged.bench.tools import R1_DISTILL_TEMPLATE
+    from edged.bench.vocab import CHAT_TEMPLATE
+
+    template = raw.llm.metadata.get("tokenizer.chat_template") if raw.llm is not None else None
+    return R1_DISTILL_TEMPLATE if template == CHAT_TEMPLATE else None
 
 
 def page_in(model: Path) -> None:
@@ -105,10 +135,24 @@ def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
         if slots is not None:
             edged.notes.append(f"EDGED_ENGINE__PARALLEL={slots}")
         if config.llama_server is not None:
-            server = LlamaServerTarget(config.llama_server, config.model, config.threads, slots=slots or 1)
+            calls = any(WORKLOADS[w].calls for w in config.workloads)
+            template = llama_server_template(raw) if calls else None
+            server = LlamaServerTarget(
+                config.llama_server,
+                config.model,
+                config.threads,
+                slots=slots or 1,
+                jinja=calls,
+                chat_template=template,
+            )
             targets.append(server)
             first[server.name] = server.start()
             server.notes.append(" ".join(["llama-server", *server.args]))
+            if template is not None:
+                server.notes.append(
+                    "--chat-template-file: DeepSeek-R1-Distill-Qwen's own template (the R1-shaped GGUF's "
+                    "is trimmed of the assistant tool_calls branch by which llama.cpp recognises R1's calls)"
+                )
         startup = summarise_startup(start_up(targets, first, config.runs if config.restart else 1))
         assert raw.tokenizer is not None  # raw's last start made it
         tokenizer: ChatTokenizer = raw.tokenizer
@@ -123,6 +167,7 @@ def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
             for name in config.workloads:
                 workload = WORKLOADS[name]
                 per_target: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+                notes: list[str] = []
                 jobs_per_run = 0
                 for run in range(config.runs):
                     steps = workload.steps(tokenizer, run, options)
@@ -137,12 +182,21 @@ def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
                                 samples = _run_workload_once(target, steps, isinstance(target, EdgedTarget))
                             except BenchError as exc:
                                 raise BenchError(f"{name}, run {run + 1}, {target.name}: {exc}") from exc
+                        notes += [
+                            f"{target.name}, run {run + 1}: invalid call: {sample.call_error}"
+                            for step_samples in samples
+                            for sample in step_samples or []
+                            if sample.call_error is not None
+                        ]
                         run_figures = workload.figures(samples)
                         if memory.peak_mb is not None:
                             run_figures["rss_anon_mb"] = memory.peak_mb
                         per_target[target.name].append(run_figures)
                         progress.advance(task)
                 figures, ratios = summarise(per_target)
+                paired = paired_ratios(per_target) if workload.calls else {}
+                if workload.calls:
+                    notes = _call_notes(per_target, paired) + notes
                 results.append(
                     WorkloadResult(
                         name=name,
@@ -151,6 +205,8 @@ def run_bench(config: BenchConfig, progress_console: Console) -> BenchReport:
                         jobs_per_run=jobs_per_run,
                         figures=figures,
                         ratios=ratios,
+                        paired_ratios=paired,
+                        notes=notes,
                     )
                 )
         if edged.restarts:

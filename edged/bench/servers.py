@@ -75,6 +75,9 @@ class StreamingServer:
     def extra_fields(self) -> dict[str, Any]:
         return {}
 
+    reasoning_budget_field = "reasoning_budget"
+    """The request field that caps a job's reasoning (edged's; llama-server names it otherwise)."""
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> float:
@@ -140,6 +143,8 @@ class StreamingServer:
             return [f.result() for f in futures]
 
     def _one(self, job: Job, barrier: threading.Barrier) -> JobSample:
+        if job.call:
+            return self._call(job, barrier)
         body = {
             "messages": [{"role": "user", "content": job.user}],
             "max_tokens": job.max_tokens,
@@ -195,6 +200,53 @@ class StreamingServer:
             prefill_tok_s=float(prefill) if prefill is not None else None,
             cache_n=int(cache_n) if cache_n is not None else None,
             server_timings={k: float(v) for k, v in timings.items() if isinstance(v, int | float)},
+        )
+
+    def _call(self, job: Job, barrier: threading.Barrier) -> JobSample:
+        """A forced tool call, not streamed: timed from submission to the finished answer, whose call is
+        then checked (`edged.bench.tools.check_answer`). A refused or invalid call is a sample too, marked
+        invalid with its reason: the benchmark counts it, it does not stop."""
+        from edged.bench.tools import check_answer
+
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": job.user}],
+            "max_tokens": job.max_tokens,
+            "temperature": 0,
+            **self.extra_fields(),
+            **job.extra,
+        }
+        if job.reasoning_budget is not None:
+            body[self.reasoning_budget_field] = job.reasoning_budget
+        with self.client(timeout=REQUEST_TIMEOUT_S) as http:
+            barrier.wait()
+            t_submit = time.perf_counter()
+            response = http.post("/v1/chat/completions", json=body)
+            t_done = time.perf_counter()
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {"error": response.text[:200]}
+        if not isinstance(answer, dict):
+            answer = {"error": str(answer)[:200]}
+        if response.status_code >= 500 and self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"{self.name} died answering a tool call; its log:\n{_tail(self.log_path)}")
+        check = check_answer(response.status_code, answer)
+        usage = answer.get("usage") or {}
+        timings = answer.get("timings") or {}
+        prefill = timings.get("prompt_per_second")
+        return JobSample(
+            t_submit=t_submit,
+            t_start=t_submit,
+            t_first=t_done,
+            t_last=t_done,
+            t_done=t_done,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prefill_tok_s=float(prefill) if isinstance(prefill, int | float) else None,
+            cache_n=int(timings["cache_n"]) if isinstance(timings.get("cache_n"), int) else None,
+            server_timings={k: float(v) for k, v in timings.items() if isinstance(v, int | float)},
+            call_valid=check.valid,
+            call_error=check.reason,
         )
 
 
@@ -274,7 +326,20 @@ class LlamaServerTarget(StreamingServer):
 
     name = "llama-server"
 
-    def __init__(self, binary: Path, model: Path, threads: int, *, slots: int) -> None:
+    reasoning_budget_field = "reasoning_budget_tokens"
+
+    def __init__(
+        self,
+        binary: Path,
+        model: Path,
+        threads: int,
+        *,
+        slots: int,
+        jinja: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        """``jinja``: the chat template through llama.cpp's Jinja engine (``--jinja``: tool calls);
+        ``chat_template``: a template to use instead of the GGUF's (``--chat-template-file``)."""
         super().__init__()
         if not os.access(binary, os.X_OK):
             raise BenchError(f"--llama-server {binary} is not an executable file")
@@ -293,6 +358,12 @@ class LlamaServerTarget(StreamingServer):
         ).stdout
         if "--no-webui" in help_text:
             self.args.append("--no-webui")
+        if jinja:
+            self.args.append("--jinja")
+        if chat_template is not None:
+            template_file = self.workdir / "chat-template.jinja"
+            template_file.write_text(chat_template)
+            self.args += ["--chat-template-file", str(template_file)]
         version = subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False
         )

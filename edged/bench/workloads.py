@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from edged.bench.jobs import Job, JobSample
 from edged.bench.prompts import ChatTokenizer, document, question
+from edged.bench.tools import QUESTIONS as TOOL_QUESTIONS
+from edged.bench.tools import TOOLS, reasoning_budget
 
 SEEDS_PROMPT_TOKENS = 128
 SHARED_PREFIX_TOKENS = 400
@@ -23,6 +25,7 @@ class Step:
     jobs: list[Job]
     restart_first: bool = False  # restart the daemon before this step (edged only; others skip the step)
     edged_only: bool = False  # an edged feature (others skip the step)
+    servers_only: bool = False  # raw llama-cpp-python has no equivalent (it skips the step)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Workload:
     plan: Callable[[ChatTokenizer, int, Options, int], list[Step]]  # tokenizer, run, options, tokens
     figures: Callable[[Samples], dict[str, float]]
     concurrent: bool = False  # submits several jobs at once (edged and llama-server then get slots)
+    calls: bool = False  # forced tool calls: llama-server needs --jinja; ratios are paired per run
 
     def steps(self, tokenizer: ChatTokenizer, run: int, options: Options) -> list[Step]:
         tokens = options.max_tokens or self.tokens
@@ -171,6 +175,38 @@ def _schema_figures(samples: Samples) -> dict[str, float]:
     return out
 
 
+TOOL_CHOICE = "required"
+"""Not a named tool: llama-server (the pinned llama.cpp) takes tool_choice as a string only."""
+
+
+def _tools(tokenizer: ChatTokenizer, run: int, options: Options, tokens: int) -> list[Step]:
+    user = f"Request {run + 1}. {TOOL_QUESTIONS[run % len(TOOL_QUESTIONS)]}"
+    extra = {"tools": TOOLS, "tool_choice": TOOL_CHOICE, "parallel_tool_calls": False}
+    job = Job(
+        user, tokens, ignore_eos=False, extra=extra, call=True, reasoning_budget=reasoning_budget(tokens)
+    )
+    return [Step([job], servers_only=True)]
+
+
+def _tools_figures(samples: Samples) -> dict[str, float]:
+    """The seconds to the call only of a valid call (an invalid one is counted, not timed as one); the
+    tokens of every answered request (a refused one has none)."""
+    first = samples[0]
+    if first is None:
+        return {}
+    sample = first[0]
+    wall = sample.t_done - sample.t_submit
+    out = {"call_valid": 1.0 if sample.call_valid else 0.0}
+    if sample.call_valid:
+        out["call_s"] = wall
+    if sample.prompt_tokens > 0:  # answered (usage)
+        out["completion_tokens"] = float(sample.completion_tokens)
+        out["prompt_tokens"] = float(sample.prompt_tokens)
+        if sample.completion_tokens and wall > 0:
+            out["call_tok_s"] = sample.completion_tokens / wall
+    return out
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -219,6 +255,16 @@ WORKLOADS: dict[str, Workload] = {
             256,
             _schema,
             _schema_figures,
+        ),
+        Workload(
+            "tools",
+            f"edged and llama-server only: a forced tool call (tool_choice {TOOL_CHOICE}, "
+            f"{len(TOOLS)} tools, temperature 0, reasoning budget max_tokens/4): seconds to the finished "
+            "call, valid calls",
+            256,
+            _tools,
+            _tools_figures,
+            calls=True,
         ),
     )
 }
