@@ -254,3 +254,56 @@ def test_bench_reports_a_daemon_that_cannot_start(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "edged exited with 78" in done.stderr
     assert "model.ctx" in done.stderr
+
+
+@pytest.mark.timeout(600)  # two daemons' worth of model loads and a 256-token call on a busy machine
+def test_bench_tools_times_forced_calls_on_the_r1_shaped_model(tmp_path: Path, tiny_model: Path) -> None:
+    """The tools workload on the R1-shaped model (random weights: a call may break an integer bound,
+    which no grammar holds): every run is counted, valid or invalid with its reason; raw is not run,
+    and without --llama-server the workload says so (llama-server's side: tests/unit/bench)."""
+    done = bench(
+        "--model", str(tiny_model), "--runs", "1", "--workload", "tools", "--json", *daemon_env(tmp_path),
+        timeout=560,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [t["name"] for t in report["targets"]] == ["edged", "raw"]
+    [tools] = report["workloads"]
+    assert (tools["name"], tools["jobs_per_run"], tools["generated_tokens_per_job"]) == ("tools", 1, 256)
+    assert set(tools["figures"]["raw"]) == {"rss_anon_mb"}  # raw ran nothing ...
+    assert tools["notes"][0].startswith("raw: not run.")  # ... and the table says why
+    assert tools["notes"][1] == "no llama-server to compare with (--llama-server PATH)"
+    edged = tools["figures"]["edged"]
+    valid = edged["call_valid"]["values"]
+    assert len(valid) == 1 and set(valid) <= {0.0, 1.0}
+    invalid_notes = [n for n in tools["notes"] if n.startswith("edged, run ") and ": invalid call: " in n]
+    assert len(invalid_notes) == valid.count(0.0), tools["notes"]
+    assert all(n.split(": invalid call: ", 1)[1] for n in invalid_notes)
+    # Seconds to the call: the valid calls only.
+    seconds = edged.get("call_s", {"values": []})["values"]
+    assert len(seconds) == valid.count(1.0) and all(s > 0 for s in seconds)
+    if "prompt_tokens" in edged:  # the answered runs: R1's system prompt describes the 4 tools
+        assert min(edged["prompt_tokens"]["values"]) > 300
+        assert max(edged["completion_tokens"]["values"]) <= 256
+    assert tools["paired_ratios"] == {}
+    for key in ("call_s", "call_valid", "completion_tokens", "call_tok_s"):
+        assert key in report["definitions"], key
+
+
+@pytest.mark.timeout(600)
+def test_bench_tools_table_on_the_embedded_model(tmp_path: Path) -> None:
+    """SmolLM2 (the generic family: the whole answer is a call under a grammar) makes a valid call; the
+    table shows it as a count, the seconds as a median, raw as not run."""
+    done = bench("--runs", "1", "--workload", "tools", *daemon_env(tmp_path), timeout=560)
+    assert done.returncode == 0, done.stderr
+    cells = {}
+    for line in done.stdout.splitlines():
+        row = [c.strip() for c in line.strip("│┃").split("│")]
+        if len(row) > 3:
+            cells[row[1]] = row[2:]
+    # edged, raw, edged/raw
+    assert cells["valid calls"] == ["1/1", "-", "-"], done.stdout
+    edged_s, raw_s, _ = cells["s to the call, median (min-max)"]
+    assert float(edged_s) > 0 and raw_s == "-"
+    assert "tools: raw: not run." in done.stdout
+    assert "invalid call" not in done.stdout

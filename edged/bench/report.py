@@ -252,12 +252,13 @@ def summarise(
 def paired_ratios(per_target: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Figure]]:
     """Run by run (the targets were given the same request), each figure of edged over the other's, over
     the runs where both have it: the seconds to the call only where both calls were valid (a ratio of an
-    invalid call's time is no measure of the same work), the tokens and tok/s where both answered."""
+    invalid call's time is no measure of the same work), the tokens and tok/s where both answered. Only
+    against a target that ran the workload."""
     out: dict[str, dict[str, Figure]] = {}
     for a, b in RATIO_PAIRS:
         runs_a, runs_b = per_target.get(a), per_target.get(b)
-        if not runs_a or not runs_b:
-            continue
+        if not runs_a or not runs_b or not any("call_valid" in run for run in runs_b):
+            continue  # the other target did not run the workload (raw: only its memory was sampled)
         pair: dict[str, Figure] = {}
         for key in METRIC_KEYS:
             if key in COUNT_KEYS:

@@ -3,6 +3,8 @@ in the table, with the llama-server column the bench's own tests cannot start (n
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from rich.console import Console
 
@@ -14,7 +16,9 @@ from edged.bench.report import (
     ModelInfo,
     TargetInfo,
     WorkloadResult,
+    paired_ratios,
     render_table,
+    summarise,
     summarise_startup,
 )
 
@@ -109,3 +113,87 @@ def test_the_json_document_carries_the_startup_figures() -> None:
     assert doc.startup is not None
     assert doc.startup.figures["llama-server"].median == 2.0
     assert doc.definitions[STARTUP.key] == STARTUP.meaning
+
+
+# -- the tools workload: medians, valid-call counts, ratios run by run over the valid runs ------------------
+
+MB = {"rss_anon_mb": 200.0}
+TOOL_RUNS = {
+    # run 1: both valid; run 2: edged's call invalid (no call_s), both answered; run 3: llama-server refused
+    "edged": [
+        {"call_valid": 1.0, "call_s": 2.0, "completion_tokens": 40.0, "call_tok_s": 20.0, **MB},
+        {"call_valid": 0.0, "completion_tokens": 60.0, "call_tok_s": 15.0, **MB},
+        {"call_valid": 1.0, "call_s": 3.0, "completion_tokens": 50.0, "call_tok_s": 16.0, **MB},
+    ],
+    "raw": [{"rss_anon_mb": 100.0}] * 3,  # raw runs no tool call: only its memory is sampled
+    "llama-server": [
+        {"call_valid": 1.0, "call_s": 4.0, "completion_tokens": 80.0, "call_tok_s": 20.0, **MB},
+        {"call_valid": 1.0, "call_s": 5.0, "completion_tokens": 100.0, "call_tok_s": 20.0, **MB},
+        {"call_valid": 0.0, **MB},
+    ],
+}
+
+
+def test_tool_ratios_are_run_by_run_and_the_seconds_only_of_valid_calls() -> None:
+    paired = paired_ratios(TOOL_RUNS)
+    assert set(paired) == {"edged/llama-server"}  # raw ran nothing: no edged/raw ratio, not even of memory
+    pair = paired["edged/llama-server"]
+    assert pair["call_s"].values == [0.5]  # run 1 only: the other runs have an invalid call
+    assert pair["completion_tokens"].values == [0.5, 0.6]  # the runs both answered
+    assert pair["call_tok_s"].values == [1.0, 0.75]
+    assert pair["rss_anon_mb"].values == [1.0, 1.0, 1.0]
+    assert "call_valid" not in pair
+    _, ratios = summarise(TOOL_RUNS)
+    assert "call_valid" not in ratios["edged/llama-server"]  # a count has no ratio
+
+
+def tools_report() -> BenchReport:
+    figures, ratios = summarise(TOOL_RUNS)
+    tools = WorkloadResult(
+        name="tools",
+        summary="",
+        generated_tokens_per_job=256,
+        jobs_per_run=1,
+        figures=figures,
+        ratios=ratios,
+        paired_ratios=paired_ratios(TOOL_RUNS),
+        notes=["edged, run 2: invalid call: set_light: 928 is greater than the maximum of 100"],
+    )
+    doc = report({"edged": [1.0], "raw": [0.5], "llama-server": [1.0]})
+    doc.workloads = [tools]
+    return doc
+
+
+def test_the_table_shows_tool_calls_as_medians_counts_and_paired_ratios() -> None:
+    console = Console(record=True, width=250)
+    render_table(tools_report(), console)
+    text = console.export_text()
+    found = rows(text)
+    # edged, raw, llama-server, edged/raw, edged/llama-server
+    assert found["valid calls"] == ["2/3", "-", "2/3", "-", "-"]
+    seconds = ["2.50 (2.00-3.00)", "-", "4.50 (4.00-5.00)", "-", "0.500"]
+    assert found["s to the call, median (min-max)"] == seconds
+    assert found["completion tokens, median (min-max)"] == [
+        "50.0 (40.0-60.0)",
+        "-",
+        "90.0 (80.0-100.0)",
+        "-",
+        "0.550 (0.500-0.600)",
+    ]
+    assert "tools: edged, run 2: invalid call: set_light: 928 is greater than the maximum of 100" in text
+
+
+def test_a_tool_ratio_is_never_one_of_means_over_invalid_calls() -> None:
+    doc = tools_report()
+    doc.workloads[0].paired_ratios = {}  # as when no run had two valid calls
+    console = Console(record=True, width=250)
+    render_table(doc, console)
+    assert rows(console.export_text())["s to the call, median (min-max)"][-1] == "-"
+
+
+def test_a_document_of_before_the_tools_workload_still_reads() -> None:
+    old = json.loads(report(STARTS).model_dump_json())
+    for workload in old["workloads"]:
+        del workload["paired_ratios"], workload["notes"]
+    doc = BenchReport.model_validate(old)
+    assert doc.workloads[0].paired_ratios == {} and doc.workloads[0].notes == []
