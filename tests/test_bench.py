@@ -285,6 +285,7 @@ def test_bench_tools_times_forced_calls_on_the_r1_shaped_model(tmp_path: Path, t
     if "prompt_tokens" in edged:  # the answered runs: R1's system prompt describes the 4 tools
         assert min(edged["prompt_tokens"]["values"]) > 300
         assert max(edged["completion_tokens"]["values"]) <= 256
+        assert edged["call_decode_tok_s"]["median"] > 0 and edged["prefill_tok_s"]["median"] > 0
     assert tools["paired_ratios"] == {}
     for key in ("call_s", "call_valid", "completion_tokens", "call_tok_s"):
         assert key in report["definitions"], key

@@ -81,6 +81,13 @@ METRICS = (
         "tools: completion tokens / seconds to the answer (prefill in), every answered run",
         median=True,
     ),
+    Metric(
+        "call_decode_tok_s",
+        "decode tok/s (target's timings), median (min-max)",
+        "tools: tokens generated per second of decoding, as the target times it "
+        "(timings.predicted_per_second)",
+        median=True,
+    ),
     Metric("prompt_tokens", "prompt tokens", "prompt tokens per job (the chat template included)"),
     Metric("cache_n", "cached prompt tokens", "prompt tokens taken from a prefix cache (timings.cache_n)"),
     Metric("rss_anon_mb", "RssAnon peak MB", "peak anonymous memory of the target's process during the run"),

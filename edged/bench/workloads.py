@@ -204,6 +204,11 @@ def _tools_figures(samples: Samples) -> dict[str, float]:
         out["prompt_tokens"] = float(sample.prompt_tokens)
         if sample.completion_tokens and wall > 0:
             out["call_tok_s"] = sample.completion_tokens / wall
+        if sample.prefill_tok_s is not None:
+            out["prefill_tok_s"] = sample.prefill_tok_s
+        decode = sample.server_timings.get("predicted_per_second")
+        if decode:  # the prompts differ (edged describes the tools; llama-server not to R1): decode alone
+            out["call_decode_tok_s"] = decode
     return out
 
 
