@@ -43,6 +43,11 @@ class Grammar:
     after_think: bool = False
     """The output starts inside a ``<think>`` block: the grammar applies only after ``</think>``, so
     the reasoning stays free and the answer obeys."""
+    trigger: str | None = None
+    """A lazy grammar (llama.cpp's ``grammar_lazy``): the text is free until the model writes this
+    word, then the grammar constrains the text from the word on (the grammar starts with it). With
+    ``after_think`` the word counts only after ``</think>``. A backend without constrained output
+    may run such a job freely (its answer is checked when it ends)."""
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,16 @@ Every sequence has its own ``llama_sampler`` chain, drawn straight from the cont
 sequence's batch position. A job's grammar is kept beside the chain, as llama.cpp's common sampler
 does: the chain picks, the grammar checks only that token, and only a refused token makes the
 grammar filter the whole vocabulary. A grammar that comes after the reasoning is built when
-``</think>`` comes out; at the reasoning budget the block is closed by forced tokens.
+``</think>`` comes out; at the reasoning budget the block is closed by forced tokens. A lazy grammar
+(`Grammar.trigger`, llama.cpp's ``grammar_lazy``) lets every token through until the model writes its
+trigger word; built after ``</think>`` as any other, a trigger inside the reasoning never engages it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,15 @@ from edged.backends.gguf_prompt import GgufTokenizer
 
 PENALTY_LAST_N = 64
 THINK_CLOSE_BYTES = THINK_CLOSE.encode()
+_REGEX_SPECIAL = re.compile(r"[.^$|()*+?\[\]{}\\]")
+
+
+def trigger_pattern(word: str) -> str:
+    """The lazy grammar's trigger pattern for ``word``: the word itself, escaped as llama.cpp's
+    ``regex_escape`` does (ECMAScript), in one group. Unanchored, so llama.cpp searches the text for
+    it (``std::regex_search``; no ``[\\s\\S]*`` around it, which recurses once per character in
+    libstdc++'s regex) and the grammar takes the text from the group's start."""
+    return "(" + _REGEX_SPECIAL.sub(lambda m: "\\" + m.group(0), word) + ")"
 
 
 @dataclass
@@ -107,11 +119,19 @@ class Sampling:
     def _grammar(self, params: SamplingParams) -> tuple[Any, str | None]:
         """The job's grammar sampler (kept beside its chain, as llama.cpp's common sampler does), or
         None and why it could not be built."""
-        if params.grammar is None:
+        grammar = params.grammar
+        if grammar is None:
             return None, None
-        sampler = self._llama_cpp.llama_sampler_init_grammar(
-            self._tokenizer.vocab, params.grammar.text.encode(), params.grammar.root.encode()
-        )
+        lc = self._llama_cpp
+        if grammar.trigger is None:
+            sampler = lc.llama_sampler_init_grammar(
+                self._tokenizer.vocab, grammar.text.encode(), grammar.root.encode()
+            )
+        else:
+            patterns = (ctypes.c_char_p * 1)(trigger_pattern(grammar.trigger).encode())
+            sampler = lc.llama_sampler_init_grammar_lazy_patterns(
+                self._tokenizer.vocab, grammar.text.encode(), grammar.root.encode(), patterns, 1, None, 0
+            )
         if not sampler:
             return None, "llama.cpp could not build the job's grammar sampler"
         return sampler, None

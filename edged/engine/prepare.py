@@ -187,23 +187,19 @@ class Preparer:
         return whole
 
     def tool_constraint(self, request: JobRequest, family: Family, in_think: bool) -> Constraint | None:
-        """The grammar that makes a tool job's calls well formed, or None where the model writes
-        freely: the generic form always (the whole answer is the calls-or-response JSON object);
-        hermes and R1 when a call is forced (``required`` or a named tool), from the answer's first
-        token after ``</think>``.
-
-        hermes and R1 with ``auto`` write freely in this version: their calls are parsed from the
-        text and validated when the job ends (`edged.tools.grammar.check_call`). The lazy grammar
-        that engages at the format's trigger (``<tool_call>``, ``<｜tool▁calls▁begin｜>``) needs the
-        backend's lazy-grammar sampler (llama.cpp's ``grammar_lazy``), which edged's backends do not
-        take yet (issue 23)."""
-        if family != "generic" and request.choice.mode == "auto":
-            return None
+        """The grammar that makes a tool job's calls well formed, or None where nothing constrains
+        the answer (``tool_choice: none``): the generic form always (the whole answer is the
+        calls-or-response JSON object); hermes and R1 from the answer's first token after
+        ``</think>`` when a call is forced (``required`` or a named tool), and with ``auto`` as a lazy
+        grammar (llama.cpp's ``grammar_lazy``): the answer is free text until the model writes the
+        format's trigger (``<tool_call>``, ``<｜tool▁calls▁begin｜>``), then the call obeys. A trigger
+        inside the reasoning does not count (``after_think``). Every call is still parsed and
+        validated when the job ends (`edged.tools.grammar.check_call`)."""
         built = build_grammar(family, request.tool_specs, request.choice, parallel=request.parallel)
         if built is None:
             return None
-        assert built.trigger is None, "only non-lazy tool grammars here"
-        return Constraint("tools", Grammar(built.text, root=built.root, after_think=in_think), None)
+        grammar = Grammar(built.text, root=built.root, after_think=in_think, trigger=built.trigger)
+        return Constraint("tools", grammar, None)
 
     def prepare(
         self, request: JobRequest, tokenizer: Tokenizer, n_ctx: int, overflow: ContextOverflow = "error"

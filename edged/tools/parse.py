@@ -454,6 +454,13 @@ class StreamParser:
         return self._diff(parsed), False
 
     @property
+    def calling(self) -> bool:
+        """A call has begun in the text so far (its format's opener, or the generic envelope's
+        calls)."""
+        parsed = _parse(self.family, self._text, final=False)
+        return parsed.calling or bool(parsed.calls)
+
+    @property
     def content(self) -> str:
         """The content given out so far (by `feed`, `cut`)."""
         return self._content

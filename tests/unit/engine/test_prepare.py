@@ -16,6 +16,7 @@ from edged.config import Settings
 from edged.engine.job import JobRequest
 from edged.engine.prepare import SKIP_THINKING, Preparer
 from edged.errors import ContextLengthExceeded, InvalidRequest
+from edged.tools.markup import R1_CALLS_BEGIN
 
 
 class CharTokenizer:
@@ -218,18 +219,20 @@ def test_tool_choice_none_tells_the_model_nothing_and_constrains_nothing(prepare
     assert (prepared.tools, prepared.constraint, prepared.prompt.text) == (None, None, "user: hi\n")
 
 
-def test_a_hermes_template_renders_the_tools_itself_and_only_a_forced_call_is_constrained(preparer) -> None:
+def test_a_hermes_template_renders_the_tools_itself_and_auto_gets_a_lazy_grammar(preparer) -> None:
     p = preparer()
     tokenizer = TemplateTokenizer(HERMES_TEMPLATE)
     auto = p.prepare(job(tools=[WEATHER]), tokenizer, 10_000)
     assert auto.tools is not None and auto.tools.family == "hermes"
     assert tokenizer.tools[-1] == [WEATHER], "the template gets the tools, in OpenAI's shape"
     assert "You can call" not in auto.prompt.text, "not described a second time"
-    assert auto.constraint is None, "auto writes freely (the lazy grammar is not wired yet)"
+    assert auto.constraint is not None and auto.constraint.kind == "tools"
+    assert auto.constraint.grammar.trigger == "<tool_call>", "auto: free text until the trigger"
+    assert auto.params.grammar == auto.constraint.grammar
     forced = p.prepare(job(tools=[WEATHER], tool_choice="required"), tokenizer, 10_000)
     assert forced.constraint is not None and forced.constraint.kind == "tools"
     assert forced.constraint.grammar.text.startswith('root ::= tc-block ( "\\n" tc-block )*')
-    assert not forced.constraint.grammar.after_think
+    assert not forced.constraint.grammar.after_think and forced.constraint.grammar.trigger is None
 
 
 def test_a_thinking_r1_model_reasons_freely_before_its_forced_call(preparer) -> None:
@@ -241,8 +244,11 @@ def test_a_thinking_r1_model_reasons_freely_before_its_forced_call(preparer) -> 
     assert named.prompt.text.startswith("system: You can call these tools")
     assert named.in_think and named.constraint is not None and named.constraint.grammar.after_think
     assert "get_weather" in named.constraint.grammar.text
+    assert named.constraint.grammar.trigger is None
     auto = p.prepare(job(tools=[WEATHER]), tokenizer, 10_000)
-    assert auto.constraint is None and auto.tools is not None
+    assert auto.tools is not None and auto.constraint is not None
+    grammar = auto.constraint.grammar
+    assert grammar.trigger == R1_CALLS_BEGIN and grammar.after_think, "lazy, after the reasoning"
 
 
 def test_earlier_calls_and_results_are_rendered_in_the_model_s_format_even_without_tools(preparer) -> None:

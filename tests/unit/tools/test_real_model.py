@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 
 from edged.backends.gguf_prompt import GgufTokenizer, load_model
+from edged.backends.llamacpp_sampling import trigger_pattern
 from edged.tools.family import FAMILIES, Family, family_of
 from edged.tools.grammar import ToolGrammar, build_grammar
 from edged.tools.history import trim_history
@@ -91,10 +92,8 @@ def compiles(tokenizer: GgufTokenizer, grammar: ToolGrammar) -> bool:
 
     if grammar.trigger is None:
         sampler = llama_cpp.llama_sampler_init_grammar(tokenizer.vocab, grammar.text.encode(), b"root")
-    else:  # lazy: llama.cpp's trigger patterns (a word, escaped), as the engine will hand them
-        import re
-
-        patterns = (ctypes.c_char_p * 1)(re.escape(grammar.trigger).encode())
+    else:  # lazy: llama.cpp's trigger patterns (a word, escaped), as the engine hands them
+        patterns = (ctypes.c_char_p * 1)(trigger_pattern(grammar.trigger).encode())
         tokens = (llama_cpp.llama_token * 1)()
         sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
             tokenizer.vocab, grammar.text.encode(), b"root", patterns, 1, tokens, 0
