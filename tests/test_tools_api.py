@@ -1,6 +1,7 @@
 """Tool calls on the real daemon over its Unix socket, with the embedded SmolLM2 (the generic form: the
 whole answer is one JSON object, the calls or a text response, forced by a grammar), through the
-official `openai` client and raw HTTP: required, named, none and auto; streamed; the round trip with
+official `openai` client and raw HTTP: required, named, none and auto; streamed (calls in pieces, as
+llama-server streams them; a call invalid at the end fails the stream); the round trip with
 a tool's result; bad tools refused naming the field; and a job with tools over MQTT (`mosquitto_pub`),
 whose final message carries the calls. On the R1-shaped model: a forced call in R1's markup after free
 reasoning.
@@ -22,6 +23,8 @@ import jsonschema
 import pytest
 from conftest import Daemon, chat, wait_until
 from mqtt_helpers import Broker, Probe
+
+from edged.tools.spec import call_ids_for
 
 pytestmark = pytest.mark.system
 
@@ -201,26 +204,79 @@ def test_a_text_answer_cut_at_max_tokens_is_text_not_an_invalid_call(daemon: Dae
     assert content and not content.lstrip().startswith("{") and '"response"' not in content, content
 
 
-def test_streamed_calls_come_whole_before_the_last_chunk(client: Any) -> None:
-    stream = client.chat.completions.create(
+def joined_calls(chunks: list[Any]) -> list[dict[str, Any]]:
+    """Streamed call pieces put together as OpenAI's clients do: per ``index``, the first piece with
+    the id, type and name, the next ones with arguments text only."""
+    calls: list[dict[str, Any]] = []
+    for piece in (t for c in chunks for t in (c.choices[0].delta.tool_calls or [])):
+        if piece.index == len(calls):
+            assert CALL_ID.fullmatch(piece.id or "") and piece.type == "function" and piece.function.name
+            calls.append({"id": piece.id, "name": piece.function.name, "arguments": ""})
+        else:
+            assert piece.index == len(calls) - 1, "one call at a time, in order"
+            assert piece.id is None and piece.type is None and piece.function.name is None
+        calls[piece.index]["arguments"] += piece.function.arguments or ""
+    return calls
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one", "parallel"])
+def test_streamed_calls_come_in_pieces_equal_to_the_whole_answer(client: Any, parallel: bool) -> None:
+    """As llama-server streams them: a call's first piece carries its index, id and name, the next
+    ones its arguments as they are written, before the last chunk. Greedy and with the same job id,
+    the answer without ``stream`` is the same: the pieces join into its validated calls. The ids are
+    the ones the job's id gives its calls (as in its final message)."""
+    ask = dict(
         model=MODEL,
         messages=[{"role": "user", "content": QUESTION}],
         tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        parallel_tool_calls=False,
-        temperature=1.0,
-        seed=3,
-        max_tokens=200,
-        stream=True,
+        tool_choice="required",
+        parallel_tool_calls=parallel,
+        temperature=0,
+        max_tokens=400,
     )
+    whole = client.chat.completions.create(**ask, extra_body={"id": f"whole-{parallel}"}).choices[0]
+    ids = call_ids_for(f"whole-{parallel}")
+    calls = check_calls(whole.message, set(SCHEMAS))
+    assert [c.id for c in calls] == [ids(i) for i in range(len(calls))]
+    expected = [{"name": c.function.name, "arguments": c.function.arguments} for c in calls]
+    stream = client.chat.completions.create(**ask, stream=True, extra_body={"id": f"pieces-{parallel}"})
     chunks = [chunk for chunk in stream if chunk.choices]
-    content = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert content == "", "no markup streamed as content"
-    pieces = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
-    assert len(pieces) == 1 and pieces[0].index == 0 and CALL_ID.fullmatch(pieces[0].id or "")
-    assert pieces[0].type == "function" and pieces[0].function.name == "get_weather"
-    jsonschema.validate(json.loads(pieces[0].function.arguments), SCHEMAS["get_weather"])
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "", "no markup streamed as content"
+    streamed = joined_calls(chunks)
+    ids = call_ids_for(f"pieces-{parallel}")
+    assert [c.pop("id") for c in streamed] == [ids(i) for i in range(len(streamed))]
+    assert streamed == expected
+    with_pieces = [i for i, c in enumerate(chunks) if c.choices[0].delta.tool_calls]
+    assert len(with_pieces) > len(calls), "arguments streamed in pieces, not whole"
+    assert with_pieces[-1] < len(chunks) - 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_streamed_call_invalid_at_the_end_ends_the_stream_with_the_error(daemon: Daemon) -> None:
+    """The grammar makes a call well formed, not valid: ``multipleOf`` is beyond it. Its pieces
+    stream as they come; checked when the answer is complete, the call fails its schema and the
+    stream ends with the error event (``invalid_output``), no last chunk, no ``[DONE]``."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "set_level",
+            "parameters": {
+                "type": "object",
+                "properties": {"level": {"type": "integer", "minimum": 1, "maximum": 9, "multipleOf": 10}},
+                "required": ["level"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    body = chat(QUESTION, tools=[tool], tool_choice="required", temperature=0, max_tokens=100, stream=True)
+    with daemon.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line) for line in lines]
+    pieces = [t for e in events if "choices" in e for t in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert pieces and pieces[0]["function"]["name"] == "set_level", events
+    assert "choices" not in events[-1] and events[-1]["error"]["code"] == "invalid_output", events[-1]
+    assert "set_level" in events[-1]["error"]["message"]
+    assert not any(e["choices"][0]["finish_reason"] for e in events if "choices" in e)
 
 
 def test_a_streamed_text_answer_comes_without_the_envelope(daemon: Daemon) -> None:
@@ -237,9 +293,13 @@ def test_a_streamed_text_answer_comes_without_the_envelope(daemon: Daemon) -> No
     chunks = [json.loads(line) for line in lines[:-1]]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     streamed = "".join(d.get("content") or "" for d in deltas)
-    calls = [t for d in deltas for t in d.get("tool_calls", [])]
+    calls: list[dict[str, str]] = []  # the pieces joined per call
+    for piece in (t for d in deltas for t in d.get("tool_calls", [])):
+        if piece["index"] == len(calls):
+            calls.append({"name": piece["function"]["name"], "arguments": ""})
+        calls[piece["index"]]["arguments"] += piece["function"]["arguments"]
     if whole["message"].get("tool_calls"):  # greedy: the same answer both ways
-        assert [c["function"] for c in calls] == [c["function"] for c in whole["message"]["tool_calls"]]
+        assert calls == [c["function"] for c in whole["message"]["tool_calls"]]
     else:
         assert streamed == whole["message"]["content"] and not calls
         assert len([d for d in deltas if d.get("content")]) > 1, "streamed in pieces, not at the end"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edged.engine.engine import Engine
     from edged.engine.job import (
+        CallPiece,
         Delta,
         Failed,
         Finished,
@@ -29,7 +30,18 @@ if TYPE_CHECKING:
 _HOMES = {
     "Engine": "edged.engine.engine",
     **dict.fromkeys(
-        ("Delta", "Failed", "Finished", "Job", "JobEvent", "JobRequest", "JobResult", "JobState", "Message"),
+        (
+            "CallPiece",
+            "Delta",
+            "Failed",
+            "Finished",
+            "Job",
+            "JobEvent",
+            "JobRequest",
+            "JobResult",
+            "JobState",
+            "Message",
+        ),
         "edged.engine.job",
     ),
     "Usage": "edged.engine.job",
@@ -52,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CallPiece",
     "Delta",
     "Engine",
     "EngineSnapshot",

@@ -29,6 +29,7 @@ from edged.engine.constraints import Constraint
 from edged.engine.timings import Timings
 from edged.errors import BackendError, EdgedError, InvalidRequest, NotSupported
 from edged.tools.family import Family
+from edged.tools.parse import CallDelta
 from edged.tools.spec import ToolChoice, ToolSpec, parse_choice, parse_tools
 from edged.wire import ErrorBody, JobInfo, Usage
 
@@ -465,6 +466,16 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class CallPiece:
+    """A piece of a tool call as the model writes it (OpenAI's streamed ``delta.tool_calls[]``): the
+    first piece of a call carries its id and name, the next ones arguments text. Not a `Delta`: a
+    transport that streams text only (Ollama's routes, MQTT's chunk messages) skips it, and gets the
+    calls whole, validated, with the result, as every transport does."""
+
+    call: CallDelta
+
+
+@dataclass(frozen=True)
 class Finished:
     result: JobResult
 
@@ -474,7 +485,7 @@ class Failed:
     error: EdgedError
 
 
-JobEvent = Delta | Finished | Failed
+JobEvent = Delta | CallPiece | Finished | Failed
 
 
 @dataclass(frozen=True)
@@ -548,7 +559,7 @@ class Job:
         return self._finished.is_set()
 
     def push(self, event: JobEvent) -> None:
-        if self.request.stream or not isinstance(event, Delta):
+        if self.request.stream or isinstance(event, (Finished, Failed)):
             self._events.put_nowait(event)
 
     def finish(
@@ -566,11 +577,11 @@ class Job:
         return True
 
     async def events(self) -> AsyncIterator[JobEvent]:
-        """Deltas (when streaming), then exactly one `Finished` or `Failed`."""
+        """Deltas and call pieces (when streaming), then exactly one `Finished` or `Failed`."""
         while True:
             event = await self._events.get()
             yield event
-            if not isinstance(event, Delta):
+            if isinstance(event, (Finished, Failed)):
                 return
 
     async def wait(self) -> JobResult:

@@ -28,7 +28,7 @@ import structlog
 from edged.backends import Backend, BackendChoice, Capabilities, SeqOutput
 from edged.engine.backend_host import BackendHost, BackendState
 from edged.engine.constraints import check_answer
-from edged.engine.job import Delta, Job, JobResult, JobState, Usage
+from edged.engine.job import CallPiece, Delta, Job, JobResult, JobState, Usage
 from edged.engine.queue import JobQueue
 from edged.engine.text import SeqText
 from edged.engine.timings import Clock, compute_timings
@@ -40,7 +40,7 @@ from edged.errors import (
     ShuttingDown,
 )
 from edged.tools.grammar import check_call
-from edged.tools.parse import StreamParser
+from edged.tools.parse import StreamDelta, StreamParser
 from edged.tools.spec import call_ids_for
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ BLOCKED_WAIT_S = 0.05
 @dataclass(frozen=True)
 class Emit:
     job: Job
-    delta: Delta
+    delta: Delta | CallPiece
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ class Running:
     cache_n: int = 0
     perf: dict[str, float] | None = None
     calls: StreamParser | None = None
-    """A tool job's answer, parsed as it comes: only the text beside the calls goes out as content."""
+    """A tool job's answer, parsed as it comes: the text beside the calls goes out as content, the
+    calls as `CallPiece` events (validated only when the answer is complete)."""
 
 
 @dataclass
@@ -313,7 +314,11 @@ class Scheduler:
             reason = run.job.stop_reason
             if reason is not None:
                 self._release(run)
-                if isinstance(reason, DeadlineExceeded) and run.job.prepared.constraint is not None:
+                constraint = run.job.prepared.constraint
+                engaged = constraint is not None and (  # a lazy grammar counts once a call began
+                    constraint.grammar.trigger is None or (run.calls is not None and run.calls.calling)
+                )
+                if isinstance(reason, DeadlineExceeded) and engaged:
                     reason = InvalidOutput(
                         f"{reason.message}, before the constrained answer was complete",
                         content="".join(run.text.parts["content"]),
@@ -373,13 +378,20 @@ class Scheduler:
     @staticmethod
     def _emit(run: Running, kind: str, text: str, outcomes: list[Outcome]) -> None:
         """A piece of reasoning or content as a delta; a tool job's content goes through its parser
-        first, so no call markup is ever streamed (the calls come with the result)."""
+        first, so no call markup is ever streamed: its calls go out as `CallPiece` events, as they
+        are written (the result carries them whole, validated)."""
         if kind == "content" and run.calls is not None:
-            for piece in run.calls.feed(text):
-                if piece.content:
-                    outcomes.append(Emit(run.job, Delta("content", piece.content)))
+            Scheduler._emit_parsed(run.job, run.calls.feed(text), outcomes)
             return
         outcomes.append(Emit(run.job, Delta(kind, text)))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _emit_parsed(job: Job, pieces: list[StreamDelta], outcomes: list[Outcome]) -> None:
+        for piece in pieces:
+            if piece.content:
+                outcomes.append(Emit(job, Delta("content", piece.content)))
+            if piece.call is not None:
+                outcomes.append(Emit(job, CallPiece(piece.call)))
 
     def _finish(
         self, run: Running, reason: Literal["stop", "length"], now: float, outcomes: list[Outcome]
@@ -419,8 +431,7 @@ class Scheduler:
         if reason == "length" and run.calls is not None and plan and plan.choice.mode == "auto":
             pieces, began_a_call = run.calls.cut()
             if not began_a_call:  # a text answer cut short, like any other: what it said so far
-                for piece in pieces:
-                    outcomes.append(Emit(job, Delta("content", piece.content)))
+                self._emit_parsed(job, pieces, outcomes)
                 result.content = run.calls.content
                 outcomes.append(Done(job, result))
                 return
@@ -455,9 +466,7 @@ class Scheduler:
         assert run.calls is not None and plan is not None
         raw = result.content
         pieces, parsed = run.calls.finish()
-        for piece in pieces:
-            if piece.content:
-                outcomes.append(Emit(run.job, Delta("content", piece.content)))
+        self._emit_parsed(run.job, pieces, outcomes)  # a call that fails below ends its stream failed
         if parsed.malformed:
             raise InvalidOutput(
                 f"the model wrote a tool call that is not well formed: {parsed.malformed[0][:200]!r}",

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edged import __version__
 from edged.config import Settings
-from edged.engine import Delta, Engine, Failed, Finished, Job, JobEvent, JobRequest, JobResult
+from edged.engine import CallPiece, Delta, Engine, Failed, Finished, Job, JobEvent, JobRequest, JobResult
 from edged.errors import EdgedError, InvalidRequest, NotFound, PayloadTooLarge
 from edged.transports.http.errors import describe_validation, error_response, shape_of
 from edged.transports.http.jobs import add_job_routes
@@ -87,6 +87,11 @@ class Wire(ABC):
     @abstractmethod
     def delta(self, delta: Delta) -> Iterable[bytes]: ...
 
+    def call_piece(self, piece: CallPiece) -> Iterable[bytes]:
+        """A piece of a tool call as it is written; a wire that streams text only sends nothing (its
+        answer's last chunk carries the calls, whole)."""
+        return ()
+
     @abstractmethod
     def finished(self, result: JobResult) -> Iterable[bytes]: ...
 
@@ -140,6 +145,8 @@ class JobStream:
         async for event in self.events():
             if isinstance(event, Delta):
                 chunks = wire.delta(event)
+            elif isinstance(event, CallPiece):
+                chunks = wire.call_piece(event)
             elif isinstance(event, Finished):
                 chunks = wire.finished(event.result)
             else:

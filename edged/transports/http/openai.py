@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edged.config import Settings
-from edged.engine import Delta, Engine, Job, JobRequest, JobResult
+from edged.engine import CallPiece, Delta, Engine, Job, JobRequest, JobResult
 from edged.engine.job import TOOL_SCHEMA, JsonInt, OptionalJsonInt, job_schema_rules
 from edged.errors import EdgedError, InvalidRequest, NotSupported
 from edged.tools.spec import parse_choice, parse_tools
@@ -265,19 +265,20 @@ class ChatAnswer(Wire):
         key = "reasoning_content" if delta.kind == "reasoning" else "content"
         return [_sse(self._chunk({key: delta.text}))]
 
+    def call_piece(self, piece: CallPiece) -> Iterable[bytes]:
+        """A piece of a call as llama-server streams it: the first of a call with its ``index``,
+        ``id``, ``type`` and name, the next ones with ``function.arguments`` text only. The calls are
+        validated when the answer is complete: one that is not ends the stream with the error."""
+        return [_sse(self._chunk({"tool_calls": [piece.call.to_openai()]}))]
+
     def finished(self, result: JobResult) -> Iterable[bytes]:
-        """The calls, whole, in one chunk (this version streams a tool job's text as it comes but
-        its calls once the answer is complete and validated), then the last chunk and ``[DONE]``."""
-        calls = []
-        if result.tool_calls:
-            pieces = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
-            calls.append(_sse(self._chunk({"tool_calls": pieces})))
+        """The last chunk (its ``finish_reason``; the calls came in pieces before it), ``[DONE]``."""
         last = self._chunk({}, result.finish_reason)
         last["usage"] = result.usage.model_dump()
         last["timings"] = result.timings.model_dump()
         if result.notes:
             last["notes"] = result.notes
-        return [*calls, _sse(last), _sse("[DONE]")]
+        return [_sse(last), _sse("[DONE]")]
 
     def failed(self, error: EdgedError) -> Iterable[bytes]:
         return [_sse(error.to_dict())]

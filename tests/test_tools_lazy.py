@@ -1,0 +1,147 @@
+"""The lazy tool grammar (llama.cpp's ``grammar_lazy``) of hermes and R1 models with ``tool_choice:
+auto``: the answer is free text until the model writes its format's trigger, then the grammar makes
+the call well formed. The sampler itself on the real llama.cpp (SmolLM2's vocabulary, the hermes
+trigger): free until the trigger, held from it on. The R1-shaped model (random weights, R1's
+vocabulary) on the real daemon: ``auto`` answers in free text under its lazy grammar, and a forced
+call streams in pieces."""
+
+# ruff: noqa: RUF002 - R1's markers are spelled with fullwidth bars and a lower block.
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from conftest import chat
+
+from edged.backends.base import Grammar, SamplingParams
+from edged.backends.gguf_prompt import GgufTokenizer, load_model
+from edged.backends.llamacpp_sampling import Sampling, SeqSampler
+from edged.tools.grammar import build_grammar
+from edged.tools.markup import HERMES_OPEN, R1_CALLS_BEGIN
+from edged.tools.spec import ToolChoice, call_ids_for, parse_tools
+
+pytestmark = pytest.mark.system
+
+CALL_ID = re.compile(r"call_[A-Za-z0-9]{24}")
+TOOL: dict[str, Any] = {  # printable ASCII: random weights write raw bytes otherwise (test_structured.py)
+    "type": "function",
+    "function": {
+        "name": "set_level",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "room": {"type": "string", "pattern": "^[A-Za-z0-9 ]{0,8}$"},
+                "level": {"enum": ["low", "high"]},
+            },
+            "required": ["room", "level"],
+            "additionalProperties": False,
+        },
+    },
+}
+SCHEMA = TOOL["function"]["parameters"]
+
+
+def _params(grammar: Grammar) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=64, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, grammar=grammar
+    )
+
+
+def _allows(s: SeqSampler, token: int) -> bool:
+    import llama_cpp
+
+    single = llama_cpp.llama_token_data(id=token, logit=1.0, p=0.0)
+    array = llama_cpp.llama_token_data_array(data=ctypes.pointer(single), size=1, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(array))
+    return not (math.isinf(single.logit) and single.logit < 0)
+
+
+def test_the_lazy_sampler_lets_text_through_until_the_trigger_then_holds(model_path: Path) -> None:
+    """`Sampling` builds llama.cpp's lazy sampler: before ``<tool_call>`` every token passes (a long
+    text too: the trigger is searched for, not matched by a pattern that recurses per character);
+    from the trigger on, only what the grammar allows."""
+    import llama_cpp
+
+    tokenizer = GgufTokenizer(load_model(model_path, vocab_only=True))
+    built = build_grammar("hermes", parse_tools([TOOL]), ToolChoice("auto"))
+    assert built is not None and built.trigger == HERMES_OPEN
+    sampling = Sampling(llama_cpp, None, tokenizer)
+    s = sampling.start(_params(Grammar(built.text, built.root, trigger=built.trigger)), [])
+    assert s.grammar is not None and s.error is None
+    word = tokenizer.tokenize(" level", chat=False)[-1]
+    brace = tokenizer.tokenize("{", chat=False)[-1]
+    newline = tokenizer.tokenize("\n", chat=False)[-1]
+    assert _allows(s, word) and _allows(s, brace)
+    for token in tokenizer.tokenize("Sure, I will set it. " * 400, chat=False):  # ~8 KB of free text
+        assert _allows(s, token)
+        llama_cpp.llama_sampler_accept(s.grammar, token)
+    for token in tokenizer.tokenize(" Now <tool_call>", chat=False):  # the trigger, in several tokens
+        llama_cpp.llama_sampler_accept(s.grammar, token)
+    assert _allows(s, newline) and not _allows(s, word) and not _allows(s, brace), "the grammar holds"
+    llama_cpp.llama_sampler_accept(s.grammar, newline)
+    assert _allows(s, brace) and not _allows(s, word)
+    sampling.free(s)
+    plain = sampling.start(_params(Grammar(built.text, built.root)), [])  # not lazy: held from the start
+    assert not _allows(plain, word) and _allows(plain, tokenizer.tokenize("<", chat=False)[-1])
+    sampling.free(plain)
+
+
+def test_r1_auto_answers_in_free_text_and_streams_a_forced_call_in_pieces(
+    start_daemon: Any, r1_tiny: Path
+) -> None:
+    """``auto`` on the R1-shaped model carries the lazy grammar: random weights at temperature 1.0
+    never write R1's 17-token trigger (``<｜tool▁calls▁begin｜>`` is not one token in this vocabulary),
+    so the answer is free text, which a grammar held from the first token would refuse. A forced call
+    streamed: R1's markup parsed into pieces as it is written (the first with the id that the job's
+    id gives, then arguments), joined equal to the same answer without ``stream``."""
+    d = start_daemon(EDGED_MODEL__PATH=str(r1_tiny))
+    with d.client() as c:
+        for seed in (1, 2):
+            body = chat(
+                "Set the hall to high.",
+                tools=[TOOL],
+                reasoning_budget=6,
+                temperature=1.0,
+                seed=seed,
+                max_tokens=40,
+            )
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] in ("stop", "length") and "tool_calls" not in choice["message"]
+            assert choice["message"]["content"] and R1_CALLS_BEGIN not in choice["message"]["content"]
+        forced = chat(
+            "Set the hall to high.",
+            tools=[TOOL],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            reasoning_budget=6,
+            temperature=1.0,
+            seed=4,
+            max_tokens=200,
+        )
+        whole = c.post("/v1/chat/completions", json={**forced, "id": "r1-whole"})
+        assert whole.status_code == 200, whole.text
+        [expected] = whole.json()["choices"][0]["message"]["tool_calls"]
+        jsonschema.validate(json.loads(expected["function"]["arguments"]), SCHEMA)
+        streamed = {**forced, "id": "r1-pieces", "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=streamed) as r:
+            lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    deltas = [json.loads(line)["choices"][0]["delta"] for line in lines[:-1]]
+    assert not "".join(d.get("content") or "" for d in deltas), "no markup streamed as content"
+    pieces = [t for d in deltas for t in d.get("tool_calls", [])]
+    first, *rest = pieces
+    assert expected["id"] == call_ids_for("r1-whole")(0)
+    assert first["id"] == call_ids_for("r1-pieces")(0) and first["type"] == "function"
+    assert first["function"]["name"] == "set_level" and rest, "arguments in pieces"
+    assert all(set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest)
+    joined = "".join(p["function"]["arguments"] for p in pieces)
+    assert joined == expected["function"]["arguments"]
