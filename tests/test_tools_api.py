@@ -222,9 +222,9 @@ def joined_calls(chunks: list[Any]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("parallel", [False, True], ids=["one", "parallel"])
 def test_streamed_calls_come_in_pieces_equal_to_the_whole_answer(client: Any, parallel: bool) -> None:
     """As llama-server streams them: a call's first piece carries its index, id and name, the next
-    ones its arguments as they are written, before the last chunk. Greedy and with the same job id,
-    the answer without ``stream`` is the same: the pieces join into its validated calls. The ids are
-    the ones the job's id gives its calls (as in its final message)."""
+    ones its arguments as they are written, before the last chunk. Greedy, the answer without
+    ``stream`` is the same: the pieces join into its validated calls. Each job's ids are the ones its
+    job id gives its calls (`call_ids_for`, as in a final message)."""
     ask = dict(
         model=MODEL,
         messages=[{"role": "user", "content": QUESTION}],

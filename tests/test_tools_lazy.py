@@ -13,12 +13,15 @@ import ctypes
 import json
 import math
 import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from conftest import chat
+from conftest import BOARDS, chat
+from test_npu import build_stub, npu_env
 
 from edged.backends.base import Grammar, SamplingParams
 from edged.backends.gguf_prompt import GgufTokenizer, load_model
@@ -98,10 +101,11 @@ def test_r1_auto_answers_in_free_text_and_streams_a_forced_call_in_pieces(
 ) -> None:
     """``auto`` on the R1-shaped model carries the lazy grammar: random weights at temperature 1.0
     never write R1's 17-token trigger (``<｜tool▁calls▁begin｜>`` is not one token in this vocabulary),
-    so the answer is free text, which a grammar held from the first token would refuse. A forced call
+    so the answer is free text, which a grammar held from the first token would refuse; such a job
+    decodes in one batch with a plain one. A forced call
     streamed: R1's markup parsed into pieces as it is written (the first with the id that the job's
     id gives, then arguments), joined equal to the same answer without ``stream``."""
-    d = start_daemon(EDGED_MODEL__PATH=str(r1_tiny))
+    d = start_daemon(EDGED_MODEL__PATH=str(r1_tiny), EDGED_ENGINE__PARALLEL="2")
     with d.client() as c:
         for seed in (1, 2):
             body = chat(
@@ -117,6 +121,13 @@ def test_r1_auto_answers_in_free_text_and_streams_a_forced_call_in_pieces(
             choice = r.json()["choices"][0]
             assert choice["finish_reason"] in ("stop", "length") and "tool_calls" not in choice["message"]
             assert choice["message"]["content"] and R1_CALLS_BEGIN not in choice["message"]["content"]
+        lazy = chat("Set the hall to high.", tools=[TOOL], reasoning_budget=6, seed=5, max_tokens=60)
+        plain = chat("Say hello.", seed=6, max_tokens=60)
+        with ThreadPoolExecutor(2) as pool:  # a job under its lazy grammar batches with a plain one
+            answers = list(pool.map(lambda b: c.post("/v1/chat/completions", json=b), (lazy, plain)))
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        batched = [a.json()["timings"]["batch_size_avg"] or 0 for a in answers]
+        assert max(batched) > 1, "decoded together"
         forced = chat(
             "Set the hall to high.",
             tools=[TOOL],
@@ -145,3 +156,32 @@ def test_r1_auto_answers_in_free_text_and_streams_a_forced_call_in_pieces(
     assert all(set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest)
     joined = "".join(p["function"]["arguments"] for p in pieces)
     assert joined == expected["function"]["arguments"]
+
+
+def test_on_the_npu_r1_auto_runs_free_and_a_forced_call_is_not_supported(
+    start_daemon: Any, r1_tiny: Path, tmp_path: Path
+) -> None:
+    """The RKLLM runtime (the stand-in library) cannot constrain sampling: an R1 model's ``auto`` job
+    runs there without its lazy grammar (the answer parsed and checked as it ends: plain text
+    here), while a forced call, which needs its grammar from the first token, is ``not_supported``."""
+    root = tmp_path / "opi5"
+    shutil.copytree(BOARDS / "orangepi5", root, symlinks=True)
+    (root / "dev").mkdir()
+    (root / "dev" / "rknpu").write_text("")
+    model = tmp_path / "DeepSeek-R1-Distill-Qwen-1.5B_W8A8_RK3588.rkllm"
+    model.write_bytes(b"RKLLM stand-in model")
+    (tmp_path / "stub").mkdir()
+    lib = build_stub(tmp_path / "stub", "121", "1.2.1")
+    d = start_daemon(**npu_env(root, lib, model), EDGED_MODEL__PATH=str(r1_tiny))
+    with d.client() as c:
+        assert c.get("/status").json()["backend"]["name"] == "rkllm"
+        auto = chat("Set the hall to high.", tools=[TOOL], think=False, max_tokens=6)  # the answer: content
+        r = c.post("/v1/chat/completions", json=auto)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "length"
+        assert choice["message"]["content"].startswith("tok0 tok1"), choice
+        forced = chat("Set the hall to high.", tools=[TOOL], tool_choice="required", max_tokens=6)
+        r = c.post("/v1/chat/completions", json=forced)
+        assert r.status_code == 501, r.text
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("not_supported", "tools")
