@@ -10,6 +10,7 @@ call streams in pieces."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import math
 import re
@@ -185,3 +186,51 @@ def test_on_the_npu_r1_auto_runs_free_and_a_forced_call_is_not_supported(
         r = c.post("/v1/chat/completions", json=forced)
         assert r.status_code == 501, r.text
         assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("not_supported", "tools")
+
+
+def test_after_the_trigger_smollm2_at_temperature_one_writes_a_valid_hermes_call(model_path: Path) -> None:
+    """The lazy sampler on the embedded SmolLM2's real logits: free text, then the trigger (accepted
+    as sampled tokens are: by the sampler and the model's context; SmolLM2 does not write hermes
+    markup by itself), then every token drawn by `Sampling.sample` at temperature 1.0. Whatever the
+    seed, the rest is a call that parses and validates against its schema: the grammar engaged."""
+    import llama_cpp
+
+    from edged.tools.parse import parse_output
+
+    llm = llama_cpp.Llama(str(model_path), n_ctx=1024, n_threads=2, verbose=False)
+    try:
+        tokenizer = GgufTokenizer(load_model(model_path, vocab_only=True))
+        built = build_grammar("hermes", parse_tools([TOOL]), ToolChoice("auto"), parallel=False)
+        assert built is not None and built.trigger is not None
+        grammar = Grammar(built.text, built.root, trigger=built.trigger)
+        sampling = Sampling(llama_cpp, llm._ctx.ctx, tokenizer)
+        turn = "<|im_start|>user\nSet the hall to high.<|im_end|>\n<|im_start|>assistant\n"
+        prompt = tokenizer.tokenize(turn, chat=True)
+        free = tokenizer.tokenize("I will set it. <tool_call>", chat=False)
+        for seed in range(3):
+            llm.reset()
+            llm.eval(prompt + free)
+            params = dataclasses.replace(_params(grammar), seed=seed, max_tokens=120)
+            s = sampling.start(params, prompt)
+            for token in free:
+                llama_cpp.llama_sampler_accept(s.grammar, token)
+                llama_cpp.llama_sampler_accept(s.chain, token)
+            out = b""
+            for _ in range(params.max_tokens):
+                token = sampling.sample(s, -1)
+                assert token is not None
+                if tokenizer.is_eog(token):
+                    break
+                out += tokenizer.piece(token)
+                llm.eval([token])
+            else:
+                pytest.fail(f"no end within max_tokens: {out!r}")
+            sampling.free(s)
+            text = "I will set it. <tool_call>" + out.decode()
+            parsed = parse_output("hermes", text)
+            assert not parsed.malformed and len(parsed.tool_calls) == 1, text
+            [call] = parsed.tool_calls
+            assert call.name == "set_level" and parsed.content == "I will set it.", text
+            jsonschema.validate(call.arguments, SCHEMA)
+    finally:
+        llm.close()
