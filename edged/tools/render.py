@@ -207,8 +207,10 @@ def describe_tools(family: Family, tools: list[ToolSpec], choice: ToolChoice, pa
     (`edged.tools.signature`: half the tokens of the schemas' JSON), and the form of an answer."""
     allowed = choice.allowed(tools)
     lines = ["You can call these tools (their arguments; `?` marks an optional one):", signatures(allowed)]
-    name = choice.name if choice.mode == "named" else "TOOL_NAME"
-    many = " (one entry per call; several calls are allowed)" if parallel else " (exactly one call)"
+    # The example names a real tool: SmolLM2 copied a placeholder (TOOL_NAME) into its arguments, and
+    # "several calls are allowed" made it repeat one call until max_tokens (greedy, 3 of 4 questions).
+    name = choice.name if choice.mode == "named" else (allowed[0].name if allowed else "TOOL_NAME")
+    many = " (one entry per call)" if parallel else " (exactly one call)"
     if family == "generic":
         calls = f'{{"tool_calls":[{{"name":"{name}","arguments":{{...}}}}]}}'
         if choice.mode == "auto":
