@@ -1,6 +1,7 @@
 """Tool calls on the real daemon over its Unix socket, with the embedded SmolLM2 (the generic form: the
 whole answer is one JSON object, the calls or a text response, forced by a grammar), through the
-official `openai` client and raw HTTP: required, named, none and auto; streamed (calls in pieces, as
+official `openai` client (strict `pydantic_function_tool` tools too) and raw HTTP: required, named,
+none and auto; streamed (calls in pieces, as
 llama-server streams them; a call invalid at the end fails the stream); the round trip with
 a tool's result; bad tools refused naming the field; and a job with tools over MQTT (`mosquitto_pub`),
 whose final message carries the calls. On the R1-shaped model: a forced call in R1's markup after free
@@ -129,6 +130,45 @@ def test_a_named_tool_is_the_one_called(client: Any) -> None:
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls"
         assert {c.function.name for c in check_calls(choice.message, {"HassTurnOn"})} == {"HassTurnOn"}
+
+
+def test_strict_pydantic_function_tools_parse_into_their_models(client: Any) -> None:
+    """OpenAI's ``pydantic_function_tool`` (``strict: true``, ``additionalProperties: false``), read
+    back by ``client.chat.completions.parse`` into ``parsed_arguments``: at temperature 1.0, each
+    call is an instance of the model the client declared."""
+    from typing import Literal
+
+    import openai
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """The weather now at a place."""
+
+        location: str = Field(max_length=40, description="A city")
+        unit: Literal["celsius", "fahrenheit"]
+
+    class TurnOn(BaseModel):
+        """Turns a device on."""
+
+        name: str = Field(max_length=40)
+
+    tools = [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(TurnOn)]
+    assert all(t["function"].get("strict") for t in tools)
+    for seed in (1, 2):
+        reply = client.chat.completions.parse(
+            model=MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            tools=tools,
+            tool_choice="required",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=200,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            model = {"GetWeather": GetWeather, "TurnOn": TurnOn}[call.function.name]
+            assert isinstance(call.function.parsed_arguments, model), call
 
 
 def test_parallel_calls_each_validate(client: Any) -> None:
