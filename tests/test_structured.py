@@ -210,6 +210,34 @@ def test_a_pattern_with_escaped_dots_and_anchors_is_taken(daemon: Daemon) -> Non
     assert value["entity_id"].startswith("light.")
 
 
+def test_integer_bounds_hold_in_the_grammar_at_temperature_one(daemon: Daemon) -> None:
+    """``minimum``/``maximum`` are spelled out in the grammar (as llama.cpp's converter does), not only
+    checked on the answer: at temperature 1.0 every answer is in range."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "minutes": {"type": "integer", "minimum": 1, "maximum": 90},
+            "offset": {"type": "integer", "minimum": -5, "maximum": 5},
+            "count": {"type": "integer", "exclusiveMinimum": 100},
+        },
+        "required": ["minutes", "offset", "count"],
+    }
+    with daemon.client() as c:
+        for seed in range(6):
+            body = chat(
+                "Set a timer.",
+                response_format=schema_format(schema),
+                max_tokens=80,
+                temperature=1.0,
+                seed=seed,
+            )
+            r = post(c, body)
+            assert r.status_code == 200, r.text
+            jsonschema.validate(
+                json.loads(r.json()["choices"][0]["message"]["content"], strict=False), schema
+            )
+
+
 def test_a_raw_grammar_constrains_the_answer(daemon: Daemon) -> None:
     grammar = 'root ::= ("yes" | "no") " because " [a-z ]{1,30} "."'
     with daemon.client() as c:

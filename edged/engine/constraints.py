@@ -24,6 +24,7 @@ import structlog
 
 from edged.backends import Grammar
 from edged.engine import bounds
+from edged.engine.intrange import put_ranges, with_integer_ranges
 from edged.errors import InvalidOutput, InvalidRequest
 
 log = structlog.get_logger(__name__)
@@ -136,8 +137,9 @@ def schema_to_grammar(schema: dict[str, Any], param: str) -> str:
     # pattern's literal text: ``^light\.[a-z]+$`` became the literal "light\." that llama.cpp's grammar
     # parser refuses. The set is read at each conversion; this makes it upstream's.
     llama_grammar.ESCAPED_IN_REGEXPS_BUT_NOT_IN_LITERALS.update("^$.")
+    converted, ranges = with_integer_ranges(checked.schema)
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(checked.schema))
+        gbnf = put_ranges(json_schema_to_gbnf(json.dumps(converted)), ranges)
     except Exception as exc:  # the converter raises plain exceptions for what it does not support
         raise _remember(
             key, f"{param}: llama.cpp's JSON-schema converter cannot take this schema: {_reason(exc)}", param
