@@ -596,6 +596,13 @@ class LlamaCppConfig(_Section):
         "change with its batch neighbours; without it, rounding in the attention matmuls (which depends "
         "on where other sequences' cells are) can flip a near-tie token.",
     )
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16",
+        description="The KV cache's number format, for K and V (llama-server's --cache-type-k/-v): q8_0 "
+        "takes 53% of f16's memory, q4_0 28%, so a small board holds more slots or a longer prefix cache; "
+        "quantized caches need flash_attn (llama.cpp quantizes V only there) and may change an answer "
+        "where f16 had a near-tie.",
+    )
     memory_check: bool = Field(
         True,
         description="Refuse to start when the model file plus its KV cache (engine.parallel slots of "
@@ -607,6 +614,15 @@ class LlamaCppConfig(_Section):
         "was compiled for CPU features this CPU lacks (it would die of an illegal instruction); "
         "false = try anyway.",
     )
+
+    @model_validator(mode="after")
+    def _quantized_cache_needs_flash_attention(self) -> LlamaCppConfig:
+        if self.kv_type != "f16" and not self.flash_attn:
+            raise ValueError(
+                f"llamacpp.kv_type = {self.kv_type!r} needs llamacpp.flash_attn = true (llama.cpp "
+                "quantizes the V cache only with flash attention); use kv_type = 'f16' without it"
+            )
+        return self
 
 
 class RkllmConfig(_Section):

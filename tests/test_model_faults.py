@@ -161,6 +161,11 @@ def test_model_larger_than_memory_exits_78(tmp_path: Path, model_path: Path) -> 
     # One slot of 1024 tokens fits: the estimate follows the settings.
     ok = mem_available((root / "proc" / "meminfo").read_text())
     assert ok is not None and memory_need(read_gguf(model_path), slots=1, n_ctx=1024).total < ok
+    # A quantized KV cache (llamacpp.kv_type) fits where f16 does not: q8_0 takes 34/64 of its bytes.
+    info = read_gguf(model_path)
+    f16 = memory_need(info, slots=4, n_ctx=2048).kv_bytes
+    q8 = memory_need(info, slots=4, n_ctx=2048, kv_type="q8_0").kv_bytes
+    assert f16 and q8 and abs(q8 / f16 - 34 / 64) < 0.01
 
 
 @pytest.mark.system

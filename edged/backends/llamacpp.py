@@ -47,7 +47,7 @@ from edged.backends.cpu_features import check_llama_cpu
 from edged.backends.gguf_prompt import GgufTokenizer, load_model, model_fingerprint
 from edged.backends.kv_streams import KvStreams
 from edged.backends.llamacpp_sampling import Sampling, SeqSampler
-from edged.backends.model_check import ModelFault, check_model, first_native_error
+from edged.backends.model_check import KV_BYTES_PER_VALUE, ModelFault, check_model, first_native_error
 from edged.board import plan_cpus
 from edged.errors import BackendError, BackendUnavailable
 
@@ -56,6 +56,13 @@ if TYPE_CHECKING:
     from edged.config import Settings
 
 log = structlog.get_logger(__name__)
+
+_GGML_TYPES = {
+    "f16": lambda lib: lib.GGML_TYPE_F16,
+    "q8_0": lambda lib: lib.GGML_TYPE_Q8_0,
+    "q4_0": lambda lib: lib.GGML_TYPE_Q4_0,
+}
+"""``llamacpp.kv_type`` to ggml's type of the K and V caches (read from the loaded library)."""
 
 # ggml_log_level in the llama.cpp this wheel builds: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5.
 # Its INFO is load-time chatter, so it goes to debug with the rest.
@@ -213,7 +220,9 @@ class LlamaCppBackend(SettingsModel):
         n_layer = llama_cpp.llama_model_n_layer(self._model)
         n_head = max(1, llama_cpp.llama_model_n_head(self._model))
         head_dim = llama_cpp.llama_model_n_embd(self._model) // n_head
-        bytes_per_cell = n_layer * llama_cpp.llama_model_n_head_kv(self._model) * head_dim * 2 * 2  # K+V f16
+        kv_type = self._options.kv_type
+        values_per_cell = n_layer * llama_cpp.llama_model_n_head_kv(self._model) * head_dim * 2  # K and V
+        bytes_per_cell = int(values_per_cell * KV_BYTES_PER_VALUE[kv_type])
         # Extra streams only park prefixes (free slots park theirs anyway): engine.prefix_cache_mb.
         extra = 0
         if self._engine_options.prefix_cache:
@@ -227,6 +236,7 @@ class LlamaCppBackend(SettingsModel):
         params.n_threads = self._cpus.threads
         params.n_threads_batch = self._cpus.threads
         params.kv_unified = False  # one stream per sequence: see the module docstring
+        params.type_k = params.type_v = _GGML_TYPES[kv_type](llama_cpp)
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if self._options.flash_attn
@@ -284,7 +294,12 @@ class LlamaCppBackend(SettingsModel):
         )
         if self._engine_options.prefix_cache and self._engine_options.prefix_cache_dir is not None:
             key = "-".join(
-                (model_fingerprint(path), self._tokenizer.template_hash, f"llama-cpp-python{self._version}")
+                (
+                    model_fingerprint(path),
+                    self._tokenizer.template_hash,
+                    f"llama-cpp-python{self._version}",
+                    *([] if kv_type == "f16" else [kv_type]),  # a saved cache is only read by its own kind
+                )
             )
             self._kv.open_disk(
                 self._engine_options.prefix_cache_dir,
@@ -336,6 +351,7 @@ class LlamaCppBackend(SettingsModel):
             "slots": caps.max_sequences,
             "kv_cells": caps.kv_cells,
             "kv_mb": round((caps.kv_cells or 0) * (caps.kv_bytes_per_cell or 0) / 1e6, 1),
+            "kv_type": self._options.kv_type,
             "kv_streams": self._kv.count if self._kv else 0,
             "kv_unified": False,
             "prefix_cache_dir": str(self._kv.disk.dir) if self._kv and self._kv.disk else None,

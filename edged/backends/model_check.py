@@ -438,10 +438,19 @@ class MemoryNeed:
         return self.model_bytes + (self.kv_bytes or 0)
 
 
-def memory_need(info: GgufInfo, *, slots: int, n_ctx: int, park_bytes: float = 0.0) -> MemoryNeed:
+KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+"""Bytes one K or V value takes in each ``llamacpp.kv_type`` (ggml's blocks: q8_0 is 32 values in 34
+bytes, q4_0 in 18)."""
+
+
+def memory_need(
+    info: GgufInfo, *, slots: int, n_ctx: int, park_bytes: float = 0.0, kv_type: str = "f16"
+) -> MemoryNeed:
     """The model file (mapped or read, it ends up in RAM) plus the KV cache of ``slots`` streams of
-    ``n_ctx`` tokens and the prefix-cache streams ``park_bytes`` pays for (as the backend sizes them)."""
-    per_token = info.kv_bytes_per_token()
+    ``n_ctx`` tokens and the prefix-cache streams ``park_bytes`` pays for (as the backend sizes them),
+    its values in ``kv_type``."""
+    per_token_f16 = info.kv_bytes_per_token()
+    per_token = int(per_token_f16 * KV_BYTES_PER_VALUE[kv_type] / 2) if per_token_f16 else None
     if not per_token:
         return MemoryNeed(info.file_size, None, slots, n_ctx)
     streams = slots + int(park_bytes // (n_ctx * per_token))
@@ -501,6 +510,7 @@ def check_model(board: BoardInfo, settings: Settings, slots: int, llama_cpp_vers
         slots=slots,
         n_ctx=settings.model.ctx,
         park_bytes=engine.prefix_cache_mb * 1e6 if engine.prefix_cache else 0.0,
+        kv_type=getattr(options, "kv_type", "f16"),
     )
     available = mem_available(HostFS(settings.board.root).read_text("/proc/meminfo"))
     check_memory(info, need, available, ", or set llamacpp.memory_check = false" if overridable else "")

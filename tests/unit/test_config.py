@@ -104,3 +104,17 @@ def test_context_overflow_defaults_per_api_and_their_overrides(
     assert (own.openai, own.ollama, own.mqtt) == ("trim_history", "error", "error")
     (line,) = problems(settings_of, jobs={"context_overflow": {"ollama": "drop"}})
     assert line.startswith("jobs.context_overflow.ollama = 'drop' (from command line)"), line
+
+
+def test_the_kv_cache_type_and_its_need_of_flash_attention(
+    settings_of, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert settings_of().llamacpp.kv_type == "f16"
+    monkeypatch.setenv("EDGED_LLAMACPP__KV_TYPE", "q8_0")
+    assert settings_of().llamacpp.kv_type == "q8_0"
+    (line,) = problems(settings_of, llamacpp={"flash_attn": False})
+    assert "llamacpp.kv_type = 'q8_0' needs llamacpp.flash_attn = true" in line, line
+    monkeypatch.delenv("EDGED_LLAMACPP__KV_TYPE")
+    assert settings_of(llamacpp={"flash_attn": False}).llamacpp.kv_type == "f16"
+    (line,) = problems(settings_of, llamacpp={"kv_type": "q5_1"})
+    assert line.startswith("llamacpp.kv_type = 'q5_1'"), line
