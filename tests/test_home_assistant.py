@@ -68,7 +68,7 @@ def test_assist_through_the_ollama_client_is_answered_within_the_cap(lan: tuple[
             tools=TOOLS,
             stream=True,
             keep_alive=-1,
-            options=body["options"],
+            options={**body["options"], "temperature": 0},  # HA sends none; greedy: the same answer each run
         ):
             calls += part.message.tool_calls or []
             content += part.message.content or ""

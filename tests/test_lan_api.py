@@ -102,7 +102,7 @@ def test_the_ollama_client_lists_chats_streams_generates_and_formats(
     assert value["colour"] in ("red", "green", "blue") and isinstance(value["count"], int)
     as_json = client.generate(
         model=name,
-        prompt="Two colours as JSON:",
+        prompt="Give a JSON object with a name and an age.",
         format="json",
         options={"num_predict": 600, "temperature": 0},
     )

@@ -428,11 +428,14 @@ class Scheduler:
         result.notes = self.backend.job_notes(job.prepared.params) or None
         constraint = job.prepared.constraint
         plan = job.prepared.tools
-        if reason == "length" and run.calls is not None and plan and plan.choice.mode == "auto":
+        if reason == "length" and run.calls is not None and plan is not None:
             pieces, began_a_call = run.calls.cut()
-            if not began_a_call:  # a text answer cut short, like any other: what it said so far
+            if not began_a_call and plan.choice.mode == "auto":  # a text answer cut short: what it said
                 self._emit_parsed(job, pieces, outcomes)
                 result.content = run.calls.content
+                outcomes.append(Done(job, result))
+                return
+            if began_a_call and self._keep_complete_calls(run, result):
                 outcomes.append(Done(job, result))
                 return
         if constraint is not None or run.calls is not None:
@@ -457,6 +460,31 @@ class Scheduler:
                 outcomes.append(Fail(job, exc))
                 return
         outcomes.append(Done(job, result))
+
+    @staticmethod
+    def _keep_complete_calls(run: Running, result: JobResult) -> bool:
+        """An answer cut by ``max_tokens`` while writing a call, after one or more complete ones: those
+        (each valid against its tool's schema) are the answer, with ``finish_reason: "length"`` and a
+        note; the call being written is dropped. False (the answer is `invalid_output`) when no call
+        was complete or one is not valid."""
+        plan = run.job.prepared.tools
+        assert run.calls is not None and plan is not None
+        kept = run.calls.complete_calls()
+        if not kept.tool_calls or kept.malformed:
+            return False
+        try:
+            for call in kept.tool_calls:
+                check_call(call, plan.tools, plan.choice)
+        except InvalidOutput:
+            return False
+        result.content = kept.content
+        result.tool_calls = [call.to_openai() for call in kept.tool_calls]
+        note = (
+            f"cut at max_tokens ({run.job.prepared.params.max_tokens}) while writing a tool call: the "
+            f"{len(kept.tool_calls)} complete call(s) before it are kept, the one being written is dropped"
+        )
+        result.notes = [*(result.notes or []), note]
+        return True
 
     def _read_calls(self, run: Running, result: JobResult, outcomes: list[Outcome]) -> None:
         """A tool job's answer split into its content and its calls, each call validated against its

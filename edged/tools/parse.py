@@ -453,6 +453,13 @@ class StreamParser:
             return [], True
         return self._diff(parsed), False
 
+    def complete_calls(self) -> ParsedOutput:
+        """The calls completed so far in an answer cut short (the one being written, and any text
+        held back, left out), with the ids the stream gave them."""
+        parsed = _parse(self.family, self._text, final=False)
+        streamed = [call_id for call_id, _, _ in self._calls]
+        return _finished(parsed, lambda i: streamed[i] if i < len(streamed) else self._make_id(i))
+
     @property
     def calling(self) -> bool:
         """A call has begun in the text so far (its format's opener, or the generic envelope's

@@ -205,3 +205,25 @@ def test_a_malformed_call_is_reported_never_returned_as_content(
     assert result.malformed and all(m.strip() for m in result.malformed)
     _, streamed, _ = stream(family, text, 3)
     assert streamed == content
+
+
+@pytest.mark.parametrize(
+    ("family", "text", "names"),
+    [
+        ("generic", '{"tool_calls": [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "argu', ["a"]),
+        ("generic", '{"tool_calls": [{"name": "a", "argu', []),
+        (
+            "hermes",
+            'Hi.\n<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"na',
+            ["a"],
+        ),
+    ],
+)
+def test_an_answer_cut_while_writing_a_call_keeps_the_complete_ones(
+    family: Family, text: str, names: list[str]
+) -> None:
+    parser = StreamParser(family, lambda i: f"call_{i}")
+    parser.feed(text)
+    kept = parser.complete_calls()
+    assert [c.name for c in kept.tool_calls] == names and kept.malformed == []
+    assert [c.id for c in kept.tool_calls] == [f"call_{i}" for i in range(len(names))]
