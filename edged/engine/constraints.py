@@ -57,6 +57,11 @@ class Constraint:
     call is checked against its tool's schema: `edged.tools.grammar.check_call`)."""
     name: str | None = None
 
+    @property
+    def param(self) -> str:
+        """The request field that asked for this constraint (named in errors about it)."""
+        return {"grammar": "grammar", "tools": "tools"}.get(self.kind, "response_format")
+
 
 class _Lru:
     """Least recently used entries, at most ``size`` of them and ``max_bytes`` of grammar text."""

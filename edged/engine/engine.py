@@ -332,11 +332,7 @@ class Engine:
             prepared = dataclasses.replace(prepared, constraint=None, params=params)
             if params.reasoning_budget is None:
                 return prepared
-        option = (
-            "reasoning_budget"
-            if prepared.constraint is None
-            else {"grammar": "grammar", "tools": "tools"}.get(prepared.constraint.kind, "response_format")
-        )
+        option = "reasoning_budget" if prepared.constraint is None else prepared.constraint.param
         raise NotSupported(f"{option}: {reason}", param=option)
 
     def apply_thermal(self, paused: bool, derate_s: float) -> None:

@@ -219,7 +219,7 @@ class Preparer:
         if constraint is not None:
             problem = tokenizer.grammar_problem(constraint.grammar)
             if problem is not None:
-                param = {"grammar": "grammar", "tools": "tools"}.get(constraint.kind, "response_format")
+                param = constraint.param
                 raise InvalidRequest(f"{param}: {problem}", param=param)
         if request.logit_bias:
             n_vocab = tokenizer.n_vocab
